@@ -1,0 +1,1 @@
+"""Versioned layout of the teacher-signal cache (filled by the extraction stage)."""

@@ -1,0 +1,163 @@
+"""Job files: TOML -> nested config dataclasses, with dotted `--set` overrides.
+
+Resolution order is defaults <- job file <- overrides:
+
+    cfg = load_job(ExtractArgs, "jobs/demo/extract.toml", ["data.batch_size=8"])
+
+Every key must name a field of the dataclass it lands in; an unknown key, a value of the
+wrong type or a malformed override raises `ConfigError` (one line, naming the key) before
+any model is loaded. `to_dict` gives back the resolved config so every output can carry it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_job", "read_toml"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A job file or override that does not fit the config dataclasses."""
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"job file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def _parse_value(text: str) -> Any:
+    """An override value is read as a TOML value; bare words fall back to strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict (a copy; the input is untouched)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text.strip())
+    return out
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def from_dict(cls: type[T], raw: dict[str, Any], *, where: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, checking keys and types on the way."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} (known in {where or 'top level'}: {', '.join(sorted(fields))})"
+        )
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field without default that the job did not give
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as e:
+            raise ConfigError(f"{where or 'config'}: {e}") from None
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where=key)
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        _, val_tp = get_args(tp) or (str, Any)
+        return {str(k): _coerce(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """The resolved config as plain TOML/JSON-friendly data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def load_job(cls: type[T], job: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Defaults <- job file <- overrides, as one validated dataclass."""
+    raw = read_toml(job) if job is not None else {}
+    return from_dict(cls, apply_overrides(raw, list(overrides)))
