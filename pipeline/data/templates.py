@@ -20,11 +20,13 @@ Truncation policy: a sequence over max_length loses tokens from its end; it is r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
+from alignkd.data.shards import IMAGE_PLACEHOLDER
 from alignkd.models.base import IMAGE_TOKEN
 
 __all__ = [
@@ -43,7 +45,7 @@ V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-_IMAGE = "<image>"
+_IMAGE = IMAGE_PLACEHOLDER
 _IMAGE_SEGMENT = object()  # marks where the vision block goes in a segment list
 
 
@@ -63,8 +65,9 @@ class Encoded:
 
 
 def template_words() -> list[str]:
-    """Every literal word the templates add, for building word-level vocabularies."""
-    return sorted(set((V1_SYSTEM + " USER : ASSISTANT :").replace(".", " . ").replace(",", " , ").split()))
+    """Every literal word the templates add, split as a word-level tokenizer's whitespace
+    pre-tokenizer splits (runs of word characters, runs of punctuation)."""
+    return sorted(set(re.findall(r"\w+|[^\w\s]+", V1_SYSTEM + " USER: ASSISTANT:")))
 
 
 def _segments(conversations: list[dict[str, Any]], template: str, has_image: bool, key: str) -> list:
