@@ -1,0 +1,25 @@
+"""Data: webdataset shards (shards.py), LLaVA-format conversion (llava.py), the synthetic
+demo set (synthetic.py), templates and batching for a given model (templates.py, batching.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["DataArgs"]
+
+
+@dataclass
+class DataArgs:
+    """Where samples come from and how they become token sequences."""
+
+    shards: str = ""  # folder, file, glob or brace pattern of webdataset .tar shards
+    template: Literal["plain", "v1"] = "v1"
+    max_length: int = 2048  # tokens, vision block included; longer samples lose their end
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.max_length < 2:
+            raise ValueError("max_length must be at least 2")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")

@@ -1,0 +1,77 @@
+"""Vision-language model families behind one interface (`VLM`, see models/base.py).
+
+    from alignkd.models import load_vlm
+    vlm = load_vlm("/models/MobileVLM_V2-7B", vision_tower="/models/clip-vit-large-patch14-336")
+
+`load_vlm` reads `model_type` from the folder's config.json: "mobilevlm" (MobileVLM V2, the
+paper's models, in the authors' release layout) or "llava" (transformers' LLaVA).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from alignkd.models.base import IMAGE_TOKEN, VLM, ModelError, VLMBatch, VLMOutput
+
+__all__ = ["IMAGE_TOKEN", "VLM", "VLMBatch", "VLMOutput", "ModelError", "ModelArgs", "load_vlm", "load_model", "FAMILIES"]
+
+FAMILIES = ("mobilevlm", "llava")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelArgs:
+    """A checkpoint folder and how to run it."""
+
+    path: str = ""
+    vision_tower: str | None = None  # local CLIP folder for MobileVLM's mm_vision_tower hub name
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def load_model(args: ModelArgs, *, attn_implementation: str = "tap") -> VLM:
+    """`load_vlm` from a ModelArgs section of a job."""
+    if not args.path:
+        raise ModelError("model.path is not set: point it at a checkpoint folder")
+    return load_vlm(args.path, vision_tower=args.vision_tower, dtype=_DTYPES[args.dtype],
+                    device=args.resolved_device(), attn_implementation=attn_implementation)
+
+
+def load_vlm(
+    path: str | Path,
+    *,
+    vision_tower: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    attn_implementation: str = "tap",
+) -> VLM:
+    """Load a checkpoint folder of either family; `vision_tower` maps MobileVLM's CLIP hub name
+    to a local folder. attn_implementation: "tap" (SDPA + layer q/k capture) or "eager"."""
+    config_file = Path(path) / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except FileNotFoundError:
+        raise ModelError(f"{config_file}: not found (expected a checkpoint folder)") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
+    if model_type == "mobilevlm":
+        from alignkd.models.mobilevlm import MobileVLM
+
+        return MobileVLM.from_pretrained(
+            path, vision_tower=vision_tower, dtype=dtype, device=device, attn_implementation=attn_implementation
+        )
+    if model_type == "llava":
+        from alignkd.models.llava import LlavaVLM
+
+        return LlavaVLM.from_pretrained(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    raise ModelError(f"{config_file}: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")

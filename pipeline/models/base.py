@@ -1,0 +1,218 @@
+"""What both stages need from any vision-language model, whatever its family.
+
+A family (LLaVA, MobileVLM V2) subclasses `VLM` and supplies four things: the vision encoder
+plus projector (`encode_images`), the Llama-style decoder without head (`language_model`),
+the head (`lm_head`), and save/load in its own on-disk layout. Everything the method needs
+on top of that is shared and lives here:
+
+    vlm = load_vlm("path/to/checkpoint")                  # alignkd.models.load_vlm
+    batch = vlm.make_batch(samples, template="v1")        # see alignkd.data.templates
+    out = vlm(batch, tap_layers=(0,))
+    out.vision_features       # P: (B_img, N_v, D) projector output, spliced into the sequence
+    out.blocks[0].probs       # (B, H, Lq, N_v) layer-0 text-query x vision-key attention
+    vlm.logits(out.hidden[batch.response_mask])           # logits only where needed
+
+Vision positions are marked in `input_ids` by IMAGE_TOKEN (-200, as in MobileVLM), expanded to
+N_v copies by the template, so the block can sit anywhere in the sequence.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
+
+__all__ = ["IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "pad_to_square", "clip_patch_features"]
+
+IMAGE_TOKEN = -200
+
+
+class ModelError(ValueError):
+    """A checkpoint folder or model input that cannot be used (one line, naming the file)."""
+
+
+@dataclass
+class VLMBatch:
+    """A padded batch ready for `VLM.forward`.
+
+    input_ids: (B, T) long; IMAGE_TOKEN at vision positions, pad id at padding.
+    attention_mask: (B, T) long, 1 for real tokens.
+    response_mask: (B, T) bool, True at positions R (tokens the model is trained to produce).
+    vision_start: (B,) long, first vision position; -1 for text-only samples.
+    pixel_values: (B_img, 3, H, W), images of the samples with vision_start >= 0, in batch order.
+    """
+
+    keys: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    vision_start: torch.Tensor
+    num_vision_tokens: int
+    pixel_values: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLMBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if f.name == "pixel_values" and dtype is not None:
+                    v = v.to(device=device, dtype=dtype)
+                else:
+                    v = v.to(device)
+            moved[f.name] = v
+        return VLMBatch(**moved)
+
+
+@dataclass
+class VLMOutput:
+    """hidden: (B, T, D) final hidden states (after the decoder's last norm).
+    vision_features: (B_img, N_v, D) projector output P.
+    blocks: tapped layer -> text-query x vision-key attention block.
+    """
+
+    hidden: torch.Tensor
+    vision_features: torch.Tensor | None
+    blocks: dict[int, TextVisionBlock]
+
+
+def pad_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image.Image:
+    """Pad to a centred square with `fill` (the processor's mean colour, 0..1), as MobileVLM's `pad`."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    colour = tuple(int(c * 255) for c in fill)  # truncation, as the authors' expand2square
+    canvas = Image.new(image.mode, (side, side), colour)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> torch.Tensor:
+    """CLIP features of one hidden layer (MobileVLM and LLaVA-1.5 both take layer -2), CLS dropped."""
+    out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+    feats = out.hidden_states[layer]
+    return feats[:, 1:] if drop_cls else feats
+
+
+class VLM(nn.Module, abc.ABC):
+    """A vision-language model as Align-KD sees it. Subclasses set the attributes below."""
+
+    family: ClassVar[str]
+    language_model: nn.Module  # Llama-style decoder: inputs_embeds -> last_hidden_state
+    lm_head: nn.Module
+    tokenizer: Any
+    image_processor: Any
+    pad_images: bool = True  # MobileVLM's image_aspect_ratio == "pad"
+
+    # --- family-specific -------------------------------------------------------------
+    @abc.abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B_img, 3, H, W) -> projector output P (B_img, N_v, D)."""
+
+    @property
+    @abc.abstractmethod
+    def num_vision_tokens(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def text_config(self) -> Any:
+        """The decoder's config (hidden_size, num_attention_heads, num_hidden_layers, vocab_size)."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, path: str | Path) -> None: ...
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What makes this model this model: family, path, config hash, weights fingerprint."""
+
+    # --- shared ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    def use_tap_attention(self) -> None:
+        """Fused SDPA everywhere, plus q/k capture at tapped layers (see models/tap.py)."""
+        self.language_model.config._attn_implementation = TAP_ATTN
+
+    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Pad to square with the mean colour (when the model was trained so), then the
+        CLIP processor: (N, 3, S, S) float32."""
+        images = [im.convert("RGB") for im in images]  # greyscale / palette / alpha images
+        if self.pad_images:
+            images = [pad_to_square(im, tuple(self.image_processor.image_mean)) for im in images]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(input_ids)
+
+    def inputs_embeds(self, batch: VLMBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with the projector output spliced in at the vision positions."""
+        ids = batch.input_ids
+        vision_mask = ids == IMAGE_TOKEN
+        embeds = self.embed(ids.masked_fill(vision_mask, 0))
+        if batch.pixel_values is None or batch.pixel_values.shape[0] == 0:
+            if vision_mask.any():
+                raise ModelError(f"batch {batch.keys[:3]}... has vision positions but no images")
+            return embeds, None
+        feats = self.encode_images(batch.pixel_values)
+        expected = int(vision_mask.sum())
+        if feats.shape[0] * feats.shape[1] != expected:
+            raise ModelError(
+                f"batch {batch.keys[:3]}...: {feats.shape[0]} images x {feats.shape[1]} tokens "
+                f"do not fill {expected} vision positions"
+            )
+        embeds = embeds.masked_scatter(vision_mask[..., None], feats.to(embeds.dtype))
+        return embeds, feats
+
+    def forward(self, batch: VLMBatch, tap_layers: tuple[int, ...] | list[int] = ()) -> VLMOutput:
+        embeds, feats = self.inputs_embeds(batch)
+        # Positions count real tokens only, so left padding does not shift rotary phases.
+        position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        with capture_qk(tap_layers) as cap:
+            out = self.language_model(
+                inputs_embeds=embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        missing = set(tap_layers) - set(cap.queries)
+        if missing:
+            raise ModelError(
+                f"layers {sorted(missing)} were not tapped: is the model using the '{TAP_ATTN}' attention?"
+            )
+        blocks = {
+            layer: text_vision_block(
+                cap.queries[layer],
+                cap.keys[layer],
+                cap.scaling[layer],
+                batch.attention_mask,
+                batch.vision_start,
+                batch.num_vision_tokens,
+            )
+            for layer in tap_layers
+        }
+        return VLMOutput(hidden=out.last_hidden_state, vision_features=feats, blocks=blocks)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for any (..., D) selection of hidden states; never the whole (B, T, V) unless asked."""
+        return self.lm_head(hidden)

@@ -1,0 +1,189 @@
+"""Reading and writing checkpoint weights, and the hashes that identify a checkpoint.
+
+Shared by the model families. Reads the four layouts a Hugging Face style folder can hold,
+preferring safetensors, and never runs a full unpickle on a `.bin` file:
+
+    state, files = load_state_dict("checkpoints/MobileVLM_V2-1.7B")  # {name: tensor}, files read
+    save_safetensors(state, "out/", max_shard_bytes=5 * 2**30)      # shards + index when asked
+    config_hash(config_dict)          # sha256 of the canonical JSON
+    weights_fingerprint(files)        # sha256 over every file's name, size and content
+
+A folder that holds no weights, an index that names a missing shard, or a `.bin` that is not a
+plain tensor checkpoint raises `ModelError` (one line, naming the file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignkd.models.base import ModelError
+
+__all__ = ["WEIGHT_FILES", "load_state_dict", "save_safetensors", "config_hash", "weights_fingerprint"]
+
+# In order of preference. The MobileVLM authors ship `pytorch_model.bin` (7B: sharded + index).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_BLOCK = 8 * 2**20
+
+
+def load_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """All tensors of the checkpoint in `folder` (on CPU, in their stored dtype), and the files read."""
+    folder = Path(folder)
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            return _load_sharded(path)
+        return _load_file(path), [path]
+    raise ModelError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _load_sharded(index_path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelError(f"{index_path}: not a shard index with a 'weight_map' ({e})") from None
+    shards = [index_path.parent / name for name in dict.fromkeys(weight_map.values())]
+    for shard in shards:
+        if not shard.is_file():
+            raise ModelError(f"{index_path}: names shard {shard.name}, which is missing")
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        state.update(_load_file(shard))
+    absent = [k for k in weight_map if k not in state]
+    if absent:
+        raise ModelError(f"{index_path}: {len(absent)} indexed tensors are not in their shards, e.g. {absent[:3]}")
+    return state, shards
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise ModelError(f"{path}: not a readable safetensors file ({e})") from None
+    # weights_only: only tensors and plain containers are rebuilt, no code from the file runs.
+    # mmap keeps a 14 GB shard out of RAM until its tensors are copied; it needs the zip format.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(e))
+        why = found.group(1)[:200] if found else "weights_only load failed"
+        raise ModelError(f"{path}: refused to unpickle ({why}) (not a plain tensor checkpoint)") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ModelError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    flat = isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    if not flat:
+        raise ModelError(
+            f"{path}: holds a {type(obj).__name__} that is not a flat name -> tensor dict "
+            "(not a plain tensor checkpoint)"
+        )
+    return dict(obj)
+
+
+def save_safetensors(
+    state_dict: dict[str, torch.Tensor], folder: str | Path, max_shard_bytes: int | None = None
+) -> list[Path]:
+    """Write `state_dict` as `model.safetensors`, or as shards plus `model.safetensors.index.json`
+    when `max_shard_bytes` is given and the tensors do not fit in one shard.
+
+    Every tensor is written from its own contiguous CPU copy, so tied or viewed tensors (which
+    safetensors refuses to store twice) are simply stored once per name. Files are written under
+    temporary names and renamed, and weight files of the other layout left by an earlier save are
+    removed, so a reader never sees a mix. Returns the weight files written.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    groups = _shard_groups(state_dict, max_shard_bytes)
+    if len(groups) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+
+    tmp_paths = []
+    for name, keys in zip(names, groups):
+        tensors = {k: _cpu_copy(state_dict[k]) for k in keys}
+        tmp = folder / f".{name}.tmp"
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        tmp_paths.append((tmp, folder / name))
+        del tensors
+    index_tmp = None
+    if len(groups) > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {k: name for name, keys in zip(names, groups) for k in keys},
+        }
+        index_tmp = folder / ".model.safetensors.index.json.tmp"
+        index_tmp.write_text(json.dumps(index, indent=2, sort_keys=True))
+
+    for stale in folder.iterdir():
+        if stale.name in names:
+            continue
+        if stale.name in ("model.safetensors", "model.safetensors.index.json") or _SHARD_NAME.match(stale.name):
+            stale.unlink()
+    for tmp, final in tmp_paths:
+        os.replace(tmp, final)
+    if index_tmp is not None:
+        os.replace(index_tmp, folder / "model.safetensors.index.json")
+    return [final for _, final in tmp_paths]
+
+
+def _shard_groups(state_dict: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[list[str]]:
+    """Keys split greedily in order; a tensor larger than the limit gets a shard of its own."""
+    if not max_shard_bytes:
+        return [list(state_dict)]
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k, t in state_dict.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    return groups
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="cpu", memory_format=torch.contiguous_format).copy_(t.detach())
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of the config as canonical JSON (sorted keys, no whitespace)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_fingerprint(files: Iterable[str | Path]) -> str:
+    """sha256 over each file's name, size and full content (streamed), in the order given.
+
+    Reads every byte, so it tells apart checkpoints that share names and sizes (a re-saved bf16
+    cast of the same model, say).
+    """
+    h = hashlib.sha256()
+    for path in map(Path, files):
+        h.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as f:
+            while block := f.read(_BLOCK):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,109 @@
+"""The LLaVA family: transformers' `LlavaForConditionalGeneration` (LLaVA-1.5 and relatives)
+from a local folder, seen through the `VLM` interface.
+
+    vlm = LlavaVLM.from_pretrained("/models/llava-1.5-7b-hf")
+
+We reuse transformers' modules and on-disk layout as they are, and only take over the
+splicing of image features (by IMAGE_TOKEN positions, see models/base.py) so that both
+families share one forward with the layer-0 tap.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from alignkd.models.base import VLM, ModelError, clip_patch_features
+from alignkd.models.checkpoint_io import config_hash, weights_fingerprint
+
+__all__ = ["LlavaVLM"]
+
+
+class LlavaVLM(VLM):
+    family = "llava"
+
+    def __init__(self, hf: LlavaForConditionalGeneration, tokenizer: Any, image_processor: Any, *,
+                 path: str | Path | None = None, pad_images: bool = True):
+        super().__init__()
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.pad_images = pad_images
+        self.path = Path(path) if path is not None else None
+        for p in self.hf.model.vision_tower.parameters():  # frozen, as in LLaVA and MobileVLM
+            p.requires_grad_(False)
+
+    # The transformers modules, by the names the base class expects.
+    @property
+    def language_model(self) -> nn.Module:
+        return self.hf.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.hf.lm_head
+
+    @property
+    def text_config(self) -> Any:
+        return self.hf.config.text_config
+
+    @property
+    def num_vision_tokens(self) -> int:
+        vc = self.hf.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        return n if self.hf.config.vision_feature_select_strategy == "default" else n + 1
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cfg = self.hf.config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ModelError("LLaVA checkpoints with several vision_feature_layer values are not supported")
+        tower = self.hf.model.vision_tower
+        feats = clip_patch_features(tower, pixel_values.to(tower.dtype), layer,
+                                    drop_cls=cfg.vision_feature_select_strategy == "default")
+        return self.hf.model.multi_modal_projector(feats)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        attn_implementation: str = "tap", pad_images: bool = True) -> LlavaVLM:
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelError(f"{config_file}: not found (expected a LLaVA checkpoint folder)")
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type != "llava":
+            raise ModelError(f"{config_file}: model_type is {model_type!r}, expected 'llava'")
+        attn = "eager" if attn_implementation == "eager" else "sdpa"
+        hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        vlm = cls(hf.to(device), AutoTokenizer.from_pretrained(path),
+                  CLIPImageProcessorPil.from_pretrained(path), path=path, pad_images=pad_images)
+        if attn_implementation == "tap":
+            vlm.use_tap_attention()
+        return vlm.eval()
+
+    @classmethod
+    def from_configs(cls, config: LlavaConfig, *, tokenizer: Any, image_processor: Any, seed: int = 0) -> LlavaVLM:
+        torch.manual_seed(seed)
+        vlm = cls(LlavaForConditionalGeneration(config), tokenizer, image_processor)
+        vlm.use_tap_attention()
+        return vlm
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.hf.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+    def identity(self) -> dict[str, Any]:
+        files = sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin")) if self.path else []
+        return {
+            "family": self.family,
+            "path": str(self.path) if self.path else None,
+            "config_hash": config_hash(self.hf.config.to_dict()),
+            "weights_fingerprint": weights_fingerprint(files) if files else None,
+        }

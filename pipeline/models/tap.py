@@ -1,0 +1,143 @@
+"""Exact shallow-layer attention taps without eager attention.
+
+Align-KD compares the text-query x vision-key block of a decoder layer's attention
+probabilities (ALIGN_KD.md, L_attn). transformers returns no attention weights under fused
+attention (SDPA, flash), and eager attention materialises every layer's full T x T map. So we
+keep SDPA for the forward itself and, for the few layers asked for, record that layer's
+queries and keys (after rotary embedding, exactly what the kernel sees) and rebuild only the
+rows we need:
+
+    model.set_attn_implementation(TAP_ATTN)        # done once by the model adapters
+    with capture_qk(layers=(0,)) as cap:
+        lm(inputs_embeds=..., attention_mask=..., position_ids=...)
+    block = text_vision_block(cap.queries[0], cap.keys[0], cap.scaling[0], ...)
+
+The captured tensors are the live ones, so the block carries gradients to the layer's
+q_proj / k_proj weights (needed for the student side of L_attn).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+__all__ = ["TAP_ATTN", "QKCapture", "capture_qk", "text_vision_block", "TextVisionBlock"]
+
+TAP_ATTN = "alignkd_sdpa"
+
+_ACTIVE: contextvars.ContextVar[QKCapture | None] = contextvars.ContextVar("alignkd_qk_capture", default=None)
+
+
+@dataclass
+class QKCapture:
+    """Queries (B, H, T, d) and keys (B, H_kv, T, d) of the tapped layers, by layer index."""
+
+    layers: frozenset[int]
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    scaling: dict[int, float] = field(default_factory=dict)
+
+
+def _tap_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA, plus a copy of the (q, k) references for layers under an active capture."""
+    cap = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if cap is not None and layer in cap.layers:
+        cap.queries[layer] = query
+        cap.keys[layer] = key
+        cap.scaling[layer] = kwargs.get("scaling") or module.scaling
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# Registered under our own name so that the model keeps transformers' SDPA masks and kernel.
+AttentionInterface.register(TAP_ATTN, _tap_attention)
+AttentionMaskInterface.register(TAP_ATTN, sdpa_mask)
+
+
+@contextlib.contextmanager
+def capture_qk(layers: tuple[int, ...] | list[int]) -> Iterator[QKCapture]:
+    """Record queries and keys of `layers` for forwards run inside the block."""
+    cap = QKCapture(layers=frozenset(layers))
+    token = _ACTIVE.set(cap)
+    try:
+        yield cap
+    finally:
+        _ACTIVE.reset(token)
+
+
+@dataclass
+class TextVisionBlock:
+    """Attention probabilities of text queries after the image onto the vision keys.
+
+    probs: (B, H, Lq, Nv). Row i of sample b is the query at position vision_end[b] + i;
+        columns are that sample's vision positions in order. Rows are the model's own
+        softmax rows (normalised over ALL visible keys), restricted to the vision columns.
+    query_mask: (B, Lq) bool, True where the row is a real (non-padding) text query.
+    """
+
+    probs: torch.Tensor
+    query_mask: torch.Tensor
+
+
+def text_vision_block(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    attention_mask: torch.Tensor,
+    vision_start: torch.Tensor,
+    num_vision: int,
+    *,
+    chunk: int = 256,
+) -> TextVisionBlock:
+    """Rebuild A[:, Q, V] from one layer's queries and keys.
+
+    query: (B, H, T, d) after rotary; key: (B, H_kv, T, d) after rotary.
+    attention_mask: (B, T) 1 for real tokens, 0 for padding (either side).
+    vision_start: (B,) first vision position of each sample; < 0 for samples without image
+        (their rows are all masked).
+    Scores are formed in float32 over the causal, non-padding keys, `chunk` query rows at a
+    time, so memory is O(B * H * chunk * T) rather than the eager O(B * H * T * T).
+    """
+    bsz, heads, seq, _ = query.shape
+    key = repeat_kv(key, heads // key.shape[1])
+    device = query.device
+    valid = attention_mask.to(device=device, dtype=torch.bool)
+    has_image = vision_start >= 0
+    vstart = vision_start.clamp(min=0).to(device)
+    vend = vstart + num_vision
+
+    # Query rows: positions vend .. T-1 (relative index i -> absolute vend + i).
+    lq = int((seq - vend[has_image]).max().item()) if bool(has_image.any()) else 0
+    lq = max(lq, 0)
+    rel = torch.arange(lq, device=device)
+    q_pos = vend[:, None] + rel[None, :]  # (B, Lq)
+    in_range = q_pos < seq
+    q_pos_c = q_pos.clamp(max=seq - 1)
+    query_mask = in_range & valid.gather(1, q_pos_c) & has_image.to(device)[:, None]
+
+    v_pos = vstart[:, None] + torch.arange(num_vision, device=device)[None, :]  # (B, Nv)
+    key_pos = torch.arange(seq, device=device)
+
+    out = []
+    for lo in range(0, lq, chunk):
+        qp = q_pos_c[:, lo : lo + chunk]  # (B, c)
+        q = query.gather(2, qp[:, None, :, None].expand(bsz, heads, qp.shape[1], query.shape[-1]))
+        scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # (B, H, c, T)
+        allowed = valid[:, None, :] & (key_pos[None, None, :] <= qp[:, :, None])  # (B, c, T)
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        # Padding rows may have no allowed key at all; keep them finite, they are masked anyway.
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out.append(probs.gather(3, v_pos[:, None, None, :].expand(bsz, heads, qp.shape[1], num_vision)))
+    if out:
+        probs = torch.cat(out, dim=2)
+    else:
+        probs = query.new_zeros((bsz, heads, 0, num_vision), dtype=torch.float32)
+    probs = probs * query_mask[:, None, :, None]
+    return TextVisionBlock(probs=probs, query_mask=query_mask)
