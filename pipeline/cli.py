@@ -1,0 +1,141 @@
+"""The `alignkd` command line. Each command parses its options and calls one function;
+the work lives in the library modules named in each docstring."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from alignkd import __version__
+
+__all__ = ["main"]
+
+
+def _fail(e: Exception) -> None:
+    """Known errors are one line on stderr and exit code 2, never a traceback."""
+    click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+_KNOWN_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, OSError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="alignkd")
+def main() -> None:
+    """Align-KD distillation of vision-language models from cached teacher signals."""
+
+
+@main.command("make-shards")
+@click.option("--llava-json", required=True, type=click.Path(exists=True, dir_okay=False), help="LLaVA/ShareGPT4V JSON list.")
+@click.option("--image-root", required=True, type=click.Path(exists=True, file_okay=False), help="Folder the records' image paths are relative to.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the shards.")
+@click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(min=1))
+def make_shards_cmd(llava_json: str, image_root: str, out: str, samples_per_shard: int) -> None:
+    """Convert LLaVA-format data into webdataset shards (alignkd.data.llava)."""
+    from alignkd.data.llava import make_shards
+
+    try:
+        report = make_shards(llava_json, image_root, out, samples_per_shard=samples_per_shard)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    click.echo(f"{report.written} samples in {report.shards} shards, {report.skipped} skipped -> {out}")
+    for reason, count in sorted(report.by_reason.items()):
+        click.echo(f"  skipped {count}: {reason}")
+    if report.skipped:
+        click.echo(f"  details: {report.skipped_file}")
+
+
+@main.command("make-demo-data")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--n-train", default=2000, show_default=True)
+@click.option("--n-val", default=200, show_default=True)
+@click.option("--n-test", default=400, show_default=True)
+def make_demo_data_cmd(out: str, seed: int, n_train: int, n_val: int, n_test: int) -> None:
+    """Write the embedded synthetic data set (alignkd.data.synthetic)."""
+    from alignkd.data.synthetic import make_demo_data
+
+    try:
+        info = make_demo_data(out, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    click.echo(json.dumps(info, indent=2))
+
+
+@main.command("make-tiny-models")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--family", type=click.Choice(["mobilevlm", "llava"]), default="mobilevlm", show_default=True)
+@click.option("--tokenizer", type=click.Choice(["word", "sentencepiece"]), default="word", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def make_tiny_models_cmd(out: str, family: str, tokenizer: str, seed: int) -> None:
+    """Write tiny teacher and student checkpoints in the family's real layout (alignkd.models.tiny)."""
+    from alignkd.models.tiny import write_tiny_models
+
+    paths = write_tiny_models(out, family=family, tokenizer=tokenizer, seed=seed)
+    for role, path in paths.items():
+        click.echo(f"{role}: {path}")
+
+
+def _job_options(f):
+    """--job FILE and repeatable --set key=value, shared by every job-driven command."""
+    f = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a job value, e.g. --set data.batch_size=4 (repeatable).")(f)
+    return click.option("--job", type=click.Path(dir_okay=False), default=None, help="Job file (TOML).")(f)
+
+
+@main.command("probe")
+@_job_options
+@click.option("--model", default=None, help="Checkpoint folder (same as --set model.path=...).")
+@click.option("--data", default=None, help="Shards: folder, file, glob or brace pattern (same as --set data.shards=...).")
+@click.option("-n", "n", default=None, type=click.IntRange(min=1), help="Samples to probe (same as --set n=...).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def probe_cmd(job: str | None, overrides: tuple[str, ...], model: str | None, data: str | None, n: int | None,
+              as_json: bool) -> None:
+    """Show a model's layer-0 text-to-vision attention and projector output on a few samples (alignkd.probe)."""
+    from alignkd.config import load_job
+    from alignkd.probe import ProbeArgs, probe
+
+    shortcuts = [f"{k}={json.dumps(v)}" for k, v in (("model.path", model), ("data.shards", data), ("n", n)) if v is not None]
+    try:
+        args = load_job(ProbeArgs, job, [*shortcuts, *overrides])
+        rows, skipped = probe(args)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    _print_probe(rows, skipped, as_json)
+
+
+def _print_probe(rows, skipped, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    if as_json:
+        click.echo(json.dumps({"rows": [asdict(r) for r in rows], "skipped": skipped}, indent=2))
+        return
+    header = f"{'key':<14} {'tokens':>6} {'vision':>9} {'resp':>4} {'attn->img':>9} {'top focus':<12} {'|P|':>7} {'logp(resp)':>10}"
+    click.echo(header)
+    click.echo("-" * len(header))
+    for r in rows:
+        span = f"{r.vision_start}+{r.vision_tokens}" if r.vision_tokens else "-"
+        click.echo(
+            f"{r.key:<14} {r.tokens:>6} {span:>9} {r.response_tokens:>4} {r.vision_attention:>9.3f} "
+            f"{','.join(map(str, r.top_focus)):<12} {r.feature_norm:>7.2f} {r.answer_logprob:>10.3f}"
+        )
+    for key, reason in skipped:
+        click.echo(f"skipped {key}: {reason}")
+
+
+@main.command("demo")
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--seed", default=0, show_default=True)
+def demo_cmd(out: str, seed: int) -> None:
+    """Run the pipeline on the embedded default: synthetic data, tiny models, CPU (alignkd.demo)."""
+    from alignkd.demo import run_demo
+
+    try:
+        rows = run_demo(out, seed=seed, echo=click.echo)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    _print_probe(rows, [], as_json=False)
