@@ -43,7 +43,7 @@ def make_shards_cmd(llava_json: str, image_root: str, out: str, samples_per_shar
     except _KNOWN_ERRORS as e:
         _fail(e)
     click.echo(f"{report.written} samples in {report.shards} shards, {report.skipped} skipped -> {out}")
-    for reason, count in sorted(report.by_reason.items()):
+    for reason, count in sorted(report.skipped_by_reason.items()):
         click.echo(f"  skipped {count}: {reason}")
     if report.skipped:
         click.echo(f"  details: {report.skipped_file}")
