@@ -1,0 +1,55 @@
+"""Migrations of the cache's root metadata from older schema versions to SCHEMA_VERSION.
+
+    from alignkd.cache_schemas.migrations import migrate
+    meta_dict = migrate(attrs)      # a new dict at SCHEMA_VERSION, or CacheSchemaError
+
+`MIGRATIONS[v]` turns a version-v dict into a version-(v + 1) dict; `migrate` chains them.
+Version 1 is the first, so the registry is empty: a cache that says version 0 (or any version
+without a path to the current one) is refused, never "repaired" by filling in missing keys.
+
+Adding version 2: write `_v1_to_v2(d) -> d` here (it must set "schema_version": 2 and do
+whatever the new layout needs, including rewriting shard attributes if they change), register
+it as MIGRATIONS[1], bump SCHEMA_VERSION, and add cache_schemas/v2.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from alignkd.cache_schemas.v1 import SCHEMA_VERSION, CacheSchemaError
+
+__all__ = ["MIGRATIONS", "migrate"]
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+"""from_version -> function(meta_dict at from_version) -> meta_dict at from_version + 1."""
+
+
+def migrate(meta_dict: Any) -> dict[str, Any]:
+    """Root attributes of any known version -> a new dict at SCHEMA_VERSION (the input is not
+    changed). Raises CacheSchemaError for a missing or newer version, or one with no path."""
+    if not isinstance(meta_dict, dict):
+        raise CacheSchemaError(f"cache metadata: expected an object, got {type(meta_dict).__name__}")
+    if "schema_version" not in meta_dict:
+        raise CacheSchemaError("missing key schema_version")
+    version = meta_dict["schema_version"]
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CacheSchemaError(f"schema_version: expected an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise CacheSchemaError(
+            f"cache schema version {version} is newer than this alignkd ({SCHEMA_VERSION}): upgrade alignkd"
+        )
+    out = copy.deepcopy(meta_dict)
+    while version < SCHEMA_VERSION:
+        step = MIGRATIONS.get(version)
+        if step is None:
+            raise CacheSchemaError(
+                f"cache schema version {version} is unknown: no migration from it to {version + 1} "
+                f"(this alignkd reads {SCHEMA_VERSION})"
+            )
+        out = step(out)
+        if not isinstance(out, dict) or out.get("schema_version") != version + 1:
+            raise CacheSchemaError(f"migration from schema version {version} did not produce version {version + 1}")
+        version += 1
+    return out

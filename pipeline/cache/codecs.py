@@ -1,0 +1,173 @@
+"""Quantisers for the cached teacher signals (numpy only), one per CodecSpec value.
+
+    codec = get_codec("uint8")
+    parts = codec.encode(x)              # {"values": uint8 array, "scale": float32 array}
+    y = codec.decode(parts, length=x.shape[-1])   # float32, same shape as x
+    error_stats(x, y)                    # {"max": ..., "mean": ...} absolute error
+
+A "row" is the last axis: one attention row over the N_v vision keys, or one vision token's D
+features. Scaled codecs keep one float32 scale per row, so the error bound of every element
+depends only on its own row:
+
+    uint8  (attention, x >= 0)  scale = max(row) / 255   q = round(x / scale) in 0..255    |x - q*scale| <= scale/2
+    uint4  (attention, x >= 0)  scale = max(row) / 15    q = round(x / scale) in 0..15     |x - q*scale| <= scale/2
+    int8   (features)           scale = max|row| / 127   q = round(x / scale) in -127..127 |x - q*scale| <= scale/2
+    int4   (features)           scale = max|row| / 7     q = round(x / scale) in -7..7     |x - q*scale| <= scale/2
+    fp16 / fp32                 plain casts (fp32 is exact)
+
+`round` is numpy's round-half-to-even; the decoded value is q * scale in float32 (so the bounds
+hold up to float32 rounding, about 1e-7 relative). A row of zeros has scale 0 and decodes to
+exact zeros (no division by zero). The 4-bit codecs pack two values per byte: element 2j in the
+low nibble of byte j, element 2j+1 in the high nibble; int4 stores q + 8 (1..15); an odd row
+pads one zero nibble, which is why `decode` needs the row length for them.
+
+Input checks (ValueError): NaN anywhere; +-inf in a quantised signal; negative attention for the
+unsigned codecs; a finite value that fp16 cannot hold (it would silently become inf). -inf passes
+through the float casts (a tail log-mass is -inf when the top k hold all the mass).
+
+The layout (which arrays hold "values" and "scale", their dtypes) is in alignkd.cache_schemas.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Codec", "CODECS", "get_codec", "error_stats", "stored_bytes"]
+
+Parts = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One codec. `levels` is 0 for the float casts; `signed` picks the symmetric quantiser;
+    `packed` stores two 4-bit values per byte."""
+
+    name: str
+    dtype: str  # of the stored "values"
+    levels: int = 0
+    signed: bool = False
+    packed: bool = False
+
+    @property
+    def lossy(self) -> bool:
+        return self.name != "fp32"
+
+    @property
+    def scaled(self) -> bool:
+        return self.levels > 0
+
+    def encode(self, x: np.ndarray) -> Parts:
+        """float array -> {"values"} (float casts) or {"values", "scale"} (quantisers);
+        scale has x's shape without the last axis."""
+        x = np.asarray(x, dtype=np.float32)
+        if np.isnan(x).any():
+            raise ValueError(f"{self.name}: input has NaN")
+        if not self.scaled:
+            with np.errstate(over="ignore"):  # overflow is reported below, in one line
+                values = x.astype(self.dtype)
+            if np.isinf(values).sum() != np.isinf(x).sum():
+                raise ValueError(f"{self.name}: input has finite values beyond the {self.dtype} range")
+            return {"values": values}
+        if not np.isfinite(x).all():
+            raise ValueError(f"{self.name}: input has inf")
+        if not self.signed and x.size and x.min() < 0:
+            raise ValueError(f"{self.name}: input has negative values ({x.min():g}); this codec is for probabilities")
+        # Row max (unsigned) or absmax (signed); an empty row has nothing to scale.
+        if x.shape[-1] == 0:
+            top = np.zeros(x.shape[:-1], dtype=np.float32)
+        else:
+            top = np.abs(x).max(axis=-1) if self.signed else x.max(axis=-1)
+        scale = (top / np.float32(self.levels)).astype(np.float32)
+        # Zero rows: divide by 1 instead of 0; their q is 0 and they decode to exact zeros.
+        safe = np.where(scale > 0, scale, np.float32(1))
+        lo = -self.levels if self.signed else 0
+        q = np.clip(np.rint(x / safe[..., None]), lo, self.levels)
+        if self.packed:
+            nibbles = (q + 8 if self.signed else q).astype(np.uint8)
+            return {"values": _pack4(nibbles), "scale": scale}
+        return {"values": q.astype(self.dtype), "scale": scale}
+
+    def decode(self, parts: Parts, length: int | None = None) -> np.ndarray:
+        """Stored parts -> float32 array. `length` (the original last-axis size) is required for
+        the packed codecs, which cannot tell an odd row from its padding; others check it."""
+        values = np.asarray(parts["values"])
+        if self.packed:
+            if length is None:
+                raise ValueError(f"{self.name}: decode needs the row length (4-bit rows may be padded)")
+            if values.shape[-1] != (length + 1) // 2:
+                raise ValueError(f"{self.name}: {values.shape[-1]} bytes per row cannot hold {length} values")
+            q = _unpack4(values, length).astype(np.float32)
+            if self.signed:
+                q -= 8
+        else:
+            if length is not None and values.shape[-1] != length:
+                raise ValueError(f"{self.name}: rows have {values.shape[-1]} values, expected {length}")
+            q = values.astype(np.float32)
+        if not self.scaled:
+            return q
+        scale = np.asarray(parts["scale"], dtype=np.float32)
+        if scale.shape != q.shape[:-1]:
+            raise ValueError(f"{self.name}: scale shape {scale.shape} does not match values {q.shape}")
+        return q * scale[..., None]
+
+    def stored_bytes(self, shape: tuple[int, ...]) -> int:
+        """Bytes the encoded parts of an array of `shape` take, before lossless compression."""
+        rows = math.prod(shape[:-1])
+        width = (shape[-1] + 1) // 2 if self.packed else shape[-1]
+        values = rows * width * np.dtype(self.dtype).itemsize
+        return values + (4 * rows if self.scaled else 0)
+
+
+CODECS: dict[str, Codec] = {
+    "fp32": Codec("fp32", "float32"),
+    "fp16": Codec("fp16", "float16"),
+    "uint8": Codec("uint8", "uint8", levels=255),
+    "uint4": Codec("uint4", "uint8", levels=15, packed=True),
+    "int8": Codec("int8", "int8", levels=127, signed=True),
+    "int4": Codec("int4", "uint8", levels=7, signed=True, packed=True),
+}
+"""By CodecSpec value. Names are unique across signals, so one table serves all of them."""
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r} (known: {', '.join(CODECS)})") from None
+
+
+def stored_bytes(codec: str, shape: tuple[int, ...]) -> int:
+    """Bytes that `codec` stores for an array of `shape` (rows on the last axis), uncompressed."""
+    return get_codec(codec).stored_bytes(tuple(shape))
+
+
+def error_stats(x: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
+    """{"max", "mean"} of |x - decoded| over all elements (0.0 for an empty array). Elements
+    equal on both sides count as 0 error, so matching infinities (-inf tails) are fine."""
+    a = np.asarray(x, dtype=np.float64)
+    b = np.asarray(decoded, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"error_stats: shapes {a.shape} and {b.shape} differ")
+    if a.size == 0:
+        return {"max": 0.0, "mean": 0.0}
+    with np.errstate(invalid="ignore"):
+        err = np.where(a == b, 0.0, np.abs(a - b))
+    return {"max": float(err.max()), "mean": float(err.mean())}
+
+
+def _pack4(nibbles: np.ndarray) -> np.ndarray:
+    """(..., n) values 0..15 -> (..., ceil(n/2)) bytes, element 2j low nibble, 2j+1 high."""
+    if nibbles.shape[-1] % 2:
+        pad = np.zeros((*nibbles.shape[:-1], 1), dtype=np.uint8)
+        nibbles = np.concatenate([nibbles, pad], axis=-1)
+    return (nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack4(packed: np.ndarray, length: int) -> np.ndarray:
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :length]

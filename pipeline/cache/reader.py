@@ -1,0 +1,221 @@
+"""Read the teacher-signal cache: samples by key, dequantised to float32.
+
+    reader = CacheReader("demo-out/cache")     # checks the root metadata (CacheSchemaError)
+    reader.meta                                # CacheMeta: shapes, layers, codecs, teacher, job
+    len(reader), "000017" in reader, reader.keys()
+    s = reader.get("000017")                   # SampleSignals, shapes as in alignkd.cache.records
+    reader.skipped()                           # [(key, reason, shard)] of samples with no signals
+    reader.shard_meta("train-000003")          # ShardMeta (bytes, codec error, input shard)
+    reader.fingerprint()                       # sha256 of all metadata: what a run trained on
+
+What is read when:
+  * opening reads only the root attributes and lists the complete shards (names starting with
+    "." are partial and ignored);
+  * the key index (key -> shard, row) is built on first need from each shard's attributes, never
+    from its signal arrays; a key stored in two shards is a CacheSchemaError naming both;
+  * a shard is opened when one of its samples is first read: its arrays are checked against the
+    schema (names, dtypes, shapes, offsets) and its small offset arrays are loaded; at most
+    `max_open_shards` stay open (least recently used are closed);
+  * `get` reads only the chunks holding that sample.
+
+Shapes and dtypes come from the cache (its CacheMeta and shard_arrays), never from the caller.
+A CacheReader can be handed to worker processes: its open shards are not pickled, each process
+reopens what it reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from alignkd.cache.codecs import get_codec
+from alignkd.cache.records import SampleSignals
+from alignkd.cache.writer import list_complete_shards, read_cache_meta, read_shard_meta
+from alignkd.cache_schemas import (
+    SCALE_SUFFIX,
+    SHARDS_GROUP,
+    ArraySpec,
+    CacheMeta,
+    CacheSchemaError,
+    ShardMeta,
+    attention_array,
+    shard_arrays,
+)
+
+__all__ = ["CacheReader"]
+
+
+class CacheReader:
+    """Random access to the samples of a cache directory (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, *, max_open_shards: int = 64) -> None:
+        self.path = Path(path)
+        self._meta = read_cache_meta(self.path)
+        self._specs = shard_arrays(self._meta)
+        self._shards = list_complete_shards(self.path)
+        self._max_open = max(1, max_open_shards)
+        self._shard_metas: dict[str, ShardMeta] = {}
+        self._index: dict[str, tuple[str, int]] | None = None
+        self._open: OrderedDict[str, _OpenShard] = OrderedDict()
+
+    # -------------------------------------------------------------------- what is in it
+
+    @property
+    def meta(self) -> CacheMeta:
+        return self._meta
+
+    @property
+    def shards(self) -> list[str]:
+        """Names of the complete shards, sorted."""
+        return list(self._shards)
+
+    def shard_meta(self, name: str) -> ShardMeta:
+        if name not in self._shard_metas:
+            if name not in self._shards:
+                raise KeyError(f"no complete shard {name!r} in cache {self.path}")
+            self._shard_metas[name] = read_shard_meta(self.path, name)
+        return self._shard_metas[name]
+
+    def fingerprint(self) -> str:
+        """sha256 over the root metadata and each complete shard's name and attributes (keys,
+        sample fingerprints, bytes, codec errors): which cache contents a run was trained on.
+        Reads attributes only, not the signal arrays."""
+        h = hashlib.sha256(_canonical(self._meta.to_dict()))
+        for name in self._shards:
+            h.update(b"\0" + name.encode() + b"\0" + _canonical(self.shard_meta(name).to_dict()))
+        return h.hexdigest()
+
+    def keys(self) -> list[str]:
+        """Sample keys in shard order, then row order."""
+        return list(self._key_index())
+
+    def __len__(self) -> int:
+        return len(self._key_index())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_index()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def skipped(self) -> list[tuple[str, str, str]]:
+        """(key, reason, shard) of every sample the extraction skipped."""
+        return [(s["key"], s["reason"], name) for name in self._shards for s in self.shard_meta(name).skipped]
+
+    def _key_index(self) -> dict[str, tuple[str, int]]:
+        if self._index is None:
+            index: dict[str, tuple[str, int]] = {}
+            for name in self._shards:
+                for row, key in enumerate(self.shard_meta(name).keys):
+                    if key in index:
+                        raise CacheSchemaError(
+                            f"cache at {self.path}: sample {key} is in shards {index[key][0]} and {name}"
+                        )
+                    index[key] = (name, row)
+            self._index = index
+        return self._index
+
+    # -------------------------------------------------------------------- reading a sample
+
+    def get(self, key: str) -> SampleSignals:
+        """The sample's signals, dequantised to float32 (ids int32); KeyError if absent."""
+        try:
+            name, row = self._key_index()[key]
+        except KeyError:
+            raise KeyError(f"sample {key!r} is not in cache {self.path}") from None
+        shard = self._shard(name)
+        meta, codecs = self._meta, self._meta.codecs
+        t0, t1 = shard.span("ids_offsets", row)
+        r0, r1 = shard.span("resp_offsets", row)
+        l0, l1 = shard.span("rows_offsets", row)
+
+        attention = {}
+        for layer in meta.layers:
+            rows = shard.decode(attention_array(layer), codecs.attention, slice(l0, l1), meta.num_vision_tokens)
+            # Stored as (Lq, H, N_v) rows; a sample's block is (H, Lq, N_v).
+            attention[layer] = np.ascontiguousarray(rows.transpose(1, 0, 2)) if rows.ndim == 3 else rows
+        return SampleSignals(
+            key=key,
+            fingerprint=self.shard_meta(name).fingerprints[row],
+            input_ids=shard.arrays["input_ids"][t0:t1],
+            response_positions=shard.arrays["response_positions"][r0:r1],
+            vision_start=int(shard.vision_start[row]),
+            vision_length=int(shard.vision_length[row]),
+            attention=attention,
+            vision_features=shard.decode("vision_features", codecs.features, row, meta.teacher.hidden_size),
+            focus=np.asarray(shard.arrays["focus"][row], dtype=np.float32),
+            topk_ids=shard.arrays["topk_ids"][r0:r1],
+            topk_logprobs=shard.decode("topk_logprobs", codecs.logprobs, slice(r0, r1), meta.topk),
+            tail_logmass=shard.decode("tail_logmass", codecs.logprobs, slice(r0, r1), None),
+        )
+
+    def _shard(self, name: str) -> _OpenShard:
+        if name in self._open:
+            self._open.move_to_end(name)
+            return self._open[name]
+        shard = _OpenShard(self.path / SHARDS_GROUP / name, self._specs, self.shard_meta(name).num_samples)
+        self._open[name] = shard
+        if len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return shard
+
+    def __getstate__(self) -> dict:
+        # Open Zarr handles belong to this process; workers reopen shards lazily.
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()
+        return state
+
+
+def _canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _OpenShard:
+    """One shard's array handles, checked against the schema, plus its small index arrays."""
+
+    def __init__(self, path: Path, specs: dict[str, ArraySpec], num_samples: int) -> None:
+        self.path = path
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        self.arrays: dict[str, zarr.Array] = {}
+        for name, spec in specs.items():
+            try:
+                array = group[name]
+            except KeyError:
+                raise CacheSchemaError(f"shard {path}: array {name} is missing") from None
+            fits = isinstance(array, zarr.Array) and array.dtype == np.dtype(spec.dtype)
+            if not fits or array.shape[1:] != spec.shape[1:]:
+                raise CacheSchemaError(
+                    f"shard {path}: array {name} is {getattr(array, 'dtype', '?')}{getattr(array, 'shape', '')}, "
+                    f"the schema says {spec.dtype}{spec.shape}"
+                )
+            expected_rows = {"N": num_samples, "N+1": num_samples + 1}.get(spec.shape[0])
+            if expected_rows is not None and array.shape[0] != expected_rows:
+                raise CacheSchemaError(f"shard {path}: array {name} has {array.shape[0]} rows, not {expected_rows}")
+            self.arrays[name] = array
+        self.offsets = {name: self.arrays[name][:] for name in ("ids_offsets", "resp_offsets", "rows_offsets")}
+        for name, spec in specs.items():
+            if spec.offsets:
+                off = self.offsets[spec.offsets]
+                if off[0] != 0 or (np.diff(off) < 0).any() or off[-1] != self.arrays[name].shape[0]:
+                    rows = self.arrays[name].shape[0]
+                    raise CacheSchemaError(f"shard {path}: {spec.offsets} does not index the {rows} rows of {name}")
+        self.vision_start = self.arrays["vision_start"][:]
+        self.vision_length = self.arrays["vision_length"][:]
+
+    def span(self, offsets: str, row: int) -> tuple[int, int]:
+        off = self.offsets[offsets]
+        return int(off[row]), int(off[row + 1])
+
+    def decode(self, name: str, codec_name: str, where: slice | int, length: int | None) -> np.ndarray:
+        codec = get_codec(codec_name)
+        parts = {"values": self.arrays[name][where]}
+        if codec.scaled:
+            parts["scale"] = self.arrays[name + SCALE_SUFFIX][where]
+        return codec.decode(parts, length)

@@ -1,0 +1,197 @@
+"""Codecs: error bounds from the formulas, bit layout against a naive packer, edge cases."""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+import pytest
+
+from alignkd.cache.codecs import CODECS, error_stats, get_codec, stored_bytes
+from alignkd.cache_schemas import CODEC_STORAGE, CodecSpec
+
+# ---------------------------------------------------------------------------- data
+
+
+def attention_rows(rng: np.random.Generator, shape: tuple[int, ...], zero_rows: int = 2) -> np.ndarray:
+    """Softmax rows over more keys than the last axis holds (as a text x vision block is: the
+    row also attends to text keys), a few rows all zero (padding queries)."""
+    logits = rng.standard_normal((*shape[:-1], shape[-1] + 7)) * 3
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p = (p / p.sum(axis=-1, keepdims=True))[..., : shape[-1]].astype(np.float32)
+    flat = p.reshape(-1, shape[-1])
+    flat[rng.choice(len(flat), size=min(zero_rows, len(flat)), replace=False)] = 0
+    return p
+
+
+def feature_rows(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Heavy-tailed activations with per-token scales spanning three decades, one zero row."""
+    x = rng.standard_t(df=3, size=shape) * 10.0 ** rng.uniform(-2, 1, size=(*shape[:-1], 1))
+    x = x.astype(np.float32)
+    x.reshape(-1, shape[-1])[0] = 0
+    return x
+
+
+# ---------------------------------------------------------------------------- bounds
+
+
+@pytest.mark.parametrize("name,levels", [("uint8", 255), ("uint4", 15)])
+@pytest.mark.parametrize("width", [16, 17, 1])
+def test_attention_quantisers_stay_within_half_a_step_of_each_row(name, levels, width):
+    rng = np.random.default_rng(width)
+    x = attention_rows(rng, (5, 3, width))
+    codec = get_codec(name)
+    y = codec.decode(codec.encode(x), length=width)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    step = x.astype(np.float64).max(axis=-1, keepdims=True) / levels  # the formula, in float64
+    err = np.abs(y.astype(np.float64) - x)
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-7 * np.abs(x)).all()
+    # Each row's largest value is a grid point: it comes back up to float rounding.
+    np.testing.assert_allclose(y.max(axis=-1), x.max(axis=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("width", [24, 25])
+def test_feature_quantisers_stay_within_half_a_step_of_each_token(name, levels, width):
+    rng = np.random.default_rng(width)
+    x = feature_rows(rng, (4, 6, width))
+    codec = get_codec(name)
+    parts = codec.encode(x)
+    y = codec.decode(parts, length=width)
+    step = np.abs(x.astype(np.float64)).max(axis=-1, keepdims=True) / levels
+    err = np.abs(y.astype(np.float64) - x)
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-7 * np.abs(x)).all()
+    # Symmetric: a negated input decodes to the negated output.
+    np.testing.assert_array_equal(codec.decode(codec.encode(-x), length=width), -y)
+
+
+def test_int8_uses_the_full_symmetric_range():
+    x = np.array([[-2.0, -0.5, 0.0, 1.2, 2.0]], dtype=np.float32)
+    parts = get_codec("int8").encode(x)
+    np.testing.assert_array_equal(parts["values"], [[-127, -32, 0, 76, 127]])  # -31.75, 76.2 rounded
+    np.testing.assert_allclose(parts["scale"], [2 / 127])
+
+
+def test_uint8_maps_each_row_max_to_255():
+    x = np.array([[0.0, 0.2, 0.5], [0.1, 0.0, 0.02]], dtype=np.float32)
+    parts = get_codec("uint8").encode(x)
+    np.testing.assert_array_equal(parts["values"], [[0, 102, 255], [255, 0, 51]])
+
+
+# ---------------------------------------------------------------------------- packing
+
+
+def naive_pack(nibbles: np.ndarray) -> np.ndarray:
+    """Reference packer, one byte at a time: element 2j low nibble, 2j+1 high nibble."""
+    rows = nibbles.reshape(-1, nibbles.shape[-1])
+    out = np.zeros((len(rows), (rows.shape[1] + 1) // 2), dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for j, v in enumerate(row):
+            out[r, j // 2] |= int(v) << (4 * (j % 2))
+    return out.reshape(*nibbles.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("width", [7, 8])
+def test_uint4_packs_two_values_per_byte_low_nibble_first(width):
+    rng = np.random.default_rng(3)
+    x = attention_rows(rng, (4, width), zero_rows=0)
+    parts = get_codec("uint4").encode(x)
+    q = np.rint(x / (x.max(axis=-1, keepdims=True) / 15)).astype(np.uint8)  # the formula
+    assert parts["values"].shape == (4, (width + 1) // 2)
+    np.testing.assert_array_equal(parts["values"], naive_pack(q))
+
+
+def test_int4_stores_q_plus_8_in_each_nibble():
+    x = np.array([[-7.0, 7.0, 0.0, -1.0, 3.0]], dtype=np.float32)  # absmax 7: q = x
+    parts = get_codec("int4").encode(x)
+    np.testing.assert_array_equal(parts["values"], naive_pack(np.array([[1, 15, 8, 7, 11]])))
+    np.testing.assert_array_equal(get_codec("int4").decode(parts, length=5), x)
+
+
+def test_packed_decode_needs_the_row_length():
+    parts = get_codec("uint4").encode(np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match="row length"):
+        get_codec("uint4").decode(parts)
+    with pytest.raises(ValueError, match="cannot hold"):
+        get_codec("uint4").decode(parts, length=7)
+
+
+# ---------------------------------------------------------------------------- exact cases
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_zero_rows_decode_to_exact_zeros(name):
+    x = np.zeros((3, 4, 9), np.float32)
+    y = get_codec(name).decode(get_codec(name).encode(x), length=9)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, x)
+    assert not np.signbit(y).any()
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_empty_arrays_round_trip(name):
+    for shape in [(0, 3, 9), (4, 0)]:
+        x = np.zeros(shape, np.float32)
+        assert get_codec(name).decode(get_codec(name).encode(x), length=shape[-1]).shape == shape
+
+
+def test_fp32_is_exact_and_fp16_is_numpys_cast():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((5, 11)) * 100).astype(np.float32)
+    x[0, 0] = -np.inf
+    np.testing.assert_array_equal(get_codec("fp32").decode(get_codec("fp32").encode(x)), x)
+    parts = get_codec("fp16").encode(x)
+    assert parts["values"].dtype == np.float16
+    np.testing.assert_array_equal(get_codec("fp16").decode(parts), x.astype(np.float16).astype(np.float32))
+
+
+def test_inputs_a_codec_cannot_represent_are_refused():
+    with pytest.raises(ValueError, match="NaN"):
+        get_codec("fp16").encode(np.array([np.nan], np.float32))
+    with pytest.raises(ValueError, match="float16 range"):
+        get_codec("fp16").encode(np.array([70000.0], np.float32))
+    with pytest.raises(ValueError, match="negative"):
+        get_codec("uint8").encode(np.array([[0.5, -0.1]], np.float32))
+    with pytest.raises(ValueError, match="inf"):
+        get_codec("int8").encode(np.array([[1.0, np.inf]], np.float32))
+    with pytest.raises(ValueError, match="unknown codec"):
+        get_codec("int3")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def test_error_stats_matches_a_plain_loop():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(50).astype(np.float32)
+    y = (x + rng.standard_normal(50) * 1e-2).astype(np.float32)
+    errs = [abs(float(a) - float(b)) for a, b in zip(x, y)]
+    stats = error_stats(x, y)
+    assert stats["max"] == pytest.approx(max(errs), rel=1e-12)
+    assert stats["mean"] == pytest.approx(sum(errs) / len(errs), rel=1e-12)
+    assert error_stats(np.zeros(0), np.zeros(0)) == {"max": 0.0, "mean": 0.0}
+    assert error_stats(np.array([-np.inf, 1.0]), np.array([-np.inf, 1.5])) == {"max": 0.5, "mean": 0.25}
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_stored_bytes_is_the_size_of_the_encoded_parts(name):
+    x = attention_rows(np.random.default_rng(2), (3, 2, 9))
+    parts = get_codec(name).encode(x)
+    assert stored_bytes(name, x.shape) == sum(p.nbytes for p in parts.values())
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_the_schema_describes_what_each_codec_stores(name):
+    store = CODEC_STORAGE[name]
+    parts = get_codec(name).encode(np.ones((2, 5), np.float32))
+    assert parts["values"].dtype == np.dtype(store.dtype)
+    assert ("scale" in parts) == store.scaled and parts.get("scale", np.zeros(0, np.float32)).dtype == np.float32
+    assert (parts["values"].shape[-1] == 3) == store.packed
+    assert get_codec(name).lossy == store.lossy
+
+
+def test_every_codec_a_job_can_name_exists():
+    hints = typing.get_type_hints(CodecSpec)
+    for field in ("attention", "features", "logprobs"):
+        for name in typing.get_args(hints[field]):
+            assert name in CODECS and name in CODEC_STORAGE
