@@ -108,6 +108,60 @@ def probe_cmd(job: str | None, overrides: tuple[str, ...], model: str | None, da
     _print_probe(rows, skipped, as_json)
 
 
+@main.command("extract-teacher")
+@_job_options
+@click.option("--address", default=None, help="Ray cluster address ('auto' or host:port); default: a local Ray.")
+@click.option("--dry-run", is_flag=True, help="Estimate the cache size from the data and the schema; load no teacher.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
+def extract_teacher_cmd(job: str | None, overrides: tuple[str, ...], address: str | None, dry_run: bool,
+                        no_progress: bool) -> None:
+    """Stage 1: run the teacher over the shards and write its signals to the cache (alignkd.extract)."""
+    from alignkd.config import load_job
+    from alignkd.extract import ExtractArgs, estimate_size, extract
+
+    extra = [f"ray.address={json.dumps(address)}"] if address else []
+    try:
+        args = load_job(ExtractArgs, job, [*overrides, *extra])
+        if dry_run:
+            _print_estimate(estimate_size(args))
+            return
+        summary = extract(args, echo=click.echo, progress=not no_progress)
+    except _KNOWN_ERRORS + (RuntimeError,) as e:
+        _fail(e)
+    click.echo(
+        f"wrote {len(summary.shards_written)} shards ({summary.shards_done_before} already done), "
+        f"{summary.samples_written} samples, {summary.samples_skipped} skipped, "
+        f"{summary.bytes_written / 2**20:.1f} MiB in {summary.seconds:.1f} s -> {summary.cache}"
+    )
+    for reason, count in sorted(summary.skipped_by_reason.items()):
+        click.echo(f"  skipped {count}: {reason}")
+    if summary.removed_partial:
+        click.echo(f"  removed {len(summary.removed_partial)} partial shard(s) left by an earlier run")
+
+
+def _print_estimate(est: dict) -> None:
+    click.echo(f"estimate from {est['sampled']} of {est['samples']} samples "
+               f"(after quantisation, before {est['compressor']} compression):")
+    for name, per in sorted(est["bytes_per_sample"].items()):
+        click.echo(f"  {name:<18} {per / 1024:>10.1f} KiB/sample {est['total_bytes'][name] / 2**30:>10.3f} GiB")
+    click.echo(f"  {'total':<18} {sum(est['bytes_per_sample'].values()) / 1024:>10.1f} KiB/sample "
+               f"{est['total'] / 2**30:>10.3f} GiB")
+
+
+@main.command("inspect-cache")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_cache_cmd(path: str, as_json: bool) -> None:
+    """Samples, shards, skipped samples, bytes per signal and codec error of a cache (alignkd.cache.inspect)."""
+    from alignkd.cache.inspect import format_table, inspect_cache
+
+    try:
+        report = inspect_cache(path)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
 def _print_probe(rows, skipped, as_json: bool) -> None:
     from dataclasses import asdict
 

@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from alignkd.models.base import IMAGE_TOKEN, VLM, ModelError, VLMBatch, VLMOutput
 
-__all__ = ["IMAGE_TOKEN", "VLM", "VLMBatch", "VLMOutput", "ModelError", "ModelArgs", "load_vlm", "load_model", "FAMILIES"]
+__all__ = [
+    "IMAGE_TOKEN", "VLM", "VLMBatch", "VLMOutput", "ModelError", "ModelArgs", "CheckpointSummary",
+    "load_vlm", "load_model", "describe_checkpoint", "FAMILIES",
+]
 
 FAMILIES = ("mobilevlm", "llava")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +50,54 @@ def load_model(args: ModelArgs, *, attn_implementation: str = "tap") -> VLM:
                     device=args.resolved_device(), attn_implementation=attn_implementation)
 
 
+@dataclass
+class CheckpointSummary:
+    """What a checkpoint's config says, without loading its weights (for size estimates)."""
+
+    family: str
+    num_vision_tokens: int
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    vocab_size: int
+    tokenizer: Any
+
+
+def _read_config(path: str | Path) -> dict[str, Any]:
+    config_file = Path(path) / "config.json"
+    try:
+        return json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{config_file}: not found (expected a checkpoint folder)") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def describe_checkpoint(path: str | Path) -> CheckpointSummary:
+    """Shapes and tokenizer of a checkpoint folder from its config files alone."""
+    from transformers import AutoTokenizer
+
+    config = _read_config(path)
+    family = config.get("model_type")
+    if family == "mobilevlm":
+        from alignkd.models.mobilevlm import DEFAULT_GRID, _llama_config
+
+        text = _llama_config(config, Path(path) / "config.json")
+        nv = config.get("alignkd_projector_grid", DEFAULT_GRID) ** 2
+        tokenizer = AutoTokenizer.from_pretrained(path, config=text)
+    elif family == "llava":
+        from transformers import LlavaConfig
+
+        llava = LlavaConfig.from_pretrained(path)
+        text, vc = llava.text_config, llava.vision_config
+        nv = (vc.image_size // vc.patch_size) ** 2 + (llava.vision_feature_select_strategy != "default")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        raise ModelError(f"{Path(path) / 'config.json'}: model_type {family!r} is not supported")
+    return CheckpointSummary(family, nv, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
+                             text.vocab_size, tokenizer)
+
+
 def load_vlm(
     path: str | Path,
     *,
@@ -58,12 +109,7 @@ def load_vlm(
     """Load a checkpoint folder of either family; `vision_tower` maps MobileVLM's CLIP hub name
     to a local folder. attn_implementation: "tap" (SDPA + layer q/k capture) or "eager"."""
     config_file = Path(path) / "config.json"
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except FileNotFoundError:
-        raise ModelError(f"{config_file}: not found (expected a checkpoint folder)") from None
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{config_file}: not valid JSON ({e})") from None
+    model_type = _read_config(path).get("model_type")
     if model_type == "mobilevlm":
         from alignkd.models.mobilevlm import MobileVLM
 

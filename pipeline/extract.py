@@ -1,0 +1,393 @@
+"""Stage 1, `alignkd extract-teacher`: run the teacher once over webdataset shards and write
+its Align-KD signals to a versioned Zarr cache, one cache shard per input shard.
+
+    alignkd extract-teacher --job jobs/demo/extract.toml
+    alignkd extract-teacher --job jobs/mobilevlm_v2/extract_finetune.toml --address auto
+
+Read top to bottom:
+  1. plan      input shards -> cache shard names (one each; the unit of work and of resume);
+  2. workers   Ray actors each load the teacher once (a GPU each where there are GPUs,
+               fractional CPUs otherwise); the first describes it, and the cache's root
+               metadata is created or, if the cache exists, must match (no mixing);
+  3. resume    leftover temporary shards are removed, finished shards are skipped;
+  4. run       each remaining shard goes to an idle worker, which batches, runs the tapped
+               forward (fused attention), and writes the shard under a temporary name,
+               renamed only when complete. A worker that dies is restarted by Ray and its
+               shard redone from scratch, so nothing is lost or duplicated;
+  5. summary   shards, samples, skipped samples (with reasons, per shard), bytes, time.
+
+`--dry-run` stops after the plan and prints the estimated cache size from the schema and a
+sample of the data, without loading any teacher weights.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from alignkd import __version__
+from alignkd.cache_schemas import CacheMeta, CodecSpec, ShardMeta, TeacherInfo
+from alignkd.config import to_dict
+from alignkd.data import DataArgs
+from alignkd.data.shards import expand_shards
+from alignkd.models import ModelArgs
+
+__all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "extract", "estimate_size", "plan_shards"]
+
+# Fault injection for tests: the worker SIGKILLs itself once, mid-shard, in the named shard.
+_FAULT_KILL_ENV = "ALIGNKD_FAULT_KILL_WORKER_IN_SHARD"
+
+
+@dataclass
+class CacheArgs:
+    path: str = ""
+    layers: list[int] = field(default_factory=lambda: [0])  # "shallow layer(s)"; focus uses the first
+    attention_heads: Literal["per_head", "mean"] = "per_head"  # "mean" serves only L_attn's `mean` variant
+    topk: int = 64  # teacher next-token candidates kept per response position (plus one tail bin)
+    codecs: CodecSpec = field(default_factory=CodecSpec)
+
+    def validate(self) -> None:
+        if not self.layers or any(layer < 0 for layer in self.layers):
+            raise ValueError("layers must be a non-empty list of layer indices >= 0")
+        if self.topk < 1:
+            raise ValueError("topk must be at least 1")
+
+
+@dataclass
+class RayArgs:
+    address: str | None = None  # None: start a local Ray; "auto" or host:port: join a cluster
+    num_workers: int = 1  # teacher actors
+    cpus_per_worker: float = 1.0  # fractional on small CPU machines (read tasks need CPUs too)
+    gpus_per_worker: float = 1.0  # used only where the cluster has GPUs
+    num_cpus: int | None = None  # CPUs of a local Ray (None: all)
+    max_restarts: int = 3  # a dead worker is restarted this often; its shard is redone
+
+
+@dataclass
+class ExtractArgs:
+    teacher: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    cache: CacheArgs = field(default_factory=CacheArgs)
+    ray: RayArgs = field(default_factory=RayArgs)
+    dry_run_samples: int = 64  # samples read to estimate the cache size
+
+
+@dataclass
+class ExtractSummary:
+    cache: str
+    shards_total: int
+    shards_done_before: int
+    shards_written: list[str]
+    samples_written: int
+    samples_skipped: int
+    skipped_by_reason: dict[str, int]
+    bytes_written: int
+    seconds: float
+    removed_partial: list[str]
+
+
+# --- 1. plan ------------------------------------------------------------------------------
+def plan_shards(spec: str) -> list[tuple[str, str]]:
+    """(input shard path, cache shard name) pairs; names come from the input file names."""
+    inputs = expand_shards(spec)
+    names = [Path(p).name.removesuffix(".tar") for p in inputs]
+    seen: dict[str, str] = {}
+    for p, n in zip(inputs, names):
+        if n in seen:
+            raise ValueError(f"input shards {seen[n]} and {p} would share cache shard name {n!r}")
+        seen[n] = p
+    return list(zip(inputs, names))
+
+
+# --- 2. workers ----------------------------------------------------------------------------
+class TeacherWorker:
+    """One teacher replica. Runs inside a Ray actor; also usable in-process (tests, bench)."""
+
+    def __init__(self, args: ExtractArgs, worker_index: int = 0):
+        import torch
+
+        from alignkd.models import load_model
+
+        threads = max(1, int(round(args.ray.cpus_per_worker)))
+        torch.set_num_threads(threads)
+        self.args = args
+        self.index = worker_index
+        self.vlm = load_model(args.teacher)
+
+    def describe(self) -> dict[str, Any]:
+        """The teacher-dependent part of the cache's root metadata."""
+        from alignkd.signals import image_preprocessing, tokenizer_hash
+
+        vlm, ident = self.vlm, self.vlm.identity()
+        cfg = vlm.text_config
+        return {
+            "teacher": TeacherInfo(
+                family=ident["family"],
+                path=str(self.args.teacher.path),
+                config_hash=ident["config_hash"],
+                weights_fingerprint=ident["weights_fingerprint"],
+                vision_tower=ident.get("vision_tower"),
+                num_layers=cfg.num_hidden_layers,
+                num_heads=cfg.num_attention_heads,
+                hidden_size=cfg.hidden_size,
+                vocab_size=cfg.vocab_size,
+            ),
+            "tokenizer_hash": tokenizer_hash(vlm.tokenizer),
+            "num_vision_tokens": vlm.num_vision_tokens,
+            "image_preprocessing": image_preprocessing(vlm),
+        }
+
+    def process_shard(self, input_shard: str, shard_name: str, meta: CacheMeta) -> ShardMeta:
+        """Teacher signals of every usable sample of one input shard -> one cache shard."""
+        import torch
+
+        from alignkd.cache.writer import remove_partial_shard, write_shard
+        from alignkd.data.batching import make_batch
+        from alignkd.data.shards import BadSample, decode_sample, iter_raw_samples
+        from alignkd.signals import teacher_signals
+
+        args, vlm = self.args, self.vlm
+        cache_root = Path(args.cache.path)
+        remove_partial_shard(cache_root, shard_name)  # an earlier, killed attempt at this shard
+        fault = os.environ.get(_FAULT_KILL_ENV) == shard_name and not _fault_marker(cache_root, shard_name).exists()
+
+        records, skipped, pending = [], [], []
+
+        def run_batch() -> None:
+            batch, not_encoded = make_batch(vlm, pending, template=args.data.template,
+                                            max_length=args.data.max_length)
+            skipped.extend(not_encoded)
+            if batch is not None:
+                batch = batch.to(vlm.device, dtype=vlm.dtype)
+                with torch.no_grad():
+                    out = vlm(batch, tap_layers=tuple(args.cache.layers))
+                records.extend(teacher_signals(vlm, batch, out, pending, layers=args.cache.layers,
+                                               topk=args.cache.topk, attention_heads=args.cache.attention_heads))
+            pending.clear()
+
+        for raw in iter_raw_samples(input_shard):
+            try:
+                sample = decode_sample(raw)
+            except BadSample as e:
+                skipped.append((e.key, e.reason))
+                continue
+            pending.append(sample)
+            if len(pending) == args.data.batch_size:
+                run_batch()
+                if fault:  # tests: die for real, mid-shard, once
+                    _fault_marker(cache_root, shard_name).touch()
+                    os.kill(os.getpid(), 9)
+        if pending:
+            run_batch()
+        return write_shard(cache_root, shard_name, records, skipped, meta=meta, input_shard=input_shard,
+                           input_size=os.path.getsize(input_shard))
+
+
+def _fault_marker(cache_root: Path, shard_name: str) -> Path:
+    return cache_root / f".fault-{shard_name}"
+
+
+def _start_ray(args: RayArgs) -> bool:
+    """Join or start Ray; returns True if this call started it (and should stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if args.address:
+        ray.init(address=args.address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=args.num_cpus, **kwargs)
+    return True
+
+
+def _spawn_workers(args: ExtractArgs) -> list[Any]:
+    import ray
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    actor = ray.remote(
+        num_cpus=args.ray.cpus_per_worker,
+        num_gpus=args.ray.gpus_per_worker if use_gpu else 0,
+        max_restarts=args.ray.max_restarts,
+        max_task_retries=args.ray.max_restarts,
+    )(TeacherWorker)
+    return [actor.remote(args, i) for i in range(args.ray.num_workers)]
+
+
+def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
+    return CacheMeta(
+        schema_version=CacheMeta.__dataclass_fields__["schema_version"].default,
+        teacher=described["teacher"],
+        tokenizer_hash=described["tokenizer_hash"],
+        template=args.data.template,
+        max_length=args.data.max_length,
+        num_vision_tokens=described["num_vision_tokens"],
+        image_preprocessing=described["image_preprocessing"],
+        layers=tuple(args.cache.layers),
+        attention_heads=args.cache.attention_heads,
+        topk=args.cache.topk,
+        codecs=args.cache.codecs,
+        job=to_dict(args),
+        alignkd_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+# --- the stage -------------------------------------------------------------------------------
+def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress: bool = True) -> ExtractSummary:
+    import ray
+    from tqdm import tqdm
+
+    from alignkd.cache.writer import init_cache, list_complete_shards, read_shard_meta, remove_partial
+
+    if not args.cache.path:
+        raise ValueError("cache.path is not set: where should the cache go?")
+    started = time.monotonic()
+    plan = plan_shards(args.data.shards)
+    cache_root = Path(args.cache.path)
+
+    owns_ray = _start_ray(args.ray)
+    workers = []
+    try:
+        workers = _spawn_workers(args)
+        meta = _cache_meta(args, ray.get(workers[0].describe.remote()))
+        init_cache(cache_root, meta)  # refuses a cache built by another teacher / tokenizer / config
+        removed = remove_partial(cache_root)
+
+        done = set(list_complete_shards(cache_root))
+        for input_shard, name in plan:
+            if name in done:
+                _check_same_input(read_shard_meta(cache_root, name), input_shard, cache_root)
+        todo = deque((p, n) for p, n in plan if n not in done)
+        done_before = len(plan) - len(todo)
+        echo(f"{len(plan)} shards: {done_before} done before, {len(todo)} to extract -> {cache_root}")
+
+        written, n_samples, n_skipped, nbytes = [], 0, 0, 0
+        by_reason: dict[str, int] = {}
+        idle, pending = deque(workers), {}
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="shard", disable=not progress)
+        try:
+            while todo or pending:
+                while todo and idle:
+                    worker = idle.popleft()
+                    input_shard, name = todo.popleft()
+                    pending[worker.process_shard.remote(input_shard, name, meta)] = (worker, name)
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                worker, name = pending.pop(ready[0])
+                try:
+                    shard: ShardMeta = ray.get(ready[0])
+                except Exception as e:  # noqa: BLE001 - any worker failure stops the job, cleanly
+                    raise RuntimeError(f"shard {name} failed: {_one_line(e)}") from None
+                idle.append(worker)
+                written.append(name)
+                n_samples += shard.num_samples
+                n_skipped += len(shard.skipped)
+                for s in shard.skipped:
+                    reason = s["reason"].split(":")[0]
+                    by_reason[reason] = by_reason.get(reason, 0) + 1
+                nbytes += sum(shard.nbytes.values())
+                elapsed = time.monotonic() - started
+                bar.set_postfix(samples_s=f"{n_samples / elapsed:.1f}", written=_human(nbytes))
+                bar.update(1)
+        finally:
+            bar.close()
+    finally:
+        for w in workers:
+            ray.kill(w)
+        if owns_ray:
+            ray.shutdown()
+    return ExtractSummary(
+        cache=str(cache_root), shards_total=len(plan), shards_done_before=done_before,
+        shards_written=written, samples_written=n_samples, samples_skipped=n_skipped, skipped_by_reason=by_reason,
+        bytes_written=nbytes, seconds=time.monotonic() - started, removed_partial=removed,
+    )
+
+
+def _check_same_input(shard: ShardMeta, input_shard: str, cache_root: Path) -> None:
+    if Path(shard.input_shard).name != Path(input_shard).name or shard.input_size != os.path.getsize(input_shard):
+        raise ValueError(
+            f"cache shard {cache_root}/shards/{shard.name} was built from {shard.input_shard} "
+            f"({shard.input_size} bytes), not {input_shard} ({os.path.getsize(input_shard)} bytes): "
+            "refusing to mix data sets in one cache"
+        )
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+# --- dry run ------------------------------------------------------------------------------
+def estimate_size(args: ExtractArgs) -> dict[str, Any]:
+    """Estimated cache size per signal and in total, from the schema and a sample of the data.
+
+    Reads the teacher's config and tokenizer only (no weights). Sizes are after quantisation
+    and before lossless compression, so with a compressor on they are an upper bound."""
+    from alignkd.cache.codecs import stored_bytes
+    from alignkd.data.shards import BadSample, decode_sample, iter_raw_samples
+    from alignkd.data.templates import TemplateError, encode
+    from alignkd.models import describe_checkpoint
+
+    plan = plan_shards(args.data.shards)
+    ckpt = describe_checkpoint(args.teacher.path)
+    nv, heads, hidden, k = ckpt.num_vision_tokens, ckpt.num_heads, ckpt.hidden_size, args.cache.topk
+    codecs = args.cache.codecs
+    per_signal: dict[str, list[float]] = {}
+    seen = 0
+    total_samples = 0
+    for input_shard, _ in plan:
+        for raw in iter_raw_samples(input_shard):
+            total_samples += 1
+            if seen >= args.dry_run_samples:
+                continue
+            try:
+                s = decode_sample(raw)
+                enc = encode(s.conversations, template=args.data.template, tokenizer=ckpt.tokenizer,
+                             num_vision_tokens=nv, max_length=args.data.max_length,
+                             has_image=s.image is not None, key=s.key)
+            except (BadSample, TemplateError):
+                continue
+            seen += 1
+            t = len(enc.input_ids)
+            lq = t - (enc.vision_start + nv) if enc.vision_start >= 0 else 0
+            r = sum(enc.response_mask[1:])
+            rows_shape = (lq, heads, nv) if args.cache.attention_heads == "per_head" else (lq, nv)
+            sizes = {
+                "input_ids": 4 * t,
+                "response": r * (4 + k * 4) + stored_bytes(codecs.logprobs, (r, k)) + 4 * r,
+                "vision_features": stored_bytes(codecs.features, (nv, hidden)),
+                "focus": 4 * nv,
+            }
+            for layer in args.cache.layers:
+                sizes[f"attention_L{layer:02d}"] = stored_bytes(codecs.attention, rows_shape)
+            for name, b in sizes.items():
+                per_signal.setdefault(name, []).append(b)
+    if not seen:
+        raise ValueError(f"no usable sample among the first shards of {args.data.shards}")
+    mean = {name: float(np.mean(v)) for name, v in per_signal.items()}
+    return {
+        "samples": total_samples,
+        "sampled": seen,
+        "bytes_per_sample": mean,
+        "total_bytes": {name: m * total_samples for name, m in mean.items()},
+        "total": sum(mean.values()) * total_samples,
+        "compressor": codecs.compressor,
+    }

@@ -1,0 +1,149 @@
+"""The teacher's Align-KD signals for one batch, per sample, ready for the cache.
+
+    out = teacher(batch, tap_layers=layers)
+    records = teacher_signals(teacher, batch, out, samples, layers=(0,), topk=64)
+
+What is kept (ALIGN_KD.md, notation):
+  attention   A^T[:, Q, V] of each tapped layer (per head, or the head mean when the job
+              caches only what the `mean` L_attn variant needs);
+  features    P^T, the projector output, for L_V_all / L_V_focus;
+  focus       focus_j = sum_{i in Q} mean_h A^T[h, i, j] of the first tapped layer, for the
+              top-k tokens of L_V_focus;
+  top-k       the teacher's k most likely next tokens at every response position with their
+              log-probs and the log of the remaining mass, for L_logit over k + 1 bins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from alignkd.cache.records import SampleSignals
+from alignkd.data.shards import Sample
+from alignkd.models.base import VLM, VLMBatch, VLMOutput
+
+__all__ = ["teacher_signals", "topk_with_tail", "sample_fingerprint", "tokenizer_hash", "image_preprocessing"]
+
+
+def sample_fingerprint(sample: Sample) -> str:
+    """sha256 of the image bytes and the conversation: what the teacher actually saw."""
+    h = hashlib.sha256()
+    h.update(sample.image_bytes or b"")
+    h.update(b"\0")
+    h.update(json.dumps(sample.conversations, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Identity of a tokenizer by what it does: its vocabulary and special ids."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id],
+    }
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()
+
+
+def image_preprocessing(vlm: VLM) -> dict[str, Any]:
+    proc = vlm.image_processor
+    return {
+        "pad_to_square": bool(vlm.pad_images),
+        "processor": type(proc).__name__,
+        "image_mean": list(proc.image_mean),
+        "image_std": list(proc.image_std),
+        "size": dict(proc.size) if proc.size else None,
+        "crop_size": dict(proc.crop_size) if getattr(proc, "crop_size", None) else None,
+    }
+
+
+def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(R, V) logits -> top-k ids (R, k), their log-probs (R, k) and log tail mass (R,).
+
+    The tail is log(1 - sum_k p) computed as log1p(-exp(logsumexp(top-k log-probs))), in
+    float32; it is -inf when the top k hold all the mass (k = V)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top_lp, top_ids = logprobs.topk(k, dim=-1)
+    covered = torch.logsumexp(top_lp, dim=-1).clamp(max=0.0)
+    tail = torch.log1p(-torch.exp(covered))
+    if k == logits.shape[-1]:
+        tail = torch.full_like(tail, float("-inf"))
+    return top_ids, top_lp, tail
+
+
+@torch.no_grad()
+def teacher_signals(
+    vlm: VLM,
+    batch: VLMBatch,
+    out: VLMOutput,
+    samples: list[Sample],
+    *,
+    layers: tuple[int, ...] | list[int],
+    topk: int,
+    attention_heads: str = "per_head",
+    logit_chunk: int = 1024,
+) -> list[SampleSignals]:
+    """Split one batch's teacher outputs into per-sample records (float32 numpy)."""
+    by_key = {s.key: s for s in samples}
+    nv = batch.num_vision_tokens
+    first = out.blocks[layers[0]]
+    focus = first.probs.mean(dim=1).sum(dim=1)  # (B, Nv): sum over text queries of the head mean
+
+    # Response positions t predict from hidden[t - 1]; gather those rows and score them in chunks
+    # so the (R, V) logits never exist for the whole batch at once.
+    resp = batch.response_mask.clone()
+    resp[:, 0] = False
+    b_idx, t_idx = resp.nonzero(as_tuple=True)
+    ids_parts, lp_parts, tail_parts = [], [], []
+    for lo in range(0, b_idx.numel(), logit_chunk):
+        rows = out.hidden[b_idx[lo : lo + logit_chunk], t_idx[lo : lo + logit_chunk] - 1]
+        ids, lp, tail = topk_with_tail(vlm.logits(rows), topk)
+        ids_parts.append(ids)
+        lp_parts.append(lp)
+        tail_parts.append(tail)
+    top_ids = torch.cat(ids_parts).cpu().numpy().astype(np.int32)
+    top_lp = torch.cat(lp_parts).cpu().numpy().astype(np.float32)
+    tails = torch.cat(tail_parts).cpu().numpy().astype(np.float32)
+    per_sample_r = resp.sum(dim=1).tolist()
+    r_offsets = np.concatenate([[0], np.cumsum(per_sample_r)]).astype(np.int64)
+
+    records = []
+    img = 0
+    for b, key in enumerate(batch.keys):
+        valid = batch.attention_mask[b].bool()
+        positions = valid.nonzero().flatten()
+        lo, hi = int(positions.min()), int(positions.max()) + 1
+        start = int(batch.vision_start[b])
+        has_image = start >= 0
+        n_rows = int(first.query_mask[b].sum())
+        attention = {}
+        for layer in layers:
+            rows = out.blocks[layer].probs[b, :, :n_rows]  # (H, Lq, Nv)
+            if attention_heads == "mean":
+                rows = rows.mean(dim=0)
+            attention[layer] = rows.float().cpu().numpy()
+        if has_image:
+            feats = out.vision_features[img].float().cpu().numpy()
+            img += 1
+        else:
+            feats = np.zeros((nv, vlm.hidden_size), dtype=np.float32)
+        r0, r1 = r_offsets[b], r_offsets[b + 1]
+        records.append(
+            SampleSignals(
+                key=key,
+                fingerprint=sample_fingerprint(by_key[key]),
+                input_ids=batch.input_ids[b, lo:hi].cpu().numpy().astype(np.int32),
+                response_positions=(t_idx[r0:r1] - lo).cpu().numpy().astype(np.int32),
+                vision_start=start - lo if has_image else -1,
+                vision_length=nv if has_image else 0,
+                attention=attention,
+                vision_features=feats,
+                focus=focus[b].float().cpu().numpy() if has_image else np.zeros(nv, dtype=np.float32),
+                topk_ids=top_ids[r0:r1],
+                topk_logprobs=top_lp[r0:r1],
+                tail_logmass=tails[r0:r1],
+            )
+        )
+    return records

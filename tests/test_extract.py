@@ -1,0 +1,167 @@
+"""Stage 1 on local Ray with 2 CPUs: a 3-shard run with 2 workers, the cached signals against
+a fresh single-sample teacher computation, resume in every way a run can be interrupted,
+refusal to mix caches, and the dry-run estimate against the real size."""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignkd.cache.reader import CacheReader
+from alignkd.cache.writer import list_complete_shards
+from alignkd.cache_schemas import CacheSchemaError, CodecSpec
+from alignkd.data import DataArgs
+from alignkd.data.batching import make_batch
+from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
+from alignkd.extract import _FAULT_KILL_ENV, CacheArgs, ExtractArgs, RayArgs, estimate_size, extract
+from alignkd.models import ModelArgs, load_vlm
+from alignkd.signals import teacher_signals
+
+LOSSLESS = CodecSpec(attention="fp32", features="fp32", logprobs="fp32", compressor="zstd")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _args(tiny_models, demo_data, cache, codecs=LOSSLESS, teacher="teacher", **cache_kw):
+    return ExtractArgs(
+        teacher=ModelArgs(path=str(tiny_models["mobilevlm"][teacher]), device="cpu"),
+        data=DataArgs(shards=str(demo_data / "train"), template="v1", max_length=256, batch_size=8),
+        cache=CacheArgs(path=str(cache), layers=[0, 1], topk=8, codecs=codecs, **cache_kw),
+        ray=RayArgs(num_workers=2, cpus_per_worker=0.5),
+        dry_run_samples=16,
+    )
+
+
+def _run(args):
+    return extract(args, echo=lambda _: None, progress=False)
+
+
+def _arrays(cache: Path) -> dict[str, bytes]:
+    """Every chunk and metadata file of every shard, except attributes that hold times."""
+    out = {}
+    for f in sorted((cache / "shards").rglob("*")):
+        if f.is_file() and f.name != "zarr.json":
+            out[str(f.relative_to(cache))] = f.read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_cache(ray_session, tiny_models, demo_data, tmp_path_factory):
+    """An uninterrupted lossless run: 3 shards, 2 workers."""
+    cache = tmp_path_factory.mktemp("ref") / "cache"
+    summary = _run(_args(tiny_models, demo_data, cache))
+    assert summary.shards_total == 3 and len(summary.shards_written) == 3
+    return cache
+
+
+def _fresh_signals(vlm, sample, layers=(0, 1), topk=8):
+    """The teacher on one sample alone: no padding, no batch neighbours."""
+    batch, skipped = make_batch(vlm, [sample], template="v1", max_length=256)
+    assert not skipped
+    with torch.no_grad():
+        out = vlm(batch, tap_layers=layers)
+    return teacher_signals(vlm, batch, out, [sample], layers=layers, topk=topk)[0]
+
+
+def test_cached_signals_equal_the_teachers_fresh_computation(reference_cache, tiny_models, demo_data):
+    reader = CacheReader(reference_cache)
+    samples = [decode_sample(r) for s in expand_shards(demo_data / "train") for r in iter_raw_samples(s)]
+    assert sorted(reader.keys()) == sorted(s.key for s in samples)
+    vlm = load_vlm(tiny_models["mobilevlm"]["teacher"])
+    for sample in samples[::7]:
+        got, want = reader.get(sample.key), _fresh_signals(vlm, sample)
+        assert got.fingerprint == want.fingerprint
+        np.testing.assert_array_equal(got.input_ids, want.input_ids)
+        np.testing.assert_array_equal(got.response_positions, want.response_positions)
+        assert (got.vision_start, got.vision_length) == (want.vision_start, want.vision_length)
+        for layer in (0, 1):
+            np.testing.assert_allclose(got.attention[layer], want.attention[layer], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.vision_features, want.vision_features, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.focus, want.focus, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(got.topk_ids, want.topk_ids)
+        np.testing.assert_allclose(got.topk_logprobs, want.topk_logprobs, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got.tail_logmass, want.tail_logmass, atol=1e-4, rtol=0)
+
+
+def test_quantised_cache_stays_within_the_codecs_error(ray_session, reference_cache, tiny_models, demo_data, tmp_path):
+    codecs = CodecSpec(attention="uint8", features="int8", logprobs="fp16", compressor="zstd")
+    _run(_args(tiny_models, demo_data, tmp_path / "q", codecs=codecs))
+    exact, lossy = CacheReader(reference_cache), CacheReader(tmp_path / "q")
+    for key in list(exact.keys())[::5]:
+        a, b = exact.get(key), lossy.get(key)
+        for layer in (0, 1):
+            rowmax = a.attention[layer].max(axis=-1, keepdims=True)
+            assert np.all(np.abs(a.attention[layer] - b.attention[layer]) <= rowmax / 255 / 2 + 1e-6)
+        absmax = np.abs(a.vision_features).max(axis=-1, keepdims=True)
+        assert np.all(np.abs(a.vision_features - b.vision_features) <= absmax / 127 / 2 + 1e-5)
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, rtol=1e-3, atol=1e-3)
+
+
+def test_a_second_run_is_a_no_op(ray_session, reference_cache, tiny_models, demo_data):
+    before = {f: f.stat().st_mtime_ns for f in (reference_cache / "shards").rglob("*")}
+    summary = _run(_args(tiny_models, demo_data, reference_cache))
+    assert summary.shards_written == [] and summary.shards_done_before == 3
+    assert {f: f.stat().st_mtime_ns for f in (reference_cache / "shards").rglob("*")} == before
+
+
+def test_resume_after_a_deleted_shard_and_a_partial_one(ray_session, reference_cache, tiny_models, demo_data, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    shards = list_complete_shards(cache)
+    shutil.rmtree(cache / "shards" / shards[0])
+    partial = cache / "shards" / f".{shards[1]}.tmp-deadbeef"
+    shutil.copytree(cache / "shards" / shards[1], partial)  # as if a run died while writing
+    summary = _run(_args(tiny_models, demo_data, cache))
+    assert summary.shards_written == [shards[0]]
+    assert summary.removed_partial and not partial.exists()
+    assert _arrays(cache) == _arrays(reference_cache)
+
+
+def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(ray_session, reference_cache, tiny_models, demo_data,
+                                                                tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    victim = list_complete_shards(reference_cache)[1]
+    # The environment reaches the workers: the local Ray was started by this process.
+    monkeypatch.setenv(_FAULT_KILL_ENV, victim)
+    import ray
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    summary = _run(_args(tiny_models, demo_data, cache))
+    assert (cache / f".fault-{victim}").exists()  # the worker really died once, mid-shard
+    assert sorted(summary.shards_written) == list_complete_shards(reference_cache)
+    assert _arrays(cache) == _arrays(reference_cache)
+    reader = CacheReader(cache)
+    assert len(reader) == len(CacheReader(reference_cache))
+
+
+def test_a_different_teacher_or_config_refuses_to_mix_into_a_cache(ray_session, reference_cache, tiny_models,
+                                                                   demo_data, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    with pytest.raises(CacheSchemaError, match="teacher"):
+        _run(_args(tiny_models, demo_data, cache, teacher="student"))
+    with pytest.raises(CacheSchemaError, match="topk"):
+        _run(dataclasses.replace(_args(tiny_models, demo_data, cache),
+                                 cache=CacheArgs(path=str(cache), layers=[0, 1], topk=4, codecs=LOSSLESS)))
+
+
+@pytest.mark.parametrize("heads", ["per_head", "mean"])
+def test_dry_run_estimate_is_within_ten_percent_of_the_real_size(ray_session, tiny_models, demo_data, tmp_path, heads):
+    codecs = CodecSpec(attention="uint8", features="int8", logprobs="fp16", compressor="none")
+    args = _args(tiny_models, demo_data, tmp_path / "c", codecs=codecs, attention_heads=heads)
+    est = estimate_size(args)
+    summary = _run(args)
+    assert est["samples"] == summary.samples_written + summary.samples_skipped
+    assert abs(est["total"] - summary.bytes_written) <= 0.10 * summary.bytes_written
