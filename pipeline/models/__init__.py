@@ -20,7 +20,7 @@ from alignkd.models.base import IMAGE_TOKEN, VLM, ModelError, VLMBatch, VLMOutpu
 
 __all__ = [
     "IMAGE_TOKEN", "VLM", "VLMBatch", "VLMOutput", "ModelError", "ModelArgs", "CheckpointSummary",
-    "load_vlm", "load_model", "describe_checkpoint", "FAMILIES",
+    "load_vlm", "load_model", "describe_checkpoint", "checkpoint_identity", "FAMILIES",
 ]
 
 FAMILIES = ("mobilevlm", "llava")
@@ -96,6 +96,14 @@ def describe_checkpoint(path: str | Path) -> CheckpointSummary:
         raise ModelError(f"{Path(path) / 'config.json'}: model_type {family!r} is not supported")
     return CheckpointSummary(family, nv, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
                              text.vocab_size, tokenizer)
+
+
+def checkpoint_identity(path: str | Path) -> dict[str, str]:
+    """config_hash and weights_fingerprint of a checkpoint folder, computed as the loaded
+    model's identity() computes them, without loading the model (for staleness checks)."""
+    from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
+
+    return {"config_hash": config_hash(_read_config(path)), "weights_fingerprint": weights_fingerprint(weight_files(path))}
 
 
 def load_vlm(

@@ -29,7 +29,10 @@ from torch import nn
 
 from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
 
-__all__ = ["IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "pad_to_square", "clip_patch_features"]
+__all__ = [
+    "IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "pad_to_square", "preprocess_images",
+    "clip_patch_features",
+]
 
 IMAGE_TOKEN = -200
 
@@ -95,6 +98,15 @@ def pad_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image
     return canvas
 
 
+def preprocess_images(images: list[Image.Image], image_processor: Any, pad_images: bool) -> torch.Tensor:
+    """RGB, padded to square with the processor's mean colour when the model was trained so
+    (MobileVLM's image_aspect_ratio "pad"), then the CLIP processor: (N, 3, S, S) float32."""
+    images = [im.convert("RGB") for im in images]  # greyscale / palette / alpha images
+    if pad_images:
+        images = [pad_to_square(im, tuple(image_processor.image_mean)) for im in images]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
 def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> torch.Tensor:
     """CLIP features of one hidden layer (MobileVLM and LLaVA-1.5 both take layer -2), CLS dropped."""
     out = tower(pixel_values, output_hidden_states=True, return_dict=True)
@@ -108,6 +120,7 @@ class VLM(nn.Module, abc.ABC):
     family: ClassVar[str]
     language_model: nn.Module  # Llama-style decoder: inputs_embeds -> last_hidden_state
     lm_head: nn.Module
+    vision_tower: nn.Module  # the vision encoder (frozen in MobileVLM V2's recipe)
     tokenizer: Any
     image_processor: Any
     pad_images: bool = True  # MobileVLM's image_aspect_ratio == "pad"
@@ -120,6 +133,11 @@ class VLM(nn.Module, abc.ABC):
     @property
     @abc.abstractmethod
     def num_vision_tokens(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def projector(self) -> nn.Module:
+        """The vision-to-text projector (its own learning rate in the paper's recipe)."""
 
     @property
     @abc.abstractmethod
@@ -155,12 +173,7 @@ class VLM(nn.Module, abc.ABC):
         self.language_model.config._attn_implementation = TAP_ATTN
 
     def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """Pad to square with the mean colour (when the model was trained so), then the
-        CLIP processor: (N, 3, S, S) float32."""
-        images = [im.convert("RGB") for im in images]  # greyscale / palette / alpha images
-        if self.pad_images:
-            images = [pad_to_square(im, tuple(self.image_processor.image_mean)) for im in images]
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return preprocess_images(images, self.image_processor, self.pad_images)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from alignkd.models.base import ModelError
 
-__all__ = ["WEIGHT_FILES", "load_state_dict", "save_safetensors", "config_hash", "weights_fingerprint"]
+__all__ = ["WEIGHT_FILES", "weight_files", "load_state_dict", "save_safetensors", "config_hash", "weights_fingerprint"]
 
 # In order of preference. The MobileVLM authors ship `pytorch_model.bin` (7B: sharded + index).
 WEIGHT_FILES = (
@@ -43,20 +43,26 @@ _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _BLOCK = 8 * 2**20
 
 
-def load_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
-    """All tensors of the checkpoint in `folder` (on CPU, in their stored dtype), and the files read."""
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files `load_state_dict` would read (an index's shards, in index order), unread."""
     folder = Path(folder)
     for name in WEIGHT_FILES:
         path = folder / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            return _load_sharded(path)
-        return _load_file(path), [path]
+        if path.is_file():
+            return _index_shards(path)[1] if name.endswith(".index.json") else [path]
     raise ModelError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _load_sharded(index_path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+def load_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    """All tensors of the checkpoint in `folder` (on CPU, in their stored dtype), and the files read."""
+    files = weight_files(folder)
+    if files[0].name in ("model.safetensors", "pytorch_model.bin"):
+        return _load_file(files[0]), files
+    index = next(Path(folder) / n for n in WEIGHT_FILES if n.endswith(".index.json") and (Path(folder) / n).is_file())
+    return _load_sharded(index)
+
+
+def _index_shards(index_path: Path) -> tuple[dict[str, str], list[Path]]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -65,6 +71,11 @@ def _load_sharded(index_path: Path) -> tuple[dict[str, torch.Tensor], list[Path]
     for shard in shards:
         if not shard.is_file():
             raise ModelError(f"{index_path}: names shard {shard.name}, which is missing")
+    return weight_map, shards
+
+
+def _load_sharded(index_path: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    weight_map, shards = _index_shards(index_path)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(_load_file(shard))

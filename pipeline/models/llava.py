@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGenerati
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from alignkd.models.base import VLM, ModelError, clip_patch_features
-from alignkd.models.checkpoint_io import config_hash, weights_fingerprint
+from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
 
 __all__ = ["LlavaVLM"]
 
@@ -47,6 +47,14 @@ class LlavaVLM(VLM):
     @property
     def lm_head(self) -> nn.Module:
         return self.hf.lm_head
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.hf.model.multi_modal_projector
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.hf.model.vision_tower
 
     @property
     def text_config(self) -> Any:
@@ -100,10 +108,11 @@ class LlavaVLM(VLM):
         self.image_processor.save_pretrained(path)
 
     def identity(self) -> dict[str, Any]:
-        files = sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin")) if self.path else []
         return {
             "family": self.family,
             "path": str(self.path) if self.path else None,
-            "config_hash": config_hash(self.hf.config.to_dict()),
-            "weights_fingerprint": weights_fingerprint(files) if files else None,
+            "config_hash": config_hash(json.loads((self.path / "config.json").read_text())) if self.path
+            else config_hash(self.hf.config.to_dict()),
+            "weights_fingerprint": weights_fingerprint(weight_files(self.path)) if self.path else None,
+            "vision_tower": None,
         }

@@ -201,6 +201,10 @@ class MobileVLM(VLM):
         return self.mm_projector.grid**2
 
     @property
+    def projector(self) -> nn.Module:
+        return self.mm_projector
+
+    @property
     def text_config(self) -> LlamaConfig:
         return self.language_model.config
 
