@@ -1,0 +1,543 @@
+"""The Align-KD loss terms (ALIGN_KD.md, "Loss terms"), one function each.
+
+    L = L_sup + w_logit L_logit + w_attn L_attn + w_vall L_V_all + w_vfocus L_V_focus
+
+    adapters = AlignKDAdapters(teacher_heads=32, student_heads=16, teacher_width=4096, student_width=2048)
+    optim = torch.optim.AdamW([*student.parameters(), *adapters.parameters()])   # adapters too!
+    loss = (sup_loss(logits, targets)
+            + w_logit * logit_kl(logits, top_ids, top_logprobs, tail_logmass)
+            + w_attn * attn_loss_mix(s_block, t_block, query_mask, adapters.head_mixer)
+            + w_vall * vision_all_loss(s_feats, t_feats, adapters.vision_adapter, image_mask)
+            + w_vfocus * vision_focus_loss(s_feats, t_feats, adapters.vision_adapter, focus, 16, image_mask))
+
+Every function here is pure PyTorch (no other alignkd module is imported), so any trainer can
+use it. Conventions shared by all terms:
+
+* The teacher side is a constant: it comes from the offline cache and is `.detach()`ed here,
+  so passing a live teacher tensor never builds a graph through the teacher.
+* Each term returns a scalar tensor, the mean over the valid elements its docstring names.
+  Computation runs in float32 at least (float64 stays float64), whatever the inputs' dtype.
+* A batch with nothing valid for a term (no response position, no real text query, no image)
+  gives 0.0 connected to the student's graph, never NaN, so `backward()` and DDP stay happy.
+* Wrong shapes raise ValueError with one line naming the argument and the shapes seen.
+
+The attention terms take the text-query x vision-key block A[:, Q, V] of the first decoder
+layer: rows are text positions after the image block, columns are the N_v vision keys. The
+released code selected vision queries x text keys instead, a block the causal mask zeroes, so
+its attention loss never sent a gradient (ALIGN_KD.md, known defect 1); nothing here accepts
+that block, and `alignkd.models.tap` builds the right one. Its adapters were also never put in
+the optimizer (defect 2): the adapters live in `AlignKDAdapters`, which must be optimised and
+checkpointed with the student.
+
+Run the reference tests with `.venv/bin/python -m pytest tests/test_losses.py -q`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "sup_loss",
+    "logit_kl",
+    "HeadMixer",
+    "attn_loss_mix",
+    "attn_loss_mean",
+    "VisionAdapter",
+    "vision_all_loss",
+    "vision_focus_loss",
+    "AlignKDAdapters",
+    "focus_scores",
+]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _shape(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 at least; float64 if any input is float64 (the reference tests use it)."""
+    dtype = torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_mask(mask: torch.Tensor, name: str, shape: tuple[int, ...]) -> None:
+    _require(mask.dtype == torch.bool, f"{name}: expected a bool tensor, got dtype {mask.dtype}")
+    _require(_shape(mask) == shape, f"{name}: expected shape {shape}, got {_shape(mask)}")
+
+
+def _zero(*anchors: torch.Tensor | None) -> torch.Tensor:
+    """0.0 that still has a (zero) gradient path to every anchor that needs one."""
+    total = None
+    for a in anchors:
+        if a is None:
+            continue
+        term = a.sum() * 0.0
+        total = term if total is None else total + term.to(total.dtype)
+    assert total is not None
+    return total
+
+
+# ----------------------------------------------------------------------------- L_sup
+
+
+def sup_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """L_sup: the student's cross-entropy on the response positions R.
+
+    logits  (N_R, V)  student next-token logits, already gathered at the N_R response
+                      positions of the batch (no padding, no prompt, no vision rows)
+    targets (N_R,)    long, the token each of those positions must produce, in [0, V)
+    returns ()        mean over the N_R positions; 0.0 when N_R = 0
+    """
+    _require(logits.dim() == 2, f"logits: expected (N_R, V), got {_shape(logits)}")
+    _require(
+        targets.dim() == 1 and targets.shape[0] == logits.shape[0],
+        f"targets: expected (N_R,) with N_R = {logits.shape[0]} from logits {_shape(logits)}, got {_shape(targets)}",
+    )
+    _require(not targets.is_floating_point(), f"targets: expected integer token ids, got dtype {targets.dtype}")
+    if logits.shape[0] == 0:
+        return _zero(logits)
+    # No ignore_index: the caller gathered R already, so a -100 here would be a bug upstream.
+    _require(
+        int(targets.min()) >= 0 and int(targets.max()) < logits.shape[1],
+        f"targets: ids must lie in [0, {logits.shape[1]}), got range [{int(targets.min())}, {int(targets.max())}]",
+    )
+    return F.cross_entropy(logits.to(_compute_dtype(logits)), targets.long(), reduction="mean")
+
+
+# ----------------------------------------------------------------------------- L_logit
+
+
+def _student_bin_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N, V) logits, (N, k) ids -> (N, k + 1) log-probs: the k tokens, then the tail bin.
+
+    The tail is log(1 - sum_k p), computed as logsumexp over the logits NOT in the top k minus
+    logsumexp over all of them. log1p(-exp(x)) would lose everything when the top k hold
+    nearly all the mass (1 - p rounds to 0 and the log to -inf).
+    """
+    lse_all = torch.logsumexp(logits, dim=-1)
+    top = logits.gather(-1, ids) - lse_all[:, None]
+    in_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, True)
+    # With k = V every logit is masked and the tail is exactly -inf; masked_fill passes no
+    # gradient through masked entries, so that empty bin cannot send NaN back.
+    tail = torch.logsumexp(logits.masked_fill(in_top, float("-inf")), dim=-1) - lse_all
+    return torch.cat([top, tail[:, None]], dim=-1)
+
+
+def _kl_bins(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_bins p (log p - log q) per row, for (N, K) log-probs; (N,).
+
+    Bins where p = 0 contribute 0 (the xlogy convention) and are kept out of the graph's
+    arithmetic so no 0 * inf = NaN appears in the value or the gradient. A bin where q = 0 but
+    p > 0 would make the KL infinite; q's -inf there is replaced by the log of the smallest
+    normal number of the dtype (about -87 in float32), i.e. "as unlikely as the dtype can say",
+    which keeps the loss finite. That only happens when the cache says the teacher's tail is
+    exactly empty while the student's is not (k < V, float32 rounding), under reverse KL.
+    """
+    floor = math.log(torch.finfo(log_q.dtype).tiny)
+    log_q = torch.where(torch.isneginf(log_q), torch.full_like(log_q, floor), log_q)
+    p = log_p.exp()
+    live = p > 0
+    safe_log_p = torch.where(live, log_p, torch.zeros_like(log_p))
+    safe_log_q = torch.where(live, log_q, torch.zeros_like(log_q))
+    terms = torch.where(live, p * (safe_log_p - safe_log_q), torch.zeros_like(p))
+    return terms.sum(dim=-1)
+
+
+def logit_kl(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_tail_logmass: torch.Tensor,
+    *,
+    direction: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """L_logit: KL between teacher and student next-token distributions on R, over k + 1 bins.
+
+    student_logits        (N_R, V)  student logits at the N_R response positions
+    teacher_topk_ids      (N_R, k)  long, the teacher's k most likely tokens (cached, distinct)
+    teacher_topk_logprobs (N_R, k)  their teacher log-probs (log-softmax over the full vocab)
+    teacher_tail_logmass  (N_R,)    log(1 - sum of those k probs); -inf when the top k hold all
+                                    the mass (e.g. k = V)
+    direction             "forward" = KL(teacher || student) = sum_bins p_T (log p_T - log p_S),
+                          the default; "reverse" = KL(student || teacher), the figure's RKLD
+    temperature           T > 0; see below
+    returns ()            mean over the N_R positions; 0.0 when N_R = 0
+
+    The bins are the teacher's k tokens plus one tail bin holding the remaining mass of each
+    side: for the student, its log-softmax at the k ids and log(1 - their summed probability),
+    computed stably. With k = V the tail is empty on both sides and the value is exactly the
+    full-vocabulary KL; with k < V it is the KL of the two merged (k + 1)-bin distributions,
+    which at T = 1 is a lower bound of the full KL (merging bins never increases a KL).
+
+    Temperature: the student's logits are divided by T before the softmax; the teacher's
+    cached bin log-probs are divided by T and renormalised over the k + 1 bins. That is exact
+    when k = V. When k < V the tail bin is treated as one token of log-prob
+    `teacher_tail_logmass` (the tail's individual logits are not cached), while the student's
+    tail is the true tempered mass of its non-top-k tokens. The loss is multiplied by T^2
+    (Hinton et al., 2015) so its gradients keep the same scale as T changes. The method uses
+    T = 1.
+    """
+    _require(direction in ("forward", "reverse"), f"direction: expected 'forward' or 'reverse', got {direction!r}")
+    _require(
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0,
+        f"temperature: expected a finite number > 0, got {temperature!r}",
+    )
+    _require(student_logits.dim() == 2, f"student_logits: expected (N_R, V), got {_shape(student_logits)}")
+    n, vocab = student_logits.shape
+    _require(
+        teacher_topk_ids.dim() == 2 and teacher_topk_ids.shape[0] == n and 1 <= teacher_topk_ids.shape[1] <= vocab,
+        f"teacher_topk_ids: expected (N_R, k) with N_R = {n}, 1 <= k <= V = {vocab}, got {_shape(teacher_topk_ids)}",
+    )
+    _require(
+        not teacher_topk_ids.is_floating_point(),
+        f"teacher_topk_ids: expected integer token ids, got dtype {teacher_topk_ids.dtype}",
+    )
+    _require(
+        _shape(teacher_topk_logprobs) == _shape(teacher_topk_ids),
+        f"teacher_topk_logprobs: expected {_shape(teacher_topk_ids)} like teacher_topk_ids, "
+        f"got {_shape(teacher_topk_logprobs)}",
+    )
+    _require(
+        _shape(teacher_tail_logmass) == (n,),
+        f"teacher_tail_logmass: expected (N_R,) = ({n},), got {_shape(teacher_tail_logmass)}",
+    )
+    if n == 0:
+        return _zero(student_logits)
+    ids = teacher_topk_ids.long()
+    _require(
+        int(ids.min()) >= 0 and int(ids.max()) < vocab,
+        f"teacher_topk_ids: ids must lie in [0, {vocab}), got range [{int(ids.min())}, {int(ids.max())}]",
+    )
+
+    dtype = _compute_dtype(student_logits, teacher_topk_logprobs)
+    log_s = _student_bin_logprobs(student_logits.to(dtype) / temperature, ids)
+    t_bins = torch.cat([teacher_topk_logprobs.detach().to(dtype), teacher_tail_logmass.detach().to(dtype)[:, None]], -1)
+    # Renormalising also absorbs the float32 rounding of the cached tail at T = 1.
+    log_t = torch.log_softmax(t_bins / temperature, dim=-1)
+
+    per_position = _kl_bins(log_t, log_s) if direction == "forward" else _kl_bins(log_s, log_t)
+    return per_position.mean() * (temperature**2)
+
+
+# ----------------------------------------------------------------------------- L_attn
+
+
+class HeadMixer(nn.Module):
+    """The learnable 1x1 head mixer of L_attn's `mix` variant: H_T teacher heads -> H_S.
+
+    A linear map over the head axis, (B, H_T, Lq, Nv) -> (B, H_S, Lq, Nv):
+    mixed[b, s] = sum_h weight[s, h] * teacher[b, h].
+
+    No bias: a bias would add the same constant to every attention probability of a head
+    whatever the teacher attends to, a free knob that can fit the student's average attention
+    level without carrying any teacher information. Without it, each mixed head stays a
+    combination of teacher attention maps.
+
+    Initialised to the head mean (every weight 1 / H_T): training starts from the target the
+    `mean` variant uses, a proper attention map whose rows keep the teacher's vision mass,
+    instead of from random signed mixtures. The heads tell apart as the student's heads pull
+    their rows of the mixer in different directions.
+    """
+
+    def __init__(self, teacher_heads: int, student_heads: int) -> None:
+        super().__init__()
+        _require(
+            teacher_heads >= 1 and student_heads >= 1,
+            f"HeadMixer: head counts must be >= 1, got teacher_heads={teacher_heads}, student_heads={student_heads}",
+        )
+        self.teacher_heads = teacher_heads
+        self.student_heads = student_heads
+        self.weight = nn.Parameter(torch.full((student_heads, teacher_heads), 1.0 / teacher_heads))
+
+    def forward(self, teacher: torch.Tensor) -> torch.Tensor:
+        """(B, H_T, Lq, Nv) -> (B, H_S, Lq, Nv), computed in the input's dtype."""
+        _require(
+            teacher.dim() == 4 and teacher.shape[1] == self.teacher_heads,
+            f"teacher: expected (B, H_T={self.teacher_heads}, Lq, Nv), got {_shape(teacher)}",
+        )
+        return torch.einsum("sh,bhqv->bsqv", self.weight.to(teacher.dtype), teacher)
+
+    def extra_repr(self) -> str:
+        return f"teacher_heads={self.teacher_heads}, student_heads={self.student_heads}"
+
+
+def _check_block(x: torch.Tensor, name: str, heads: str) -> None:
+    _require(x.dim() == 4, f"{name}: expected (B, {heads}, Lq, Nv), got {_shape(x)}")
+
+
+def attn_loss_mix(
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer
+) -> torch.Tensor:
+    """L_attn, `mix` variant: MSE between the student's block and the head-mixed teacher block.
+
+    student    (B, H_S, Lq, Nv)  student layer-0 attention probs, text queries x vision keys
+    teacher    (B, H_T, Lq, Nv)  the teacher's block (detached here)
+    query_mask (B, Lq)           bool, True on real text-query rows (the set Q), False on padding
+    mixer      HeadMixer         H_T -> H_S, trained with the student
+    returns    ()                mean of (student - mixer(teacher))^2 over H_S x real rows x Nv;
+                                 0.0 when the batch has no real row
+
+    Gradient reaches the student block and the mixer's weights, never the teacher. Padded rows
+    are dropped before any arithmetic, so whatever they hold (even NaN) cannot leak in.
+    """
+    _check_block(student, "student", "H_S")
+    _check_block(teacher, "teacher", "H_T")
+    b, h_s, lq, nv = student.shape
+    _require(
+        teacher.shape[0] == b and teacher.shape[2:] == (lq, nv),
+        f"teacher: expected (B={b}, H_T, Lq={lq}, Nv={nv}) like student {_shape(student)}, got {_shape(teacher)}",
+    )
+    _require(
+        mixer.teacher_heads == teacher.shape[1] and mixer.student_heads == h_s,
+        f"mixer: maps {mixer.teacher_heads} -> {mixer.student_heads} heads, but teacher {_shape(teacher)} "
+        f"and student {_shape(student)}",
+    )
+    _check_mask(query_mask, "query_mask", (b, lq))
+    if not bool(query_mask.any()):
+        return _zero(student, mixer.weight)
+
+    dtype = _compute_dtype(student)
+    # (B, H, Lq, Nv) -> (rows, H, Nv): keep only the real query rows.
+    s_rows = student.to(dtype).transpose(1, 2)[query_mask]
+    t_rows = teacher.detach().to(dtype).transpose(1, 2)[query_mask]
+    mixed = torch.einsum("sh,rhv->rsv", mixer.weight.to(dtype), t_rows)
+    return F.mse_loss(s_rows, mixed, reduction="mean")
+
+
+def attn_loss_mean(
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """L_attn, `mean` variant: KL(teacher || student) of head-mean rows renormalised over V.
+
+    student    (B, H_S, Lq, Nv)               student layer-0 attention probs, text x vision
+    teacher    (B, H_T, Lq, Nv) or (B, Lq, Nv) the teacher's block, or its head mean when the
+                                              cache holds only that (detached here)
+    query_mask (B, Lq)                        bool, True on real text-query rows (Q)
+    eps        small constant, see below
+    returns    ()                             mean over real rows of
+                                              sum_j p_T[j] (log(p_T[j] + eps) - log(p_S[j] + eps));
+                                              0.0 when the batch has no real row
+
+    The rows are softmax probabilities over ALL keys, so their vision part sums to less than
+    one; each side's head-mean row is divided by its vision sum (clamped at eps, so an empty
+    row gives zeros instead of NaN) to compare where each model looks among the image tokens,
+    not how much. eps inside the logs keeps the KL and its gradient finite when the student
+    puts ~0 on a token the teacher looks at (a clamp there would zero that gradient instead).
+    """
+    _check_block(student, "student", "H_S")
+    b, _, lq, nv = student.shape
+    _require(
+        teacher.dim() in (3, 4) and teacher.shape[0] == b and teacher.shape[-2:] == (lq, nv),
+        f"teacher: expected (B={b}, H_T, Lq={lq}, Nv={nv}) or (B, Lq, Nv) like student {_shape(student)}, "
+        f"got {_shape(teacher)}",
+    )
+    _check_mask(query_mask, "query_mask", (b, lq))
+    if not bool(query_mask.any()):
+        return _zero(student)
+
+    dtype = _compute_dtype(student)
+    s_rows = student.to(dtype).mean(dim=1)[query_mask]  # (rows, Nv)
+    t_mean = teacher.detach().to(dtype)
+    t_rows = (t_mean.mean(dim=1) if teacher.dim() == 4 else t_mean)[query_mask]
+    p_s = s_rows / s_rows.sum(dim=-1, keepdim=True).clamp_min(eps)
+    p_t = t_rows / t_rows.sum(dim=-1, keepdim=True).clamp_min(eps)
+    kl = (p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))).sum(dim=-1)
+    return kl.mean()
+
+
+def focus_scores(teacher_block: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+    """The text focus of each vision token: focus_j = sum_{i in Q} mean_h A^T[h, i, j].
+
+    teacher_block (B, H_T, Lq, Nv) or (B, Lq, Nv)  teacher block (or its head mean)
+    query_mask    (B, Lq)                          bool, True on real text-query rows
+    returns       (B, Nv)                          detached scores; all zeros for a sample
+                                                   without real rows
+
+    For callers that have the block but not the cached scores (the extractor caches them).
+    """
+    _require(
+        teacher_block.dim() in (3, 4),
+        f"teacher_block: expected (B, H_T, Lq, Nv) or (B, Lq, Nv), got {_shape(teacher_block)}",
+    )
+    b, lq = teacher_block.shape[0], teacher_block.shape[-2]
+    _check_mask(query_mask, "query_mask", (b, lq))
+    block = teacher_block.detach().to(_compute_dtype(teacher_block))
+    rows = block.mean(dim=1) if block.dim() == 4 else block
+    # where, not a multiply: padded rows may hold anything, NaN included.
+    return torch.where(query_mask[..., None], rows, torch.zeros_like(rows)).sum(dim=1)
+
+
+# ----------------------------------------------------------------------------- L_V
+
+
+class VisionAdapter(nn.Linear):
+    """The L_V adapter: Linear(D_T -> D_S) with bias, mapping the teacher's projector output
+    P^T (B, Nv, D_T) into the student's embedding width (B, Nv, D_S).
+
+    The bias is kept (unlike the head mixer's): the two models' embedding spaces can differ by
+    an offset, which a plain linear map could not absorb. nn.Linear's default init.
+    """
+
+    def __init__(self, teacher_width: int, student_width: int) -> None:
+        _require(
+            teacher_width >= 1 and student_width >= 1,
+            f"VisionAdapter: widths must be >= 1, got teacher_width={teacher_width}, student_width={student_width}",
+        )
+        super().__init__(teacher_width, student_width, bias=True)
+
+    def forward(self, teacher_feats: torch.Tensor) -> torch.Tensor:
+        """(..., D_T) -> (..., D_S), computed in the input's dtype."""
+        _require(
+            teacher_feats.shape[-1:] == (self.in_features,),
+            f"teacher_feats: expected (..., D_T={self.in_features}), got {_shape(teacher_feats)}",
+        )
+        return F.linear(teacher_feats, self.weight.to(teacher_feats.dtype), self.bias.to(teacher_feats.dtype))
+
+
+def _check_feats(
+    student_feats: torch.Tensor, teacher_feats: torch.Tensor, adapter: VisionAdapter, image_mask: torch.Tensor | None
+) -> None:
+    _require(student_feats.dim() == 3, f"student_feats: expected (B, Nv, D_S), got {_shape(student_feats)}")
+    b, nv, d_s = student_feats.shape
+    _require(
+        teacher_feats.dim() == 3 and teacher_feats.shape[:2] == (b, nv),
+        f"teacher_feats: expected (B={b}, Nv={nv}, D_T) like student_feats {_shape(student_feats)}, "
+        f"got {_shape(teacher_feats)}",
+    )
+    _require(
+        adapter.in_features == teacher_feats.shape[2] and adapter.out_features == d_s,
+        f"adapter: maps {adapter.in_features} -> {adapter.out_features}, but teacher_feats {_shape(teacher_feats)} "
+        f"and student_feats {_shape(student_feats)}",
+    )
+    if image_mask is not None:
+        _check_mask(image_mask, "image_mask", (b,))
+
+
+def vision_all_loss(
+    student_feats: torch.Tensor,
+    teacher_feats: torch.Tensor,
+    adapter: VisionAdapter,
+    image_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_V_all: MSE(Adapter(P^T), P^S) over all Nv vision tokens.
+
+    student_feats (B, Nv, D_S)  P^S, the student's projector output
+    teacher_feats (B, Nv, D_T)  P^T, the teacher's (detached here)
+    adapter       VisionAdapter D_T -> D_S, trained with the student
+    image_mask    (B,) bool or None: which samples have an image (None = all). Samples
+                  without one are dropped, whatever their rows hold.
+    returns       ()  mean over (samples with image) x Nv x D_S; 0.0 when none has an image
+
+    Gradient reaches the adapter and the student features, never the teacher.
+    """
+    _check_feats(student_feats, teacher_feats, adapter, image_mask)
+    return _vision_mse(student_feats, teacher_feats, adapter, image_mask)
+
+
+def vision_focus_loss(
+    student_feats: torch.Tensor,
+    teacher_feats: torch.Tensor,
+    adapter: VisionAdapter,
+    focus: torch.Tensor,
+    k: int,
+    image_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """L_V_focus: the L_V_all MSE over each sample's k vision tokens of highest text focus.
+
+    student_feats (B, Nv, D_S), teacher_feats (B, Nv, D_T), adapter, image_mask: as in
+                  `vision_all_loss`
+    focus         (B, Nv)  the teacher's focus_j = sum_{i in Q} mean_h A^T[h, i, j]
+                  (cached, or from `focus_scores`)
+    k             1 <= k <= Nv tokens per sample (the method's default is 16); ties are
+                  broken as torch.topk breaks them
+    returns       ()  mean over (samples with image) x k x D_S; 0.0 when none has an image
+    """
+    _check_feats(student_feats, teacher_feats, adapter, image_mask)
+    b, nv, _ = student_feats.shape
+    _require(_shape(focus) == (b, nv), f"focus: expected (B, Nv) = ({b}, {nv}), got {_shape(focus)}")
+    _require(
+        isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= nv,
+        f"k: expected an int in [1, Nv={nv}], got {k!r}",
+    )
+    top = focus.detach().topk(k, dim=-1).indices  # (B, k)
+    s_top = student_feats.gather(1, top[..., None].expand(-1, -1, student_feats.shape[2]))
+    t_top = teacher_feats.gather(1, top[..., None].expand(-1, -1, teacher_feats.shape[2]))
+    return _vision_mse(s_top, t_top, adapter, image_mask)
+
+
+def _vision_mse(
+    student_feats: torch.Tensor, teacher_feats: torch.Tensor, adapter: VisionAdapter, image_mask: torch.Tensor | None
+) -> torch.Tensor:
+    if image_mask is not None:
+        if not bool(image_mask.any()):
+            return _zero(student_feats, adapter.weight, adapter.bias)
+        student_feats, teacher_feats = student_feats[image_mask], teacher_feats[image_mask]
+    if student_feats.numel() == 0:  # B = 0
+        return _zero(student_feats, adapter.weight, adapter.bias)
+    dtype = _compute_dtype(student_feats)
+    predicted = adapter(teacher_feats.detach().to(dtype))
+    return F.mse_loss(predicted, student_feats.to(dtype), reduction="mean")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+class AlignKDAdapters(nn.Module):
+    """The learnable parts Align-KD adds beside the student: the L_attn head mixer and the
+    L_V vision adapter.
+
+        adapters = AlignKDAdapters(teacher_heads=32, student_heads=16,     # None: no mixer
+                                   teacher_width=4096, student_width=2048)  # None: no adapter
+
+    head_mixer      HeadMixer(H_T -> H_S) or None (the `mix` L_attn variant is off)
+    vision_adapter  VisionAdapter(D_T -> D_S) or None (L_V_all and L_V_focus are off)
+
+    They train with the student: put their parameters in the student's optimizer (the
+    released code never did, so its adapters stayed at random init), save their state_dict in
+    the student's checkpoints so a resumed run continues them, and drop them when the student
+    is exported: they only exist to compare with the teacher and play no part at inference.
+    """
+
+    def __init__(
+        self,
+        *,
+        teacher_heads: int | None = None,
+        student_heads: int | None = None,
+        teacher_width: int | None = None,
+        student_width: int | None = None,
+    ) -> None:
+        super().__init__()
+        _require(
+            (teacher_heads is None) == (student_heads is None),
+            f"AlignKDAdapters: give both head counts or neither, got teacher_heads={teacher_heads}, "
+            f"student_heads={student_heads}",
+        )
+        _require(
+            (teacher_width is None) == (student_width is None),
+            f"AlignKDAdapters: give both widths or neither, got teacher_width={teacher_width}, "
+            f"student_width={student_width}",
+        )
+        self.head_mixer: HeadMixer | None = (
+            HeadMixer(teacher_heads, student_heads) if teacher_heads is not None and student_heads is not None else None
+        )
+        self.vision_adapter: VisionAdapter | None = (
+            VisionAdapter(teacher_width, student_width)
+            if teacher_width is not None and student_width is not None
+            else None
+        )
