@@ -193,3 +193,64 @@ def demo_cmd(out: str, seed: int) -> None:
     except _KNOWN_ERRORS as e:
         _fail(e)
     _print_probe(rows, [], as_json=False)
+
+
+@main.command("train-student")
+@_job_options
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs, CI).")
+def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: bool) -> None:
+    """Stage 2: train a student against a fixed teacher cache (alignkd.train)."""
+    from alignkd.config import load_job
+    from alignkd.train import TrainArgs, train
+
+    try:
+        args = load_job(TrainArgs, job, overrides)
+        result = train(args, echo=click.echo, progress=not no_progress)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    done = "finished" if result.export else "stopped"
+    click.echo(f"{done} at step {result.steps} -> {result.run_dir}" + (f" (export: {result.export})" if result.export else ""))
+
+
+@main.command("evaluate")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
+@click.option("--data", required=True, help="Held-out shards: folder, file, glob or brace pattern.")
+@click.option("--template", type=click.Choice(["plain", "v1"]), default="v1", show_default=True)
+@click.option("--max-length", default=2048, show_default=True)
+@click.option("--max-samples", default=400, show_default=True)
+@click.option("--vision-tower", default=None, help="Local CLIP folder for MobileVLM's mm_vision_tower.")
+@click.option("--no-generate", is_flag=True, help="Loss only; skip answer accuracy by greedy generation.")
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_cmd(model: str, data: str, template: str, max_length: int, max_samples: int, vision_tower: str | None,
+                 no_generate: bool, as_json: bool) -> None:
+    """Held-out response loss and answer accuracy by greedy generation (alignkd.evaluate)."""
+    from alignkd.evaluate import EvalArgs, evaluate_model
+    from alignkd.models import ModelArgs, load_model
+
+    try:
+        vlm = load_model(ModelArgs(path=model, vision_tower=vision_tower))
+        m = evaluate_model(vlm, EvalArgs(shards=data, max_samples=max_samples, generate=not no_generate),
+                           template=template, max_length=max_length)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    click.echo(f"samples {m['samples']}, response tokens {m['tokens']}, loss {m['loss']:.4f}")
+    if m["accuracy"] is not None:
+        by_task = ", ".join(f"{k} {v:.3f}" for k, v in m["accuracy_by_task"].items())
+        click.echo(f"accuracy {m['accuracy']:.3f} over {m['answered']} questions ({by_task})")
+
+
+@main.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def compare_cmd(run_dirs: tuple[str, ...], as_json: bool) -> None:
+    """Final metrics of student runs side by side (alignkd.compare)."""
+    from alignkd.compare import collect_runs, format_markdown
+
+    try:
+        rows = collect_runs(list(run_dirs))
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_markdown(rows))

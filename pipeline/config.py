@@ -4,6 +4,10 @@ Resolution order is defaults <- job file <- overrides:
 
     cfg = load_job(ExtractArgs, "jobs/demo/extract.toml", ["data.batch_size=8"])
 
+A job file may start with `extends = "other.toml"` (a path relative to it): the other file
+is read first and this one's tables are merged over it, so an ablation job states only what
+it changes.
+
 Every key must name a field of the dataclass it lands in; an unknown key, a value of the
 wrong type or a malformed override raises `ConfigError` (one line, naming the key) before
 any model is loaded. `to_dict` gives back the resolved config so every output can carry it.
@@ -18,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_job", "read_toml"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_job", "read_job", "read_toml"]
 
 T = TypeVar("T")
 
@@ -36,6 +40,27 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"job file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def read_job(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A job file with its `extends` chain resolved (later files win, tables merge)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle")
+    raw = read_toml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends must be a file name")
+    return _merge(read_job(path.parent / parent, (*_seen, path.resolve())), raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = _deep_copy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -159,5 +184,5 @@ def to_dict(obj: Any) -> Any:
 
 def load_job(cls: type[T], job: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
     """Defaults <- job file <- overrides, as one validated dataclass."""
-    raw = read_toml(job) if job is not None else {}
+    raw = read_job(job) if job is not None else {}
     return from_dict(cls, apply_overrides(raw, list(overrides)))

@@ -95,3 +95,13 @@ def test_missing_and_malformed_job_files(tmp_path):
     bad.write_text("[data\n")
     with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
         load_job(JobArgs, bad)
+
+
+def test_a_job_extends_another_and_overrides_only_what_it_states(tmp_path):
+    (tmp_path / "base.toml").write_text('name = "base"\nseed = 3\n[data]\nbatch_size = 8\ntemplate = "plain"\n')
+    (tmp_path / "ablation.toml").write_text('extends = "base.toml"\nname = "ablation"\n[data]\nbatch_size = 2\n')
+    cfg = load_job(JobArgs, tmp_path / "ablation.toml")
+    assert (cfg.name, cfg.seed, cfg.data.batch_size, cfg.data.template) == ("ablation", 3, 2, "plain")
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        load_job(JobArgs, tmp_path / "loop.toml")

@@ -54,6 +54,7 @@ __all__ = [
     "ShardError",
     "check_conversations",
     "check_key",
+    "check_tar_complete",
     "decode_sample",
     "expand_shards",
     "iter_raw_samples",
@@ -282,7 +283,7 @@ def expand_shards(spec: str | os.PathLike) -> list[str]:
     return paths
 
 
-def _check_tar_complete(path: str) -> None:
+def check_tar_complete(path: str) -> None:
     """Raise ShardError unless `path` is a whole tar archive.
 
     Python's tarfile ends iteration *silently* at a truncated or garbled header, so a shard
@@ -314,7 +315,7 @@ def iter_raw_samples(shard_path: str | os.PathLike) -> Iterator[dict]:
     raises ShardError naming the file.
     """
     path = os.fspath(shard_path)
-    _check_tar_complete(path)
+    check_tar_complete(path)
     seen: set[str] = set()
     try:
         with open(path, "rb") as f:

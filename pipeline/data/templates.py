@@ -115,11 +115,23 @@ def encode(
     max_length: int,
     has_image: bool,
     key: str,
+    for_generation: bool = False,
 ) -> Encoded:
+    """Encode one conversation. `for_generation` drops the final answer and ends the
+    sequence where the model should start answering (after "ASSISTANT:" for v1, after the
+    image for plain); the response mask is then empty."""
+    if for_generation:
+        if conversations and conversations[-1].get("from") == "gpt":
+            conversations = conversations[:-1]
+        if template == "plain":
+            conversations = [*conversations[:1], {"from": "gpt", "value": ""}]
     ids: list[int] = [tokenizer.bos_token_id]
     resp: list[bool] = [False]
     vision_start = -1
-    for seg, is_resp in _segments(conversations, template, has_image, key):
+    segments = _segments(conversations, template, has_image, key)
+    if for_generation:
+        segments = [(seg, False) for seg, is_resp in segments if not is_resp]
+    for seg, is_resp in segments:
         if seg is _IMAGE_SEGMENT:
             vision_start = len(ids)
             piece = [IMAGE_TOKEN] * num_vision_tokens
@@ -139,7 +151,7 @@ def encode(
                 f"sample {key}: {len(ids)} tokens, max_length {max_length} would cut the vision block"
             )
         ids, resp = ids[:max_length], resp[:max_length]
-    if not any(resp):
+    if not any(resp) and not for_generation:
         why = "no response token left after truncation" if truncated else "no response tokens"
         raise TemplateError(f"sample {key}: {why} (max_length {max_length})")
     return Encoded(key=key, input_ids=ids, response_mask=resp, vision_start=vision_start, truncated=truncated)

@@ -1,0 +1,192 @@
+"""Student-stage data: webdataset samples joined with their cached teacher signals by key.
+
+    ds = DistillDataset(shards="data/train", cache=CacheReader("cache"), processor=StudentProcessor.of(student),
+                        template="v1", max_length=2048)
+    loader = DataLoader(ds, batch_size=8, sampler=EpochSampler(len(ds), seed=0), collate_fn=ds.collate)
+    for batch, teacher in loader: ...
+
+Lazy on both sides: a sample's image and text are read from its tar by offset, its signals
+from its cache shard, only when the sample is asked for. Samples the extraction skipped are
+not in the cache and so not in the data set (`ds.skipped` counts them). Each item is checked
+against its cache record: the same content fingerprint (the data did not change) and the
+same token ids (the student's tokenizer and template reproduce the teacher's sequence), so
+no training step ever pairs a student input with another sample's teacher signals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from alignkd.cache.records import SampleSignals
+from alignkd.data.random_access import ShardReader
+from alignkd.data.shards import decode_sample, expand_shards
+from alignkd.data.templates import Encoded, collate, encode
+from alignkd.models.base import VLM, VLMBatch, preprocess_images
+
+__all__ = ["StudentProcessor", "DistillDataset", "TeacherBatch", "EpochSampler", "CacheMismatch"]
+
+
+class CacheMismatch(ValueError):
+    """A data sample and its cache record disagree (one line naming the key and what differs)."""
+
+
+@dataclass
+class StudentProcessor:
+    """What turns a sample into student inputs: picklable, so DataLoader workers get a copy."""
+
+    tokenizer: Any
+    image_processor: Any
+    pad_images: bool
+    num_vision_tokens: int
+
+    @classmethod
+    def of(cls, vlm: VLM) -> StudentProcessor:
+        return cls(vlm.tokenizer, vlm.image_processor, vlm.pad_images, vlm.num_vision_tokens)
+
+
+@dataclass
+class TeacherBatch:
+    """Cached teacher signals of one batch, padded like the student's.
+
+    attention: {layer: (B, H_T, Lq, Nv) or (B, Lq, Nv)}; row i of sample b is the text query
+        at vision_end + i, `query_mask` (B, Lq) marks real rows.
+    vision_features: (B, Nv, D_T); focus: (B, Nv); image_mask: (B,) bool.
+    topk_ids, topk_logprobs: (N_R, k); tail_logmass: (N_R,) in the order of the student's
+        response positions (batch-major, then position).
+    """
+
+    attention: dict[int, torch.Tensor]
+    query_mask: torch.Tensor
+    vision_features: torch.Tensor
+    focus: torch.Tensor
+    image_mask: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    tail_logmass: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TeacherBatch:
+        return TeacherBatch(
+            attention={k: v.to(device) for k, v in self.attention.items()},
+            **{f: getattr(self, f).to(device) for f in ("query_mask", "vision_features", "focus", "image_mask",
+                                                         "topk_ids", "topk_logprobs", "tail_logmass")},
+        )
+
+
+class DistillDataset(Dataset):
+    def __init__(self, *, shards: str, cache: Any, processor: StudentProcessor, template: str, max_length: int):
+        self.reader = ShardReader(expand_shards(shards))
+        self.cache = cache
+        self.processor = processor
+        self.template = template
+        self.max_length = max_length
+        if cache is None:  # plain supervised training (the demo teacher): every sample, no signals
+            self.keys, self.skipped = self.reader.keys(), 0
+            return
+        cached = set(cache.keys())
+        # Order: the data's own order, restricted to what the cache holds (deterministic).
+        self.keys = [k for k in self.reader.keys() if k in cached]
+        self.skipped = len(self.reader) - len(self.keys)
+        missing = cached - set(self.reader.keys())
+        if missing:
+            example = sorted(missing)[0]
+            raise CacheMismatch(f"cache holds {len(missing)} samples not in {shards} (e.g. {example}): "
+                                "is this the data set the cache was built from?")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from alignkd.signals import sample_fingerprint
+
+        key = self.keys[i]
+        sample = decode_sample(self.reader.raw(key))
+        p = self.processor
+        enc = encode(sample.conversations, template=self.template, tokenizer=p.tokenizer,
+                     num_vision_tokens=p.num_vision_tokens, max_length=self.max_length,
+                     has_image=sample.image is not None, key=key)
+        pixels = preprocess_images([sample.image], p.image_processor, p.pad_images)[0] if sample.image else None
+        item = {"encoded": enc, "pixels": pixels, "signals": None, "meta": sample.meta}
+        if self.cache is None:
+            return item
+        signals: SampleSignals = self.cache.get(key)
+        if sample_fingerprint(sample) != signals.fingerprint:
+            raise CacheMismatch(f"sample {key}: content differs from the cached teacher's input (data changed)")
+        if not np.array_equal(np.asarray(enc.input_ids, dtype=np.int32), signals.input_ids):
+            raise CacheMismatch(f"sample {key}: the student's token ids differ from the teacher's "
+                                "(tokenizer, template or max_length differ)")
+        return {**item, "signals": signals}
+
+    def check_sample(self, n: int = 32) -> None:
+        """Load n samples spread over the data set; each load checks it against its cache
+        record, so a changed data set fails here, before training, not at some later step."""
+        for i in np.linspace(0, len(self) - 1, num=min(n, len(self)), dtype=int):
+            self[int(i)]
+
+    def collate(self, items: list[dict[str, Any]]) -> tuple[VLMBatch, TeacherBatch | None]:
+        encoded: list[Encoded] = [it["encoded"] for it in items]
+        text = collate(encoded, pad_id=self.processor.tokenizer.pad_token_id, padding_side="right")
+        pixels = [it["pixels"] for it in items if it["pixels"] is not None]
+        batch = VLMBatch(
+            keys=text["keys"], input_ids=text["input_ids"], attention_mask=text["attention_mask"],
+            response_mask=text["response_mask"], vision_start=text["vision_start"],
+            num_vision_tokens=self.processor.num_vision_tokens,
+            pixel_values=torch.stack(pixels) if pixels else None,
+            extras={"meta": [it["meta"] for it in items]},
+        )
+        if self.cache is None:
+            return batch, None
+        return batch, _teacher_batch([it["signals"] for it in items], seq_len=batch.input_ids.shape[1])
+
+
+def _teacher_batch(signals: list[SampleSignals], seq_len: int) -> TeacherBatch:
+    # The student's tapped block has rows vision_end .. seq_len - 1 of the padded batch; pad the
+    # teacher's rows to the same count so the two line up row for row.
+    nv = signals[0].vision_features.shape[0]
+    lq = max([seq_len - (s.vision_start + nv) for s in signals if s.vision_start >= 0] or [0])
+    attention = {}
+    for layer in signals[0].attention:
+        first = signals[0].attention[layer]
+        shape = (len(signals), *first.shape[:-2], lq, nv)
+        out = np.zeros(shape, dtype=np.float32)
+        for b, s in enumerate(signals):
+            rows = s.attention[layer]
+            out[b, ..., : rows.shape[-2], :] = rows
+        attention[layer] = torch.from_numpy(out)
+    query_mask = torch.zeros(len(signals), lq, dtype=torch.bool)
+    for b, s in enumerate(signals):
+        n = next(iter(s.attention.values())).shape[-2]
+        query_mask[b, :n] = True
+    return TeacherBatch(
+        attention=attention,
+        query_mask=query_mask,
+        vision_features=torch.from_numpy(np.stack([s.vision_features for s in signals])),
+        focus=torch.from_numpy(np.stack([s.focus for s in signals])),
+        image_mask=torch.tensor([s.vision_start >= 0 for s in signals]),
+        topk_ids=torch.from_numpy(np.concatenate([s.topk_ids for s in signals])).long(),
+        topk_logprobs=torch.from_numpy(np.concatenate([s.topk_logprobs for s in signals])),
+        tail_logmass=torch.from_numpy(np.concatenate([s.tail_logmass for s in signals])),
+    )
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation per epoch from (seed, epoch), starting `skip` items in (mid-epoch resume)."""
+
+    def __init__(self, n: int, *, seed: int, epoch: int = 0, skip: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.skip, self.shuffle = n, seed, epoch, skip, shuffle
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.skip :])
+
+    def __len__(self) -> int:
+        return self.n - self.skip

@@ -1,0 +1,402 @@
+"""Stage 2, `alignkd train-student`: train a student against a fixed teacher cache.
+
+    alignkd train-student --job jobs/demo/student_alignkd.toml
+    alignkd train-student --job jobs/demo/student_alignkd.toml --set loss.attn=0 --set run.dir=runs/no_attn
+
+Read top to bottom:
+  1. set-up    the run directory with its resolved config; the cache opened and verified
+               against the job and the student (schema, tokenizer, template, vision tokens,
+               the data shards it was built from, what each enabled loss term needs) before
+               anything trains;
+  2. modules   the student (vision tower frozen) and the Align-KD adapters, all in one AdamW
+               with parameter groups (LLM, projector, adapters), cosine schedule with warmup;
+  3. resume    from the newest readable checkpoint in the run directory, if any;
+  4. loop      eval -> save -> step -> log, one visible function (`train`);
+  5. export    the student alone, in its family's layout, loadable by `load_vlm`.
+
+The Align-KD terms are in alignkd.losses; a term with weight 0 is not computed at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from alignkd.config import to_dict
+from alignkd.data import DataArgs
+from alignkd.evaluate import EvalArgs, evaluate_model
+from alignkd.losses import (
+    AlignKDAdapters,
+    attn_loss_mean,
+    attn_loss_mix,
+    logit_kl,
+    sup_loss,
+    vision_all_loss,
+    vision_focus_loss,
+)
+from alignkd.models import ModelArgs, load_model
+from alignkd.models.base import VLM, VLMBatch
+
+__all__ = ["OptimArgs", "LossArgs", "RunArgs", "TrainArgs", "train", "compute_losses", "verify_cache", "TERMS"]
+
+TERMS = ("sup", "logit", "attn", "v_all", "v_focus")
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 2e-5  # the language model (paper, pre-training)
+    projector_lr: float = 1e-3  # the projector (paper)
+    adapter_lr: float = 1e-3  # Align-KD's head mixer and vision adapter
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class LossArgs:
+    """Weights of the terms of ALIGN_KD.md (0 switches a term off) and their options."""
+
+    sup: float = 1.0
+    logit: float = 1.0
+    attn: float = 1.0
+    v_all: float = 1.0
+    v_focus: float = 1.0
+    attn_variant: Literal["mix", "mean"] = "mix"
+    attn_layer: int = 0
+    focus_k: int = 16
+    logit_direction: Literal["forward", "reverse"] = "forward"
+    logit_topk: int | None = None  # None: every cached candidate
+    temperature: float = 1.0
+
+
+@dataclass
+class RunArgs:
+    dir: str = "runs/student"
+    epochs: int = 1
+    max_steps: int | None = None  # optimiser steps; None: epochs x steps per epoch
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: at the end only
+    save_every: int = 0  # 0: at the end only
+    keep_last: int = 2
+    num_workers: int = 0
+    gradient_checkpointing: bool = False
+    autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on GPU, off on CPU
+    stop_after: int | None = None  # stop (as if killed) after this many steps; tests and ablation smoke runs
+
+
+@dataclass
+class TrainArgs:
+    student: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    cache: str = ""  # the teacher cache written by extract-teacher ("" only for L_sup-only training)
+    teacher: str = ""  # optional: the teacher checkpoint the cache must come from (staleness check)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    loss: LossArgs = field(default_factory=LossArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+
+
+# --- 1. verification --------------------------------------------------------------------------
+def verify_cache(cache: Any, student: VLM, args: TrainArgs) -> None:
+    """Every reason this cache cannot serve this job and student, as one ValueError."""
+    from alignkd.data.shards import expand_shards
+    from alignkd.signals import tokenizer_hash
+
+    meta, loss = cache.meta, args.loss
+    problems = []
+    if args.teacher:
+        from alignkd.models import checkpoint_identity
+
+        now = checkpoint_identity(args.teacher)
+        for field_name in ("config_hash", "weights_fingerprint"):
+            if now[field_name] != getattr(meta.teacher, field_name):
+                problems.append(f"teacher: {args.teacher} has another {field_name} than the teacher the cache was "
+                                f"extracted from (stale cache, or another teacher)")
+    if meta.template != args.data.template:
+        problems.append(f"template: cache {meta.template!r}, job {args.data.template!r}")
+    if meta.max_length != args.data.max_length:
+        problems.append(f"max_length: cache {meta.max_length}, job {args.data.max_length}")
+    if meta.tokenizer_hash != tokenizer_hash(student.tokenizer):
+        problems.append("tokenizer: the student's tokenizer is not the one the teacher's ids were made with")
+    if meta.num_vision_tokens != student.num_vision_tokens:
+        problems.append(f"vision tokens: cache {meta.num_vision_tokens}, student {student.num_vision_tokens}")
+    if loss.attn > 0:
+        if loss.attn_layer not in meta.layers:
+            problems.append(f"loss.attn_layer {loss.attn_layer}: cache holds layers {list(meta.layers)}")
+        if loss.attn_variant == "mix" and meta.attention_heads != "per_head":
+            problems.append("loss.attn_variant 'mix' needs per-head attention; the cache holds the head mean")
+    if loss.v_focus > 0 and not 1 <= loss.focus_k <= meta.num_vision_tokens:
+        problems.append(f"loss.focus_k {loss.focus_k}: must be in 1..{meta.num_vision_tokens}")
+    if loss.logit > 0 and loss.logit_topk is not None and not 1 <= loss.logit_topk <= meta.topk:
+        problems.append(f"loss.logit_topk {loss.logit_topk}: the cache holds top-{meta.topk}")
+    # The data shards must be the ones the cache was built from (names and sizes).
+    sizes = {Path(p).name: Path(p).stat().st_size for p in expand_shards(args.data.shards)}
+    for name in cache.shards:
+        shard = cache.shard_meta(name)
+        here = sizes.get(Path(shard.input_shard).name)
+        if here is None:
+            problems.append(f"data: cache shard {name} was built from {shard.input_shard}, not among {args.data.shards}")
+        elif here != shard.input_size:
+            problems.append(f"data: {Path(shard.input_shard).name} is {here} bytes, the cache saw {shard.input_size} (changed)")
+    if problems:
+        raise ValueError(f"cache {args.cache} cannot serve this job: " + "; ".join(problems))
+
+
+# --- the Align-KD objective ---------------------------------------------------------------------
+def _truncate_topk(ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor, k: int | None):
+    """Keep the first k cached candidates, folding the rest into the tail bin."""
+    if k is None or k >= ids.shape[1]:
+        return ids, lp, tail
+    tail = torch.logsumexp(torch.cat([lp[:, k:], tail[:, None]], dim=1), dim=1)
+    return ids[:, :k], lp[:, :k], tail
+
+
+def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, teacher: Any,
+                   loss: LossArgs) -> dict[str, torch.Tensor]:
+    """Each enabled term (unweighted) and "total" (weighted sum). Disabled terms are skipped."""
+    tap = (loss.attn_layer,) if loss.attn > 0 else ()
+    out = student(batch, tap_layers=tap)
+    terms: dict[str, torch.Tensor] = {}
+    if loss.sup > 0 or loss.logit > 0:
+        resp = batch.response_mask.clone()
+        resp[:, 0] = False
+        b, t = resp.nonzero(as_tuple=True)
+        logits = student.logits(out.hidden[b, t - 1])  # position t is predicted at t - 1
+        if loss.sup > 0:
+            terms["sup"] = sup_loss(logits, batch.input_ids[b, t])
+        if loss.logit > 0:
+            ids, lp, tail = _truncate_topk(teacher.topk_ids, teacher.topk_logprobs, teacher.tail_logmass,
+                                           loss.logit_topk)
+            terms["logit"] = logit_kl(logits, ids, lp, tail, direction=loss.logit_direction,
+                                      temperature=loss.temperature)
+    if loss.attn > 0:
+        block = out.blocks[loss.attn_layer]
+        t_block = teacher.attention[loss.attn_layer]
+        if t_block.shape[-2] != block.probs.shape[-2] or not torch.equal(teacher.query_mask, block.query_mask):
+            raise ValueError(f"batch {batch.keys[:3]}: student and cached teacher query rows do not line up")
+        if loss.attn_variant == "mix":
+            terms["attn"] = attn_loss_mix(block.probs, t_block, block.query_mask, adapters.head_mixer)
+        else:
+            terms["attn"] = attn_loss_mean(block.probs, t_block, block.query_mask)
+    if loss.v_all > 0 or loss.v_focus > 0:
+        mask = teacher.image_mask
+        s_feats, t_feats = out.vision_features, teacher.vision_features[mask]
+        if loss.v_all > 0:
+            terms["v_all"] = vision_all_loss(s_feats, t_feats, adapters.vision_adapter)
+        if loss.v_focus > 0:
+            terms["v_focus"] = vision_focus_loss(s_feats, t_feats, adapters.vision_adapter, teacher.focus[mask],
+                                                 loss.focus_k)
+    terms["total"] = sum(getattr(loss, name) * value for name, value in terms.items())
+    return terms
+
+
+# --- 2. modules and optimiser -----------------------------------------------------------------
+def _adapters(student: VLM, cache_meta: Any, loss: LossArgs) -> AlignKDAdapters:
+    mix = loss.attn > 0 and loss.attn_variant == "mix"
+    vis = loss.v_all > 0 or loss.v_focus > 0
+    return AlignKDAdapters(
+        teacher_heads=cache_meta.teacher.num_heads if mix else None,
+        student_heads=student.num_heads if mix else None,
+        teacher_width=cache_meta.teacher.hidden_size if vis else None,
+        student_width=student.hidden_size if vis else None,
+    )
+
+
+def _optimizer(student: VLM, adapters: AlignKDAdapters, optim: OptimArgs) -> torch.optim.AdamW:
+    student.vision_tower.requires_grad_(False)
+    projector = {id(p) for p in student.projector.parameters()}
+    llm = [p for p in student.parameters() if p.requires_grad and id(p) not in projector]
+    groups = [
+        {"params": llm, "lr": optim.lr, "name": "llm"},
+        {"params": [p for p in student.projector.parameters() if p.requires_grad], "lr": optim.projector_lr,
+         "name": "projector"},
+        {"params": list(adapters.parameters()), "lr": optim.adapter_lr, "name": "adapters"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, math.ceil(total * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- 4. the loop ------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    final_metrics: dict[str, Any]
+    export: str | None
+
+
+def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+    from tqdm import tqdm
+
+    from alignkd.cache.reader import CacheReader
+    from alignkd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
+
+    # 1. set-up
+    run_dir = Path(args.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(to_dict(args), indent=2))
+    _seed_everything(args.run.seed)
+    distilling = any(getattr(args.loss, t) > 0 for t in TERMS if t != "sup")
+    if distilling and not args.cache:
+        raise ValueError("cache is not set: every term but loss.sup needs the teacher cache")
+    cache = CacheReader(args.cache) if args.cache else None
+    student = load_model(args.student)
+    if args.run.gradient_checkpointing:
+        student.language_model.gradient_checkpointing_enable()
+    if cache is not None:
+        verify_cache(cache, student, args)
+        (run_dir / "cache.json").write_text(json.dumps(
+            {"path": str(Path(args.cache).resolve()), "teacher": to_dict(cache.meta.teacher),
+             "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
+             "codecs": to_dict(cache.meta.codecs), "fingerprint": cache.fingerprint()}, indent=2))
+    dataset = DistillDataset(shards=args.data.shards, cache=cache, processor=StudentProcessor.of(student),
+                             template=args.data.template, max_length=args.data.max_length)
+    if cache is not None:
+        dataset.check_sample()
+    per_step = args.data.batch_size * args.optim.grad_accum
+    steps_per_epoch = len(dataset) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} samples are fewer than one step ({per_step})")
+    total = args.run.max_steps or steps_per_epoch * args.run.epochs
+    echo(f"{len(dataset)} samples ({dataset.skipped} skipped at extraction), {steps_per_epoch} steps/epoch, "
+         f"{total} steps -> {run_dir}")
+
+    # 2. modules
+    device = student.device
+    adapters = (_adapters(student, cache.meta, args.loss) if cache is not None else AlignKDAdapters()).to(device)
+    optimizer = _optimizer(student, adapters, args.optim)
+    scheduler = _schedule(optimizer, total, args.optim.warmup_ratio)
+    use_bf16 = args.run.autocast == "bf16" or (args.run.autocast == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    # 3. resume
+    step, history = 0, []
+    found = latest_checkpoint(run_dir, warn=echo)
+    if found is not None:
+        state = load_checkpoint(found, student=student, adapters=adapters, optimizer=optimizer, scheduler=scheduler)
+        step, history = state["step"], state.get("history", [])
+        echo(f"resumed from {found.name} at step {step}")
+
+    # 4. loop: eval -> save -> step -> log
+    metrics_file = (run_dir / "metrics.jsonl").open("a")
+    writer = _tensorboard(run_dir)
+    bar = tqdm(total=total, initial=step, unit="step", disable=not progress)
+    loader_iter, loader_epoch = None, None
+    student.train()
+    stop = min(total, args.run.stop_after) if args.run.stop_after is not None else total
+    try:
+        while step < stop:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if loader_epoch != epoch:
+                sampler = EpochSampler(len(dataset), seed=args.run.seed, epoch=epoch, skip=in_epoch * per_step)
+                loader_iter = iter(DataLoader(dataset, batch_size=args.data.batch_size, sampler=sampler,
+                                              collate_fn=dataset.collate, num_workers=args.run.num_workers,
+                                              drop_last=True))
+                loader_epoch = epoch
+            optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            started = time.monotonic()
+            for _ in range(args.optim.grad_accum):
+                batch, teacher = next(loader_iter)
+                batch = batch.to(device, dtype=student.dtype)
+                with autocast:
+                    terms = compute_losses(student, adapters, batch, teacher and teacher.to(device), args.loss)
+                (terms["total"] / args.optim.grad_accum).backward()
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / args.optim.grad_accum
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.optim.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            record = {"step": step, "epoch": epoch, **sums, "grad_norm": grad_norm,
+                      "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started}
+            if (args.run.eval_every and step % args.run.eval_every == 0) or step == total:
+                record.update(_eval(student, args))
+            if step % args.run.log_every == 0 or "val_loss" in record:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if writer is not None:
+                    for k, v in record.items():
+                        if isinstance(v, int | float) and k != "step":
+                            writer.add_scalar(k, v, step)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+            history.append(record)
+            if (args.run.save_every and step % args.run.save_every == 0) or step == total or step == stop:
+                save_checkpoint(run_dir, step, student=student, adapters=adapters, optimizer=optimizer,
+                                scheduler=scheduler, extra={"history": history[-1000:], "epoch": epoch},
+                                keep_last=args.run.keep_last)
+    finally:
+        bar.close()
+        metrics_file.close()
+        if writer is not None:
+            writer.close()
+
+    # 5. export
+    export = None
+    if step >= total:
+        export = run_dir / "export"
+        tmp = run_dir / ".export.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        student.save_pretrained(tmp)  # the student alone: adapters are training-time only
+        shutil.rmtree(export, ignore_errors=True)
+        tmp.rename(export)
+        final = next((h for h in reversed(history) if "val_loss" in h), history[-1] if history else {})
+        (run_dir / "final.json").write_text(json.dumps(final, indent=2))
+    return TrainResult(run_dir=str(run_dir), steps=step, final_metrics=history[-1] if history else {},
+                       export=str(export) if export else None)
+
+
+def _eval(student: VLM, args: TrainArgs) -> dict[str, Any]:
+    if not args.eval.shards:
+        return {}
+    m = evaluate_model(student, args.eval, template=args.data.template, max_length=args.data.max_length)
+    out = {"val_loss": m["loss"]}
+    if m["accuracy"] is not None:
+        out["val_accuracy"] = m["accuracy"]
+        out.update({f"val_accuracy_{k}": v for k, v in m["accuracy_by_task"].items()})
+    return out
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

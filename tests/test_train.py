@@ -1,0 +1,198 @@
+"""Stage 2 on tiny models: resume equals an uninterrupted run, stale or unfit caches are
+refused before training, switched-off terms are not computed, the adapters train and are
+checkpointed but not exported, and compare reads the run directories."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import alignkd.train as train_module
+from alignkd.cache.writer import init_cache
+from alignkd.cache_schemas import CodecSpec
+from alignkd.cli import main
+from alignkd.data import DataArgs
+from alignkd.evaluate import EvalArgs
+from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards
+from alignkd.losses import logit_kl
+from alignkd.models import ModelArgs, load_vlm
+from alignkd.train import LossArgs, OptimArgs, RunArgs, TrainArgs, train
+
+
+def _build_cache(tiny_models, demo_data, root, attention_heads="per_head"):
+    """The extraction stage in-process (no Ray): same worker code, one process."""
+    args = ExtractArgs(
+        teacher=ModelArgs(path=str(tiny_models["mobilevlm"]["teacher"]), device="cpu"),
+        data=DataArgs(shards=str(demo_data / "train"), template="v1", max_length=256, batch_size=8),
+        cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads,
+                        codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
+        ray=RayArgs(cpus_per_worker=2),
+    )
+    worker = TeacherWorker(args)
+    meta = _cache_meta(args, worker.describe())
+    init_cache(root, meta)
+    for shard, name in plan_shards(args.data.shards):
+        worker.process_shard(shard, name, meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_models, demo_data, tmp_path_factory):
+    return _build_cache(tiny_models, demo_data, tmp_path_factory.mktemp("cache") / "c")
+
+
+def _args(tiny_models, demo_data, cache, run_dir, **loss):
+    return TrainArgs(
+        student=ModelArgs(path=str(tiny_models["mobilevlm"]["student"]), device="cpu"),
+        data=DataArgs(shards=str(demo_data / "train"), template="v1", max_length=256, batch_size=4),
+        cache=str(cache),
+        optim=OptimArgs(lr=1e-3, projector_lr=1e-3, adapter_lr=1e-2, grad_accum=2),
+        loss=LossArgs(focus_k=4, **loss),
+        run=RunArgs(dir=str(run_dir), max_steps=4, save_every=2, keep_last=2),
+        eval=EvalArgs(shards=str(demo_data / "val"), max_samples=8, max_new_tokens=2),
+    )
+
+
+def _quiet(args):
+    return train(args, echo=lambda _: None, progress=False)
+
+
+def test_a_killed_and_resumed_run_ends_with_the_same_weights(tiny_models, demo_data, cache, tmp_path):
+    def args(run_dir, **run):
+        a = _args(tiny_models, demo_data, cache, run_dir)
+        # several steps after the resume point, so schedule, optimiser and data position all matter
+        return dataclasses.replace(a, run=dataclasses.replace(a.run, max_steps=6, save_every=3, **run))
+
+    straight = _quiet(args(tmp_path / "straight"))
+    assert straight.steps == 6 and straight.export
+    first = _quiet(args(tmp_path / "resumed", stop_after=2))
+    assert first.steps == 2 and first.export is None  # stopped as if killed after step 2
+    resumed = _quiet(args(tmp_path / "resumed"))
+    assert resumed.steps == 6
+    a = load_file(str(tmp_path / "straight" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "export" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = load_file(str(tmp_path / "straight" / "checkpoints" / "step_000006" / "adapters.safetensors"))
+    cb = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_000006" / "adapters.safetensors"))
+    assert all(torch.equal(ca[k], cb[k]) for k in ca)
+    # keep-last-N pruning, zero-padded step folders
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step_000003", "step_000006"]
+
+
+def test_the_adapters_train_are_checkpointed_and_dropped_at_export(tiny_models, demo_data, cache, tmp_path):
+    _quiet(_args(tiny_models, demo_data, cache, tmp_path / "run"))
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step_000004" / "adapters.safetensors"))
+    assert set(ckpt) == {"head_mixer.weight", "vision_adapter.weight", "vision_adapter.bias"}
+    # the mixer starts at the head mean (1 / H_T everywhere); after training it has moved
+    assert not torch.allclose(ckpt["head_mixer.weight"], torch.full_like(ckpt["head_mixer.weight"], 1 / 8))
+    exported = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    assert not any("head_mixer" in k or "vision_adapter" in k for k in exported)
+    student = load_vlm(tmp_path / "run" / "export")
+    assert student.num_heads == 4
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"sup", "logit", "attn", "v_all", "v_focus", "total", "lr", "grad_norm"} <= set(metrics[0])
+    assert "val_loss" in metrics[-1] and "val_accuracy" in metrics[-1]
+
+
+def test_switched_off_terms_are_not_computed(tiny_models, demo_data, cache, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("computed a switched-off term")
+
+    for name in ("attn_loss_mix", "vision_all_loss", "vision_focus_loss", "logit_kl"):
+        monkeypatch.setattr(train_module, name, boom)
+    args = _args(tiny_models, demo_data, cache, tmp_path / "ce", logit=0.0, attn=0.0, v_all=0.0, v_focus=0.0)
+    result = _quiet(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=1)))
+    assert result.steps == 1
+    with pytest.raises(AssertionError, match="switched-off"):
+        _quiet(_args(tiny_models, demo_data, cache, tmp_path / "full"))
+
+
+def test_supervised_only_training_needs_no_cache(tiny_models, demo_data, tmp_path):
+    args = _args(tiny_models, demo_data, "", tmp_path / "sup", logit=0.0, attn=0.0, v_all=0.0, v_focus=0.0)
+    assert _quiet(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=1))).steps == 1
+    with pytest.raises(ValueError, match="cache is not set"):
+        _quiet(_args(tiny_models, demo_data, "", tmp_path / "kd"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"loss": {"attn_layer": 1}}, "attn_layer 1: cache holds layers [0]"),
+        ({"loss": {"focus_k": 17}}, "focus_k 17: must be in 1..16"),
+        ({"loss": {"logit_topk": 9}}, "logit_topk 9: the cache holds top-8"),
+        ({"data": {"max_length": 128}}, "max_length: cache 256, job 128"),
+        ({"data": {"template": "plain"}}, "template: cache 'v1', job 'plain'"),
+    ],
+)
+def test_terms_the_cache_cannot_serve_are_refused_before_training(tiny_models, demo_data, cache, tmp_path, change,
+                                                                  message):
+    args = _args(tiny_models, demo_data, cache, tmp_path / "r")
+    for section, values in change.items():
+        args = dataclasses.replace(args, **{section: dataclasses.replace(getattr(args, section), **values)})
+    with pytest.raises(ValueError) as info:
+        _quiet(args)
+    assert message in str(info.value)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_mix_needs_a_per_head_cache(tiny_models, demo_data, tmp_path):
+    mean_cache = _build_cache(tiny_models, demo_data, tmp_path / "mean", attention_heads="mean")
+    with pytest.raises(ValueError, match="needs per-head attention"):
+        _quiet(_args(tiny_models, demo_data, mean_cache, tmp_path / "r"))
+    args = _args(tiny_models, demo_data, mean_cache, tmp_path / "m", attn_variant="mean")
+    assert _quiet(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=1))).steps == 1
+
+
+def test_stale_caches_are_refused_naming_what_changed(tiny_models, demo_data, cache, tmp_path):
+    # another teacher checkpoint than the one the cache came from
+    args = dataclasses.replace(_args(tiny_models, demo_data, cache, tmp_path / "t"),
+                               teacher=str(tiny_models["mobilevlm"]["student"]))
+    with pytest.raises(ValueError, match="teacher: .* another config_hash"):
+        _quiet(args)
+    # changed data: one shard rewritten with other samples
+    data = tmp_path / "data"
+    shutil.copytree(demo_data / "train", data)
+    shards = sorted(data.glob("*.tar"))
+    shards[1].write_bytes(shards[0].read_bytes() + b"\0" * 512)
+    args = dataclasses.replace(_args(tiny_models, demo_data, cache, tmp_path / "d"),
+                               data=DataArgs(shards=str(data), template="v1", max_length=256, batch_size=4))
+    with pytest.raises(ValueError, match="changed"):
+        _quiet(args)
+    # another tokenizer: the LLaVA tiny student's vocabulary is the same, so build a SentencePiece one
+    from alignkd.models.tiny import write_tiny_models
+
+    other = write_tiny_models(tmp_path / "sp", family="mobilevlm", tokenizer="sentencepiece")
+    args = dataclasses.replace(_args(tiny_models, demo_data, cache, tmp_path / "k"),
+                               student=ModelArgs(path=str(other["student"]), device="cpu"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        _quiet(args)
+
+
+def test_truncating_the_cached_candidates_folds_them_into_the_tail():
+    torch.manual_seed(0)
+    teacher = torch.log_softmax(torch.randn(5, 30), -1)
+    lp, ids = teacher.topk(8, dim=-1)
+    tail = torch.log1p(-lp.exp().sum(-1))
+    ids4, lp4, tail4 = train_module._truncate_topk(ids, lp, tail, 4)
+    want_tail = torch.log1p(-lp[:, :4].exp().sum(-1))
+    torch.testing.assert_close(tail4, want_tail, atol=1e-5, rtol=0)
+    student = torch.randn(5, 30)
+    torch.testing.assert_close(logit_kl(student, ids4, lp4, tail4),
+                               logit_kl(student, ids[:, :4], lp[:, :4], want_tail), atol=1e-5, rtol=0)
+
+
+def test_compare_prints_a_table_of_final_metrics(tiny_models, demo_data, cache, tmp_path):
+    for name, loss in (("ce", {"logit": 0.0, "attn": 0.0, "v_all": 0.0, "v_focus": 0.0}), ("full", {})):
+        args = _args(tiny_models, demo_data, cache, tmp_path / name, **loss)
+        _quiet(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=2)))
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "ce"), str(tmp_path / "full")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("| run | terms |") and len(lines) == 4
+    assert "| ce | sup |" in lines[2] and "| full | sup+logit+attn+v_all+v_focus" in lines[3]
+    rows = json.loads(CliRunner().invoke(main, ["compare", "--json", str(tmp_path / "full")]).output)
+    assert rows[0]["step"] == 2 and rows[0]["val_accuracy"] is not None
