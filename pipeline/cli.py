@@ -254,3 +254,20 @@ def compare_cmd(run_dirs: tuple[str, ...], as_json: bool) -> None:
     except _KNOWN_ERRORS as e:
         _fail(e)
     click.echo(json.dumps(rows, indent=2) if as_json else format_markdown(rows))
+
+
+@main.command("show-cache")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("key")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--data", default=None, help="Shards holding the sample's image (default: the extraction job's).")
+@click.option("-k", "k", default=4, show_default=True, help="Focus top-k to outline (L_V_focus's k).")
+def show_cache_cmd(cache: str, key: str, out: str, data: str | None, k: int) -> None:
+    """Render a cached sample: image, teacher layer-0 attention, focus top-k (alignkd.viz)."""
+    from alignkd.viz import show_cache
+
+    try:
+        path = show_cache(cache, key, out, data=data, k=k)
+    except (*_KNOWN_ERRORS, KeyError) as e:
+        _fail(e)
+    click.echo(f"wrote {path}")

@@ -64,6 +64,7 @@ class OptimArgs:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     grad_accum: int = 1
+    train_vision_tower: bool = False  # MobileVLM V2 keeps CLIP frozen; the demo teacher trains its toy one
 
 
 @dataclass
@@ -218,11 +219,14 @@ def _adapters(student: VLM, cache_meta: Any, loss: LossArgs) -> AlignKDAdapters:
 
 
 def _optimizer(student: VLM, adapters: AlignKDAdapters, optim: OptimArgs) -> torch.optim.AdamW:
-    student.vision_tower.requires_grad_(False)
+    student.vision_tower.requires_grad_(optim.train_vision_tower)
     projector = {id(p) for p in student.projector.parameters()}
-    llm = [p for p in student.parameters() if p.requires_grad and id(p) not in projector]
+    tower = {id(p) for p in student.vision_tower.parameters()}
+    llm = [p for p in student.parameters() if p.requires_grad and id(p) not in projector | tower]
     groups = [
         {"params": llm, "lr": optim.lr, "name": "llm"},
+        {"params": [p for p in student.vision_tower.parameters() if p.requires_grad], "lr": optim.lr,
+         "name": "vision_tower"},
         {"params": [p for p in student.projector.parameters() if p.requires_grad], "lr": optim.projector_lr,
          "name": "projector"},
         {"params": list(adapters.parameters()), "lr": optim.adapter_lr, "name": "adapters"},

@@ -41,3 +41,33 @@ def demo_samples(demo_data):
     from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
 
     return [decode_sample(raw) for shard in expand_shards(demo_data / "train") for raw in iter_raw_samples(shard)]
+
+
+def build_cache(tiny_models, demo_data, root, attention_heads="per_head"):
+    """The extraction stage in-process (no Ray): the same worker code, in this process,
+    lossless codecs, layers [0], top-8, v1 template, max_length 256."""
+    from alignkd.cache.writer import init_cache
+    from alignkd.cache_schemas import CodecSpec
+    from alignkd.data import DataArgs
+    from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards
+    from alignkd.models import ModelArgs
+
+    args = ExtractArgs(
+        teacher=ModelArgs(path=str(tiny_models["mobilevlm"]["teacher"]), device="cpu"),
+        data=DataArgs(shards=str(demo_data / "train"), template="v1", max_length=256, batch_size=8),
+        cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads,
+                        codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
+        ray=RayArgs(cpus_per_worker=2),
+    )
+    worker = TeacherWorker(args)
+    meta = _cache_meta(args, worker.describe())
+    init_cache(root, meta)
+    for shard, name in plan_shards(args.data.shards):
+        worker.process_shard(shard, name, meta)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_models, demo_data, tmp_path_factory):
+    """A lossless cache of the tiny MobileVLM teacher over the demo training shards."""
+    return build_cache(tiny_models, demo_data, tmp_path_factory.mktemp("cache") / "c")

@@ -43,7 +43,7 @@ def test_probe_runs_on_tiny_models_and_prints_json(tiny_models, demo_data):
     assert len(rows) == 3
     for row in rows:
         assert 0.0 < row["vision_attention"] <= 1.0
-        assert row["vision_tokens"] == 16 and row["response_tokens"] >= 1
+        assert row["vision_tokens"] == 9 and row["response_tokens"] >= 1
 
 
 @pytest.mark.parametrize(

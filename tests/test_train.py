@@ -12,37 +12,18 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import alignkd.train as train_module
-from alignkd.cache.writer import init_cache
-from alignkd.cache_schemas import CodecSpec
 from alignkd.cli import main
 from alignkd.data import DataArgs
 from alignkd.evaluate import EvalArgs
-from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards
 from alignkd.losses import logit_kl
 from alignkd.models import ModelArgs, load_vlm
 from alignkd.train import LossArgs, OptimArgs, RunArgs, TrainArgs, train
-
-
-def _build_cache(tiny_models, demo_data, root, attention_heads="per_head"):
-    """The extraction stage in-process (no Ray): same worker code, one process."""
-    args = ExtractArgs(
-        teacher=ModelArgs(path=str(tiny_models["mobilevlm"]["teacher"]), device="cpu"),
-        data=DataArgs(shards=str(demo_data / "train"), template="v1", max_length=256, batch_size=8),
-        cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads,
-                        codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
-        ray=RayArgs(cpus_per_worker=2),
-    )
-    worker = TeacherWorker(args)
-    meta = _cache_meta(args, worker.describe())
-    init_cache(root, meta)
-    for shard, name in plan_shards(args.data.shards):
-        worker.process_shard(shard, name, meta)
-    return root
+from conftest import build_cache
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_models, demo_data, tmp_path_factory):
-    return _build_cache(tiny_models, demo_data, tmp_path_factory.mktemp("cache") / "c")
+def cache(tiny_cache):
+    return tiny_cache
 
 
 def _args(tiny_models, demo_data, cache, run_dir, **loss):
@@ -122,7 +103,7 @@ def test_supervised_only_training_needs_no_cache(tiny_models, demo_data, tmp_pat
     ("change", "message"),
     [
         ({"loss": {"attn_layer": 1}}, "attn_layer 1: cache holds layers [0]"),
-        ({"loss": {"focus_k": 17}}, "focus_k 17: must be in 1..16"),
+        ({"loss": {"focus_k": 10}}, "focus_k 10: must be in 1..9"),
         ({"loss": {"logit_topk": 9}}, "logit_topk 9: the cache holds top-8"),
         ({"data": {"max_length": 128}}, "max_length: cache 256, job 128"),
         ({"data": {"template": "plain"}}, "template: cache 'v1', job 'plain'"),
@@ -140,7 +121,7 @@ def test_terms_the_cache_cannot_serve_are_refused_before_training(tiny_models, d
 
 
 def test_mix_needs_a_per_head_cache(tiny_models, demo_data, tmp_path):
-    mean_cache = _build_cache(tiny_models, demo_data, tmp_path / "mean", attention_heads="mean")
+    mean_cache = build_cache(tiny_models, demo_data, tmp_path / "mean", attention_heads="mean")
     with pytest.raises(ValueError, match="needs per-head attention"):
         _quiet(_args(tiny_models, demo_data, mean_cache, tmp_path / "r"))
     args = _args(tiny_models, demo_data, mean_cache, tmp_path / "m", attn_variant="mean")

@@ -30,8 +30,10 @@ TINY_TEXT = {
     "student": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4),
 }
 TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   image_size=64, patch_size=8, projection_dim=64)
-TINY_PROJECTOR_GRID = 4  # 8 x 8 CLIP patches pooled to 4 x 4 = 16 vision tokens (MobileVLM)
+                   image_size=48, patch_size=8, projection_dim=64)
+# 6 x 6 CLIP patches pooled to 3 x 3 = 9 vision tokens (MobileVLM): one token per cell of the
+# demo's 3 x 3 scene grid, so "which token to look at" is exactly "which cell".
+TINY_PROJECTOR_GRID = 3
 TINY_VISION_TOWER = "alignkd/clip-tiny"  # a hub-style name, as the real configs carry
 
 
