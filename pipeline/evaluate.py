@@ -31,6 +31,7 @@ class EvalArgs:
     batch_size: int = 32
     generate: bool = True  # answer accuracy by greedy decoding (needs records with an `answer`)
     max_new_tokens: int = 8
+    blank_images: bool = False  # every image replaced by flat grey: what a model gets from text alone
 
 
 def normalise_answer(text: str) -> str:
@@ -106,6 +107,12 @@ def evaluate_model(vlm: VLM, args: EvalArgs, *, template: str, max_length: int) 
     was_training = vlm.training
     vlm.eval()
     samples = _read(args.shards, args.max_samples)
+    if args.blank_images:
+        from PIL import Image
+
+        for s in samples:
+            if s.image is not None:
+                s.image = Image.new("RGB", s.image.size, (128, 128, 128))
     total_loss, total_tokens = 0.0, 0
     correct: dict[str, list[int]] = {}
     for lo in range(0, len(samples), args.batch_size):

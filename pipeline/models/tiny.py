@@ -80,6 +80,7 @@ def write_tiny_models(
     tok = AutoTokenizer.from_pretrained(tok_dir)
     vocab = len(tok)
     paths = {"tokenizer": tok_dir}
+    tower = None
     for i, role in enumerate(("teacher", "student")):
         vision = CLIPVisionConfig(**TINY_VISION)
         if family == "mobilevlm":
@@ -100,6 +101,11 @@ def write_tiny_models(
             vlm = LlavaVLM.from_configs(config, tokenizer=tok, image_processor=tiny_image_processor(), seed=seed + i)
         else:
             raise ValueError(f"unknown family {family!r}")
+        # One vision tower for both, as MobileVLM V2 7B and 1.7B share one pretrained CLIP.
+        if tower is None:
+            tower = vlm.vision_tower.state_dict()
+        else:
+            vlm.vision_tower.load_state_dict(tower)
         vlm.save_pretrained(out / role)
         paths[role] = out / role
     return paths

@@ -1,0 +1,32 @@
+"""The demo end to end in a shortened configuration: every stage runs (data, models, teacher
+training, extraction on Ray, students for each quick variant and seed, report, pictures) and
+its outputs exist and parse. The numbers of so short a run mean nothing and are not checked."""
+
+import json
+
+from PIL import Image
+
+from alignkd.demo import QUICK, DemoArgs, run_demo
+
+
+def test_the_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    short = ["run.max_steps=3", "run.eval_every=0", "eval.max_samples=8", "data.batch_size=8"]
+    args = DemoArgs(seeds=[0, 1], n_train=48, n_val=8, n_test=16, attention_samples=2,
+                    overrides={"teacher": short, "student": short,
+                               "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
+    report = run_demo(tmp_path, args, echo=lambda _: None)
+    assert set(report["variants"]) == {name.removeprefix("student_") for name in QUICK}
+    for v in report["variants"].values():
+        assert v["seeds"] == 2 and 0.0 <= v["accuracy_mean"] <= 1.0
+    assert 0.0 < report["chance"] < 0.3
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["variants"].keys() == report["variants"].keys()
+    table = (tmp_path / "results.md").read_text()
+    assert "| teacher |" in table and "| chance (uniform guess) |" in table and "images blanked" in table
+    for picture in ("curves.png", "attention.png"):
+        with Image.open(tmp_path / picture) as im:
+            assert im.format == "PNG"
+    # a second run reuses every stage's output
+    again = run_demo(tmp_path, args, echo=lambda _: None)
+    assert again["variants"] == report["variants"]
