@@ -40,6 +40,7 @@ from alignkd.config import to_dict
 from alignkd.data import DataArgs
 from alignkd.data.shards import expand_shards
 from alignkd.models import ModelArgs
+from alignkd.progress import progress_bar
 
 __all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "extract", "estimate_size", "plan_shards"]
 
@@ -246,7 +247,6 @@ def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
 # --- the stage -------------------------------------------------------------------------------
 def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress: bool = True) -> ExtractSummary:
     import ray
-    from tqdm import tqdm
 
     from alignkd.cache.writer import init_cache, list_complete_shards, read_shard_meta, remove_partial
 
@@ -275,7 +275,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
         written, n_samples, n_skipped, nbytes = [], 0, 0, 0
         by_reason: dict[str, int] = {}
         idle, pending = deque(workers), {}
-        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="shard", disable=not progress)
+        bar = progress_bar(enabled=progress, total=len(plan), initial=len(plan) - len(todo), unit="shard")
         try:
             while todo or pending:
                 while todo and idle:
@@ -297,7 +297,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                     by_reason[reason] = by_reason.get(reason, 0) + 1
                 nbytes += sum(shard.nbytes.values())
                 elapsed = time.monotonic() - started
-                bar.set_postfix(samples_s=f"{n_samples / elapsed:.1f}", written=_human(nbytes))
+                bar.set_postfix(samples_s=f"{n_samples / elapsed:.1f}", written=_human(nbytes), refresh=False)
                 bar.update(1)
         finally:
             bar.close()

@@ -48,6 +48,7 @@ from alignkd.losses import (
 )
 from alignkd.models import ModelArgs, load_model
 from alignkd.models.base import VLM, VLMBatch
+from alignkd.progress import progress_bar
 
 __all__ = ["OptimArgs", "LossArgs", "RunArgs", "TrainArgs", "train", "compute_losses", "verify_cache", "TERMS"]
 
@@ -257,8 +258,6 @@ class TrainResult:
 
 
 def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-    from tqdm import tqdm
-
     from alignkd.cache.reader import CacheReader
     from alignkd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
@@ -274,7 +273,7 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
     cache = CacheReader(args.cache) if args.cache else None
     student = load_model(args.student)
     if args.run.gradient_checkpointing:
-        student.language_model.gradient_checkpointing_enable()
+        student.language_model.activation_checkpointing_enable()
     if cache is not None:
         verify_cache(cache, student, args)
         (run_dir / "cache.json").write_text(json.dumps(
@@ -312,7 +311,7 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
     # 4. loop: eval -> save -> step -> log
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     writer = _tensorboard(run_dir)
-    bar = tqdm(total=total, initial=step, unit="step", disable=not progress)
+    bar = progress_bar(enabled=progress, total=total, initial=step, unit="step")
     loader_iter, loader_epoch = None, None
     student.train()
     stop = min(total, args.run.stop_after) if args.run.stop_after is not None else total
@@ -354,7 +353,7 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
                     for k, v in record.items():
                         if isinstance(v, int | float) and k != "step":
                             writer.add_scalar(k, v, step)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
             history.append(record)
             if (args.run.save_every and step % args.run.save_every == 0) or step == total or step == stop:
                 save_checkpoint(run_dir, step, student=student, adapters=adapters, optimizer=optimizer,

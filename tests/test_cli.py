@@ -75,3 +75,24 @@ def test_make_tiny_models_writes_loadable_checkpoints_in_both_layouts(tmp_path):
         assert teacher.hidden_size > student.hidden_size and teacher.num_heads > student.num_heads
     assert (tmp_path / "mobilevlm" / "teacher" / "tokenizer.model").is_file()
     assert (tmp_path / "mobilevlm" / "teacher" / "model.safetensors").is_file()
+
+
+def test_inspect_cache_prints_a_table_and_json(tiny_cache):
+    table = CliRunner().invoke(main, ["inspect-cache", str(tiny_cache)])
+    assert table.exit_code == 0, table.output
+    assert "attn_L00" in table.output and "vision_features" in table.output
+    report = json.loads(CliRunner().invoke(main, ["inspect-cache", "--json", str(tiny_cache)]).output)
+    assert report["samples"] == 48 and report["shards"] == 3
+
+
+def test_evaluate_reports_loss_and_answer_accuracy(tiny_models, demo_data):
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_models["mobilevlm"]["student"]),
+                                       "--data", str(demo_data / "test"), "--max-length", "256", "--json"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.output)
+    from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
+
+    tasks = [decode_sample(r).meta["task"] for s in expand_shards(demo_data / "test") for r in iter_raw_samples(s)]
+    assert m["samples"] == len(tasks) == 8 and m["tokens"] > 0 and m["loss"] > 0
+    assert m["answered"] == sum(t != "caption" for t in tasks)  # every question, no caption
+    assert sum(m["accuracy_by_task"].values()) >= 0 and set(m["accuracy_by_task"]) <= set(tasks)

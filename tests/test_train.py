@@ -177,3 +177,52 @@ def test_compare_prints_a_table_of_final_metrics(tiny_models, demo_data, cache, 
     assert "| ce | sup |" in lines[2] and "| full | sup+logit+attn+v_all+v_focus" in lines[3]
     rows = json.loads(CliRunner().invoke(main, ["compare", "--json", str(tmp_path / "full")]).output)
     assert rows[0]["step"] == 2 and rows[0]["val_accuracy"] is not None
+
+
+def test_worker_processes_load_the_same_batches_as_the_main_process(tiny_models, demo_data, cache):
+    from torch.utils.data import DataLoader
+
+    from alignkd.cache.reader import CacheReader
+    from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
+
+    student = load_vlm(tiny_models["mobilevlm"]["student"])
+    ds = DistillDataset(shards=str(demo_data / "train"), cache=CacheReader(cache),
+                        processor=StudentProcessor.of(student), template="v1", max_length=256)
+
+    def batches(workers):
+        loader = DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), seed=3, epoch=1, skip=8),
+                            collate_fn=ds.collate, num_workers=workers)
+        return [(b.keys, b.input_ids, t.vision_features, t.topk_logprobs) for b, t in loader]
+
+    main_process, workers = batches(0), batches(2)
+    assert len(main_process) == len(workers) == (len(ds) - 8) // 4
+    for (ka, ia, fa, la), (kb, ib, fb, lb) in zip(main_process, workers):
+        assert ka == kb and torch.equal(ia, ib) and torch.equal(fa, fb) and torch.equal(la, lb)
+
+
+def test_gradient_checkpointing_keeps_every_loss_term_and_its_gradients(tiny_models, demo_data, cache):
+    from alignkd.cache.reader import CacheReader
+    from alignkd.data.distill import DistillDataset, StudentProcessor
+    from alignkd.losses import AlignKDAdapters
+    from alignkd.train import compute_losses
+
+    results = []
+    for checkpointing in (False, True):
+        student = load_vlm(tiny_models["mobilevlm"]["student"])
+        if checkpointing:
+            student.language_model.activation_checkpointing_enable()
+        student.train()
+        ds = DistillDataset(shards=str(demo_data / "train"), cache=CacheReader(cache),
+                            processor=StudentProcessor.of(student), template="v1", max_length=256)
+        batch, teacher = ds.collate([ds[i] for i in range(4)])
+        torch.manual_seed(0)
+        adapters = AlignKDAdapters(teacher_heads=8, student_heads=4, teacher_width=128, student_width=64)
+        terms = compute_losses(student, adapters, batch, teacher, LossArgs(focus_k=4))
+        terms["total"].backward()
+        q = student.language_model.layers[0].self_attn.q_proj.weight.grad.clone()
+        results.append(({k: float(v.detach()) for k, v in terms.items()}, q))
+    (plain, q_plain), (ckpt, q_ckpt) = results
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        assert ckpt[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-9)
+    torch.testing.assert_close(q_ckpt, q_plain, rtol=1e-4, atol=1e-7)

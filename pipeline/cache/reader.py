@@ -51,6 +51,30 @@ from alignkd.cache_schemas import (
 
 __all__ = ["CacheReader"]
 
+# Decoded chunks kept per reader (so per DataLoader worker), across all its open shards.
+_CHUNK_CACHE_BYTES = 256 * 2**20
+
+
+class _ChunkCache:
+    """Least-recently-used decoded chunks, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = _CHUNK_CACHE_BYTES) -> None:
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self.items: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[str, str, int], load) -> np.ndarray:
+        hit = self.items.get(key)
+        if hit is not None:
+            self.items.move_to_end(key)
+            return hit
+        data = load()
+        self.items[key] = data
+        self.nbytes += data.nbytes
+        while self.nbytes > self.max_bytes and len(self.items) > 1:
+            _, old = self.items.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return data
+
 
 class CacheReader:
     """Random access to the samples of a cache directory (see the module docstring)."""
@@ -64,6 +88,7 @@ class CacheReader:
         self._shard_metas: dict[str, ShardMeta] = {}
         self._index: dict[str, tuple[str, int]] | None = None
         self._open: OrderedDict[str, _OpenShard] = OrderedDict()
+        self._chunks = _ChunkCache()
 
     # -------------------------------------------------------------------- what is in it
 
@@ -144,14 +169,14 @@ class CacheReader:
         return SampleSignals(
             key=key,
             fingerprint=self.shard_meta(name).fingerprints[row],
-            input_ids=shard.arrays["input_ids"][t0:t1],
-            response_positions=shard.arrays["response_positions"][r0:r1],
+            input_ids=shard.read("input_ids", slice(t0, t1)),
+            response_positions=shard.read("response_positions", slice(r0, r1)),
             vision_start=int(shard.vision_start[row]),
             vision_length=int(shard.vision_length[row]),
             attention=attention,
             vision_features=shard.decode("vision_features", codecs.features, row, meta.teacher.hidden_size),
-            focus=np.asarray(shard.arrays["focus"][row], dtype=np.float32),
-            topk_ids=shard.arrays["topk_ids"][r0:r1],
+            focus=np.asarray(shard.read("focus", row), dtype=np.float32),
+            topk_ids=shard.read("topk_ids", slice(r0, r1)),
             topk_logprobs=shard.decode("topk_logprobs", codecs.logprobs, slice(r0, r1), meta.topk),
             tail_logmass=shard.decode("tail_logmass", codecs.logprobs, slice(r0, r1), None),
         )
@@ -160,7 +185,8 @@ class CacheReader:
         if name in self._open:
             self._open.move_to_end(name)
             return self._open[name]
-        shard = _OpenShard(self.path / SHARDS_GROUP / name, self._specs, self.shard_meta(name).num_samples)
+        shard = _OpenShard(self.path / SHARDS_GROUP / name, self._specs, self.shard_meta(name).num_samples,
+                           self._chunks)
         self._open[name] = shard
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -170,6 +196,7 @@ class CacheReader:
         # Open Zarr handles belong to this process; workers reopen shards lazily.
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
+        state["_chunks"] = _ChunkCache()
         return state
 
 
@@ -180,7 +207,7 @@ def _canonical(d: dict) -> bytes:
 class _OpenShard:
     """One shard's array handles, checked against the schema, plus its small index arrays."""
 
-    def __init__(self, path: Path, specs: dict[str, ArraySpec], num_samples: int) -> None:
+    def __init__(self, path: Path, specs: dict[str, ArraySpec], num_samples: int, chunks: _ChunkCache) -> None:
         self.path = path
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
         self.arrays: dict[str, zarr.Array] = {}
@@ -208,14 +235,37 @@ class _OpenShard:
                     raise CacheSchemaError(f"shard {path}: {spec.offsets} does not index the {rows} rows of {name}")
         self.vision_start = self.arrays["vision_start"][:]
         self.vision_length = self.arrays["vision_length"][:]
+        self._chunks = chunks
 
     def span(self, offsets: str, row: int) -> tuple[int, int]:
         off = self.offsets[offsets]
         return int(off[row]), int(off[row + 1])
 
+    def read(self, name: str, where: slice | int) -> np.ndarray:
+        """Rows of one array along axis 0, through a small cache of whole decoded chunks.
+
+        A sample is a few rows of ~a dozen arrays; asking zarr for each slice would decompress
+        the chunk holding it every time, so neighbouring samples (the common case: shuffles
+        within a shard, sequential scans) reuse the decoded chunk instead."""
+        array = self.arrays[name]
+        lo, hi = (where, where + 1) if isinstance(where, int) else (where.start, where.stop)
+        if hi <= lo:
+            return np.empty((0, *array.shape[1:]), dtype=array.dtype)
+        size = array.chunks[0]
+        pieces = []
+        for i in range(lo // size, (hi - 1) // size + 1):
+            chunk = self._chunk(name, i, size)
+            pieces.append(chunk[max(lo - i * size, 0) : min(hi - i * size, size)])
+        out = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        return out[0] if isinstance(where, int) else out
+
+    def _chunk(self, name: str, index: int, size: int) -> np.ndarray:
+        return self._chunks.get((str(self.path), name, index),
+                                lambda: self.arrays[name][index * size : (index + 1) * size])
+
     def decode(self, name: str, codec_name: str, where: slice | int, length: int | None) -> np.ndarray:
         codec = get_codec(codec_name)
-        parts = {"values": self.arrays[name][where]}
+        parts = {"values": self.read(name, where)}
         if codec.scaled:
-            parts["scale"] = self.arrays[name + SCALE_SUFFIX][where]
+            parts["scale"] = self.read(name + SCALE_SUFFIX, where)
         return codec.decode(parts, length)
