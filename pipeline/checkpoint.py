@@ -6,7 +6,7 @@
         adapters.safetensors    head mixer, vision adapter (trained with the student)
         optimizer.safetensors   AdamW moments, keyed state.<param index>.<name>
         rng.safetensors         torch CPU (and CUDA) generator states
-        state.json              step, scheduler, optimizer hyper-parameters, history, Python/NumPy RNG
+        state.json              step, epoch, scheduler, optimizer hyper-parameters, Python/NumPy RNG
 
 A checkpoint is written under a temporary name and renamed when complete; the newest N are
 kept. `latest_checkpoint` skips (with a warning) a newest checkpoint that does not load.
@@ -30,9 +30,11 @@ __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "checkpoin
 _FILES = ("student.safetensors", "adapters.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
-def _contiguous(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage (tied embeddings): store each tensor on its own.
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in d.items()}
+def _save(d: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses shared storage (tied embeddings): store each tensor on its own;
+    # and it creates owner-only files, while run directories are usually shared read-only.
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in d.items()}, str(path))
+    path.chmod(0o644)
 
 
 def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -73,14 +75,14 @@ def save_checkpoint(run_dir: str | Path, step: int, *, student: torch.nn.Module,
     tmp = root / f".step_{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_contiguous(student.state_dict()), str(tmp / "student.safetensors"))
-    save_file(_contiguous(adapters.state_dict()), str(tmp / "adapters.safetensors"))
+    _save(student.state_dict(), tmp / "student.safetensors")
+    _save(adapters.state_dict(), tmp / "adapters.safetensors")
     opt_tensors, opt_meta = _optimizer_split(optimizer)
-    save_file(_contiguous(opt_tensors), str(tmp / "optimizer.safetensors"))
+    _save(opt_tensors, tmp / "optimizer.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
+    _save(rng, tmp / "rng.safetensors")
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     py_state = random.getstate()
     np_state = np.random.get_state()

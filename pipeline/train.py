@@ -11,7 +11,7 @@ Read top to bottom:
   2. modules   the student (vision tower frozen) and the Align-KD adapters, all in one AdamW
                with parameter groups (LLM, projector, adapters), cosine schedule with warmup;
   3. resume    from the newest readable checkpoint in the run directory, if any;
-  4. loop      eval -> save -> step -> log, one visible function (`train`);
+  4. loop      step -> evaluate -> log -> save, one visible function (`train`);
   5. export    the student alone, in its family's layout, loadable by `load_vlm`.
 
 The Align-KD terms are in alignkd.losses; a term with weight 0 is not computed at all.
@@ -301,14 +301,19 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     # 3. resume
-    step, history = 0, []
+    step = 0
     found = latest_checkpoint(run_dir, warn=echo)
     if found is not None:
-        state = load_checkpoint(found, student=student, adapters=adapters, optimizer=optimizer, scheduler=scheduler)
-        step, history = state["step"], state.get("history", [])
+        step = load_checkpoint(found, student=student, adapters=adapters, optimizer=optimizer,
+                               scheduler=scheduler)["step"]
         echo(f"resumed from {found.name} at step {step}")
+    if step >= total and (run_dir / "final.json").is_file():
+        return TrainResult(run_dir=str(run_dir), steps=step, final_metrics=json.loads((run_dir / "final.json").read_text()),
+                           export=str(run_dir / "export"))
+    _drop_metrics_after(run_dir / "metrics.jsonl", step)  # lines a killed run logged past its checkpoint
 
-    # 4. loop: eval -> save -> step -> log
+    # 4. loop: step -> evaluate -> log -> save
+    record: dict[str, Any] = {}
     metrics_file = (run_dir / "metrics.jsonl").open("a")
     writer = _tensorboard(run_dir)
     bar = progress_bar(enabled=progress, total=total, initial=step, unit="step")
@@ -354,11 +359,9 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
                         if isinstance(v, int | float) and k != "step":
                             writer.add_scalar(k, v, step)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
-            history.append(record)
             if (args.run.save_every and step % args.run.save_every == 0) or step == total or step == stop:
                 save_checkpoint(run_dir, step, student=student, adapters=adapters, optimizer=optimizer,
-                                scheduler=scheduler, extra={"history": history[-1000:], "epoch": epoch},
-                                keep_last=args.run.keep_last)
+                                scheduler=scheduler, extra={"epoch": epoch}, keep_last=args.run.keep_last)
     finally:
         bar.close()
         metrics_file.close()
@@ -374,10 +377,17 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
         student.save_pretrained(tmp)  # the student alone: adapters are training-time only
         shutil.rmtree(export, ignore_errors=True)
         tmp.rename(export)
-        final = next((h for h in reversed(history) if "val_loss" in h), history[-1] if history else {})
-        (run_dir / "final.json").write_text(json.dumps(final, indent=2))
-    return TrainResult(run_dir=str(run_dir), steps=step, final_metrics=history[-1] if history else {},
-                       export=str(export) if export else None)
+        (run_dir / "final.json").write_text(json.dumps(record, indent=2))  # the last step, evaluated
+    return TrainResult(run_dir=str(run_dir), steps=step, final_metrics=record, export=str(export) if export else None)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _eval(student: VLM, args: TrainArgs) -> dict[str, Any]:

@@ -50,10 +50,16 @@ def test_a_killed_and_resumed_run_ends_with_the_same_weights(tiny_models, demo_d
 
     straight = _quiet(args(tmp_path / "straight"))
     assert straight.steps == 6 and straight.export
-    first = _quiet(args(tmp_path / "resumed", stop_after=2))
-    assert first.steps == 2 and first.export is None  # stopped as if killed after step 2
+    first = _quiet(args(tmp_path / "resumed", stop_after=5))
+    assert first.steps == 5 and first.export is None  # stopped as if killed after step 5
+    # ... and killed before its step-5 checkpoint was written: steps 4 and 5 are logged but lost
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_000005")
     resumed = _quiet(args(tmp_path / "resumed"))
     assert resumed.steps == 6
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 7))  # every step once, the lost ones redone
+    assert [r["total"] for r in logged] == [r["total"] for r in reference]
     a = load_file(str(tmp_path / "straight" / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -226,3 +232,19 @@ def test_gradient_checkpointing_keeps_every_loss_term_and_its_gradients(tiny_mod
     for k in plain:
         assert ckpt[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-9)
     torch.testing.assert_close(q_ckpt, q_plain, rtol=1e-4, atol=1e-7)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_a_warning(tiny_models, demo_data, cache,
+                                                                                    tmp_path):
+    args = _args(tiny_models, demo_data, cache, tmp_path / "run")
+    _quiet(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=6, save_every=2, keep_last=3,
+                                                             stop_after=4)))
+    latest = tmp_path / "run" / "checkpoints" / "step_000004" / "student.safetensors"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # torn write
+    said = []
+    result = train(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=6, save_every=2, keep_last=3)),
+                   echo=said.append, progress=False)
+    assert result.steps == 6
+    assert any("step_000004" in line and "unreadable" in line for line in said)
+    assert any("resumed from step_000002" in line for line in said)
+    assert oct((tmp_path / "run" / "export" / "model.safetensors").stat().st_mode & 0o777) == "0o644"

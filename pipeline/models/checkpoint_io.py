@@ -135,6 +135,7 @@ def save_safetensors(
         tensors = {k: _cpu_copy(state_dict[k]) for k in keys}
         tmp = folder / f".{name}.tmp"
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates owner-only files; checkpoints are shared read-only
         tmp_paths.append((tmp, folder / name))
         del tensors
     index_tmp = None
