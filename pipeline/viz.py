@@ -97,7 +97,7 @@ def curves_figure(runs: dict[str, list[str | Path]], out: str | Path) -> Path:
     metrics = ("sup", "logit", "attn", "v_all", "v_focus", "val_accuracy")
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, metric in zip(axes.flat, metrics):
-        for variant, dirs in runs.items():
+        for index, (variant, dirs) in enumerate(runs.items()):  # one colour per variant in every panel
             series: dict[int, list[float]] = {}
             for d in dirs:
                 for line in (Path(d) / "metrics.jsonl").read_text().splitlines():
@@ -106,7 +106,7 @@ def curves_figure(runs: dict[str, list[str | Path]], out: str | Path) -> Path:
                         series.setdefault(rec["step"], []).append(rec[metric])
             if series:
                 steps = sorted(series)
-                ax.plot(steps, [np.mean(series[s]) for s in steps], label=variant,
+                ax.plot(steps, [np.mean(series[s]) for s in steps], label=variant, color=f"C{index % 10}",
                         marker="o" if metric == "val_accuracy" else None, ms=3)
         ax.set_title(metric)
         ax.set_xlabel("step")
