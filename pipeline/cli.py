@@ -140,12 +140,14 @@ def extract_teacher_cmd(job: str | None, overrides: tuple[str, ...], address: st
 
 
 def _print_estimate(est: dict) -> None:
+    from alignkd.extract import _human
+
     click.echo(f"estimate from {est['sampled']} of {est['samples']} samples "
                f"(after quantisation, before {est['compressor']} compression):")
     for name, per in sorted(est["bytes_per_sample"].items()):
-        click.echo(f"  {name:<18} {per / 1024:>10.1f} KiB/sample {est['total_bytes'][name] / 2**30:>10.3f} GiB")
-    click.echo(f"  {'total':<18} {sum(est['bytes_per_sample'].values()) / 1024:>10.1f} KiB/sample "
-               f"{est['total'] / 2**30:>10.3f} GiB")
+        click.echo(f"  {name:<16} {_human(per):>10}/sample {_human(est['total_bytes'][name]):>12}")
+    click.echo(f"  {'zarr metadata':<16} {'':>17} {_human(est['metadata_bytes']):>12}")
+    click.echo(f"  {'total':<16} {_human(sum(est['bytes_per_sample'].values())):>10}/sample {_human(est['total']):>12}")
 
 
 @main.command("inspect-cache")

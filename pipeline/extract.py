@@ -328,11 +328,11 @@ def _one_line(e: BaseException) -> str:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"
 
 
 # --- dry run ------------------------------------------------------------------------------
@@ -342,7 +342,8 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     Reads the teacher's config and tokenizer only (no weights). Sizes are after quantisation
     and before lossless compression, so with a compressor on they are an upper bound."""
     from alignkd.cache.codecs import stored_bytes
-    from alignkd.data.shards import BadSample, decode_sample, iter_raw_samples
+    from alignkd.data.random_access import ShardReader
+    from alignkd.data.shards import BadSample, decode_sample
     from alignkd.data.templates import TemplateError, encode
     from alignkd.models import describe_checkpoint
 
@@ -351,43 +352,52 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     nv, heads, hidden, k = ckpt.num_vision_tokens, ckpt.num_heads, ckpt.hidden_size, args.cache.topk
     codecs = args.cache.codecs
     per_signal: dict[str, list[float]] = {}
-    seen = 0
-    total_samples = 0
-    for input_shard, _ in plan:
-        for raw in iter_raw_samples(input_shard):
-            total_samples += 1
-            if seen >= args.dry_run_samples:
-                continue
-            try:
-                s = decode_sample(raw)
-                enc = encode(s.conversations, template=args.data.template, tokenizer=ckpt.tokenizer,
-                             num_vision_tokens=nv, max_length=args.data.max_length,
-                             has_image=s.image is not None, key=s.key)
-            except (BadSample, TemplateError):
-                continue
-            seen += 1
-            t = len(enc.input_ids)
-            lq = t - (enc.vision_start + nv) if enc.vision_start >= 0 else 0
-            r = sum(enc.response_mask[1:])
-            rows_shape = (lq, heads, nv) if args.cache.attention_heads == "per_head" else (lq, nv)
-            sizes = {
-                "input_ids": 4 * t,
-                "response": r * (4 + k * 4) + stored_bytes(codecs.logprobs, (r, k)) + 4 * r,
-                "vision_features": stored_bytes(codecs.features, (nv, hidden)),
-                "focus": 4 * nv,
-            }
-            for layer in args.cache.layers:
-                sizes[f"attention_L{layer:02d}"] = stored_bytes(codecs.attention, rows_shape)
-            for name, b in sizes.items():
-                per_signal.setdefault(name, []).append(b)
+    # Every k-th sample over all shards (a header-only pass counts them), not the first n,
+    # which may not be typical of the whole set.
+    reader = ShardReader([p for p, _ in plan])
+    keys = reader.keys()
+    total_samples = len(keys)
+    seen = tried = 0
+    for key in keys[:: max(1, total_samples // max(1, args.dry_run_samples))]:
+        tried += 1
+        try:
+            s = decode_sample(reader.raw(key))
+            enc = encode(s.conversations, template=args.data.template, tokenizer=ckpt.tokenizer,
+                         num_vision_tokens=nv, max_length=args.data.max_length,
+                         has_image=s.image is not None, key=s.key)
+        except (BadSample, TemplateError):
+            continue
+        seen += 1
+        t = len(enc.input_ids)
+        lq = t - (enc.vision_start + nv) if enc.vision_start >= 0 else 0
+        r = sum(enc.response_mask[1:])
+        rows_shape = (lq, heads, nv) if args.cache.attention_heads == "per_head" else (lq, nv)
+        sizes = {
+            "index": 3 * 8 + 2 * 4,  # three int64 offsets, vision start and length
+            "input_ids": 4 * t,
+            # positions and ids (int32), log-probs and the tail bin (logprobs codec)
+            "response": r * (4 + k * 4) + stored_bytes(codecs.logprobs, (r, k + 1)),
+            "vision_features": stored_bytes(codecs.features, (nv, hidden)),
+            "focus": 4 * nv,
+        }
+        for layer in args.cache.layers:
+            sizes[f"attention_L{layer:02d}"] = stored_bytes(codecs.attention, rows_shape)
+        for name, b in sizes.items():
+            per_signal.setdefault(name, []).append(b)
     if not seen:
-        raise ValueError(f"no usable sample among the first shards of {args.data.shards}")
+        raise ValueError(f"none of the {tried} samples read from {args.data.shards} is usable")
     mean = {name: float(np.mean(v)) for name, v in per_signal.items()}
+    # Each array of each shard also has a zarr.json of about 620 bytes (measured on demo caches).
+    scaled = {"uint8", "uint4", "int8", "int4"}
+    arrays = 12 + (codecs.features in scaled) + len(args.cache.layers) * (1 + (codecs.attention in scaled))
+    metadata = len(plan) * arrays * 620
+    usable = total_samples * seen / tried  # skipped samples store nothing
     return {
         "samples": total_samples,
         "sampled": seen,
         "bytes_per_sample": mean,
-        "total_bytes": {name: m * total_samples for name, m in mean.items()},
-        "total": sum(mean.values()) * total_samples,
+        "total_bytes": {name: m * usable for name, m in mean.items()},
+        "metadata_bytes": metadata,
+        "total": sum(mean.values()) * usable + metadata,
         "compressor": codecs.compressor,
     }

@@ -160,7 +160,10 @@ def test_a_different_teacher_or_config_refuses_to_mix_into_a_cache(ray_session, 
 @pytest.mark.parametrize("heads", ["per_head", "mean"])
 def test_dry_run_estimate_is_within_ten_percent_of_the_real_size(ray_session, tiny_models, demo_data, tmp_path, heads):
     codecs = CodecSpec(attention="uint8", features="int8", logprobs="fp16", compressor="none")
-    args = _args(tiny_models, demo_data, tmp_path / "c", codecs=codecs, attention_heads=heads)
+    # Every sample read: this checks the size model; how many samples a real dry run reads only
+    # sets its sampling error (captions and one-word answers differ several-fold in size).
+    args = dataclasses.replace(_args(tiny_models, demo_data, tmp_path / "c", codecs=codecs, attention_heads=heads),
+                               dry_run_samples=48)
     est = estimate_size(args)
     summary = _run(args)
     assert est["samples"] == summary.samples_written + summary.samples_skipped
