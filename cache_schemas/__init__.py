@@ -6,43 +6,8 @@ metadata is brought up to date by cache_schemas/migrations.py. Every error is Ca
     from alignkd.cache_schemas import CacheMeta, ShardMeta, shard_arrays
 """
 
+from alignkd.cache_schemas import v1
 from alignkd.cache_schemas.migrations import MIGRATIONS, migrate
-from alignkd.cache_schemas.v1 import (
-    BOOKKEEPING_FIELDS,
-    CODEC_STORAGE,
-    IMAGE_TOKEN,
-    SCALE_SUFFIX,
-    SCHEMA_VERSION,
-    SHARDS_GROUP,
-    ArraySpec,
-    CacheMeta,
-    CacheSchemaError,
-    CodecSpec,
-    CodecStorage,
-    ShardMeta,
-    TeacherInfo,
-    attention_array,
-    check_shard_name,
-    shard_arrays,
-)
+from alignkd.cache_schemas.v1 import *  # noqa: F403 - the current version's public names, as listed in v1.__all__
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "BOOKKEEPING_FIELDS",
-    "IMAGE_TOKEN",
-    "SHARDS_GROUP",
-    "SCALE_SUFFIX",
-    "CODEC_STORAGE",
-    "CacheSchemaError",
-    "CodecSpec",
-    "CodecStorage",
-    "TeacherInfo",
-    "CacheMeta",
-    "ShardMeta",
-    "ArraySpec",
-    "attention_array",
-    "check_shard_name",
-    "shard_arrays",
-    "MIGRATIONS",
-    "migrate",
-]
+__all__ = [*v1.__all__, "MIGRATIONS", "migrate"]
