@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from alignkd.data.batching import make_batch
 from alignkd.data.shards import BadSample, decode_sample, expand_shards, iter_raw_samples
-from alignkd.data.templates import TemplateError, collate, encode
 from alignkd.models.base import VLM, VLMBatch
 
 __all__ = ["EvalArgs", "evaluate_model", "greedy_answers", "normalise_answer"]
@@ -52,25 +52,9 @@ def _read(shards: str, limit: int) -> list:
 
 
 def _batch(vlm: VLM, samples: list, *, template: str, max_length: int, for_generation: bool) -> VLMBatch | None:
-    encoded, kept = [], []
-    for s in samples:
-        try:
-            encoded.append(encode(s.conversations, template=template, tokenizer=vlm.tokenizer,
-                                  num_vision_tokens=vlm.num_vision_tokens, max_length=max_length,
-                                  has_image=s.image is not None, key=s.key, for_generation=for_generation))
-            kept.append(s)
-        except TemplateError:
-            continue
-    if not encoded:
-        return None
     # Generation appends at the end of every row, so prompts are left-padded.
-    text = collate(encoded, pad_id=vlm.tokenizer.pad_token_id, padding_side="left" if for_generation else "right")
-    images = [s.image for s in kept if s.image is not None]
-    return VLMBatch(keys=text["keys"], input_ids=text["input_ids"], attention_mask=text["attention_mask"],
-                    response_mask=text["response_mask"], vision_start=text["vision_start"],
-                    num_vision_tokens=vlm.num_vision_tokens,
-                    pixel_values=vlm.preprocess_images(images) if images else None,
-                    extras={"meta": [s.meta for s in kept]})
+    return make_batch(vlm, samples, template=template, max_length=max_length, for_generation=for_generation,
+                      padding_side="left" if for_generation else "right")[0]
 
 
 @torch.no_grad()

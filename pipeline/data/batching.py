@@ -26,7 +26,10 @@ def make_batch(
     template: str,
     max_length: int,
     padding_side: Literal["right", "left"] = "right",
+    for_generation: bool = False,
 ) -> tuple[VLMBatch | None, list[tuple[str, str]]]:
+    """`for_generation` encodes prompts only (see templates.encode); `extras` carries each
+    kept sample's `meta` and whether it was truncated."""
     encoded, kept, skipped = [], [], []
     for s in samples:
         try:
@@ -39,6 +42,7 @@ def make_batch(
                     max_length=max_length,
                     has_image=s.image is not None,
                     key=s.key,
+                    for_generation=for_generation,
                 )
             )
             kept.append(s)
@@ -57,6 +61,6 @@ def make_batch(
         vision_start=text["vision_start"],
         num_vision_tokens=vlm.num_vision_tokens,
         pixel_values=pixel_values,
-        extras={"truncated": torch.tensor([e.truncated for e in encoded])},
+        extras={"truncated": torch.tensor([e.truncated for e in encoded]), "meta": [s.meta for s in kept]},
     )
     return batch, skipped
