@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from alignkd.data.batching import make_batch
-from alignkd.data.shards import BadSample, decode_sample, expand_shards, iter_raw_samples
+from alignkd.data.shards import read_samples
 from alignkd.models.base import VLM, VLMBatch
 
 __all__ = ["EvalArgs", "evaluate_model", "greedy_answers", "normalise_answer"]
@@ -36,19 +36,6 @@ class EvalArgs:
 
 def normalise_answer(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def _read(shards: str, limit: int) -> list:
-    samples = []
-    for shard in expand_shards(shards):
-        for raw in iter_raw_samples(shard):
-            try:
-                samples.append(decode_sample(raw))
-            except BadSample:
-                continue
-            if len(samples) == limit:
-                return samples
-    return samples
 
 
 def _batch(vlm: VLM, samples: list, *, template: str, max_length: int, for_generation: bool) -> VLMBatch | None:
@@ -90,7 +77,7 @@ def evaluate_model(vlm: VLM, args: EvalArgs, *, template: str, max_length: int) 
     """{"loss", "tokens", "samples", "accuracy", "accuracy_by_task", "answered"} on the split."""
     was_training = vlm.training
     vlm.eval()
-    samples = _read(args.shards, args.max_samples)
+    samples, _ = read_samples(args.shards, args.max_samples)
     if args.blank_images:
         from PIL import Image
 

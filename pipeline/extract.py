@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alignkd import __version__
-from alignkd.cache_schemas import CacheMeta, CodecSpec, ShardMeta, TeacherInfo
+from alignkd.cache_schemas import SCHEMA_VERSION, CacheMeta, CodecSpec, ShardMeta, TeacherInfo
 from alignkd.config import to_dict
 from alignkd.data import DataArgs
 from alignkd.data.shards import expand_shards
@@ -227,7 +226,7 @@ def _spawn_workers(args: ExtractArgs) -> list[Any]:
 
 def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
     return CacheMeta(
-        schema_version=CacheMeta.__dataclass_fields__["schema_version"].default,
+        schema_version=SCHEMA_VERSION,
         teacher=described["teacher"],
         tokenizer_hash=described["tokenizer_hash"],
         template=args.data.template,

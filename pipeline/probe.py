@@ -13,13 +13,12 @@ and a template against a data set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from alignkd.data import DataArgs
 from alignkd.data.batching import make_batch
-from alignkd.data.shards import BadSample, decode_sample, expand_shards, iter_raw_samples
+from alignkd.data.shards import read_samples
 from alignkd.models import ModelArgs, load_model
 
 __all__ = ["ProbeArgs", "ProbeRow", "probe"]
@@ -46,23 +45,10 @@ class ProbeRow:
     answer_logprob: float  # mean log-prob the model gives the response tokens
 
 
-def _first_samples(data: str | Path, n: int) -> tuple[list, list[tuple[str, str]]]:
-    samples, skipped = [], []
-    for shard in expand_shards(str(data)):
-        for raw in iter_raw_samples(shard):
-            try:
-                samples.append(decode_sample(raw))
-            except BadSample as e:
-                skipped.append((e.key, e.reason))
-            if len(samples) == n:
-                return samples, skipped
-    return samples, skipped
-
-
 @torch.no_grad()
 def probe(args: ProbeArgs) -> tuple[list[ProbeRow], list[tuple[str, str]]]:
     """Returns one row per usable sample and (key, reason) for the samples skipped."""
-    samples, skipped = _first_samples(args.data.shards, args.n)  # fails fast on a bad data path
+    samples, skipped = read_samples(args.data.shards, args.n)  # fails fast on a bad data path
     vlm = load_model(args.model)
     batch, not_encoded = make_batch(vlm, samples, template=args.data.template, max_length=args.data.max_length)
     skipped += not_encoded

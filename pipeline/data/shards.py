@@ -58,6 +58,7 @@ __all__ = [
     "decode_sample",
     "expand_shards",
     "iter_raw_samples",
+    "read_samples",
     "write_shards",
 ]
 
@@ -430,3 +431,19 @@ def decode_sample(raw: dict, *, max_pixels: int = MAX_PIXELS) -> Sample:
         image_bytes = bytes(raw[images[0]])
         image = _decode_image(key, images[0], image_bytes, max_pixels)
     return Sample(key=key, image=image, conversations=conversations, meta=record, image_bytes=image_bytes)
+
+
+def read_samples(spec: str | os.PathLike, limit: int) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """The first `limit` decodable samples of the shards in `spec`, and (key, reason) for
+    those that did not decode, in file order."""
+    samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = []
+    for shard in expand_shards(spec):
+        for raw in iter_raw_samples(shard):
+            try:
+                samples.append(decode_sample(raw))
+            except BadSample as e:
+                skipped.append((e.key, e.reason))
+            if len(samples) == limit:
+                return samples, skipped
+    return samples, skipped
