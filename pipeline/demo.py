@@ -148,7 +148,7 @@ def _report(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoArg
     t = _test_eval(teacher, out)
     blind = _test_eval(teacher, out, blank_images=True)
     # chance = expected accuracy of uniform guessing, weighted by how often each task occurs
-    per_task_n = _task_counts(out)
+    per_task_n = t["answered_by_task"]
     chance = sum(CHANCE.get(k, 0) * v for k, v in per_task_n.items()) / max(1, sum(per_task_n.values()))
     variants = {}
     for variant, dirs in runs.items():
@@ -167,18 +167,6 @@ def _report(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoArg
             "teacher_image_blind": {"accuracy": blind["accuracy"], "by_task": blind["accuracy_by_task"]},
             "chance": chance, "test_questions": t["answered"], "variants": variants,
             "seeds": args.seeds, "n_train": args.n_train}
-
-
-def _task_counts(out: Path) -> dict[str, int]:
-    from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
-
-    counts: dict[str, int] = {}
-    for shard in expand_shards(out / "data" / "test"):
-        for raw in iter_raw_samples(shard):
-            task = decode_sample(raw).meta.get("task")
-            if task in CHANCE:
-                counts[task] = counts.get(task, 0) + 1
-    return counts
 
 
 def _markdown(r: dict[str, Any]) -> str:

@@ -74,7 +74,7 @@ def greedy_answers(vlm: VLM, batch: VLMBatch, max_new_tokens: int) -> list[str]:
 
 @torch.no_grad()
 def evaluate_model(vlm: VLM, args: EvalArgs, *, template: str, max_length: int) -> dict[str, Any]:
-    """{"loss", "tokens", "samples", "accuracy", "accuracy_by_task", "answered"} on the split."""
+    """{"loss", "tokens", "samples", "accuracy", "accuracy_by_task", "answered", "answered_by_task"}."""
     was_training = vlm.training
     vlm.eval()
     samples, _ = read_samples(args.shards, args.max_samples)
@@ -116,4 +116,5 @@ def evaluate_model(vlm: VLM, args: EvalArgs, *, template: str, max_length: int) 
         "answered": len(hits),
         "accuracy": sum(hits) / len(hits) if hits else None,
         "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(correct.items())},
+        "answered_by_task": {k: len(v) for k, v in sorted(correct.items())},
     }
