@@ -9,7 +9,9 @@ Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is
         .{name}.tmp-{hex}/          a shard being written, or left by a crash: never read,
                                     `remove_partial` deletes it (names starting with "." are
                                     not shards; generic Zarr clients should skip them)
-        {name}/                     one complete shard; attributes = ShardMeta.to_dict()
+        {name}/                     one complete shard; attributes = ShardMeta.to_dict(), whose
+                                    `files` lists every file below (size and sha256) except
+                                    this zarr.json itself
           ids_offsets          (N+1,)          int64    sample i's tokens: input_ids[ids_offsets[i]:ids_offsets[i+1]]
           input_ids            (T,)            int32    IMAGE_TOKEN (-200) at vision positions
           resp_offsets         (N+1,)          int64    sample i's response rows: [resp_offsets[i]:resp_offsets[i+1]]
@@ -38,6 +40,17 @@ Per-sample attention (H, Lq, N_v) is stored as rows (Lq, H, N_v) so that samples
 along axis 0; the reader transposes it back. Text-only samples have Lq = 0 and all-zero
 vision_features and focus. Every array of a shard is listed, with dtype and shape, by
 `shard_arrays(meta)`; the writer creates exactly these and the reader checks them.
+
+Integrity: `ShardMeta.files` maps every file of a shard directory (each array's zarr.json
+and chunk files, by path relative to the shard with "/" separators) to its size and sha256,
+taken when the shard was written. Zarr writes no chunk file for a chunk that is all zeros
+(the fill value) and reads a missing chunk back as zeros, so a deleted chunk file would
+otherwise read as valid data: the list is complete, and a file missing from it, or on disk
+but not in it, is damage. The shard's own zarr.json holds the list and is checked by the
+schema instead (strict keys and types, the list's sizes adding up to `nbytes`). Readers check
+sizes when they open a shard and hashes of what they read; `alignkd verify-cache` checks all
+(alignkd.cache.verify). `files` was added to version 1 before any release; a cache written by
+earlier development code lacks it and is refused ("missing key files"): extract it again.
 
 Codecs (alignkd.cache.codecs has the formulas): rows are the last axis.
     uint8 / uint4   attention in [0, 1]: scale = row max / 255 (or / 15), q = round(x / scale)
@@ -89,6 +102,7 @@ __all__ = [
     "CodecStorage",
     "TeacherInfo",
     "CacheMeta",
+    "FileDigest",
     "ShardMeta",
     "ArraySpec",
     "attention_array",
@@ -279,6 +293,14 @@ class CacheMeta:
         return _differences(self.to_dict(), other.to_dict())
 
 
+@dataclasses.dataclass(frozen=True)
+class FileDigest:
+    """One file of a shard as written: its size in bytes and the sha256 hex digest of its bytes."""
+
+    size: int
+    sha256: str
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShardMeta:
     """One shard's attributes. Lists are in row order: keys[i] is the sample at row i.
@@ -288,6 +310,8 @@ class ShardMeta:
                     error of the decoded values against the float32 ones, measured at write time
     nbytes          per array name: bytes on disk of its directory (chunks and zarr.json)
     raw_fp16_bytes  per float signal: 2 bytes per value, what plain fp16 would have taken
+    files           every file of the shard but its own zarr.json, by relative "/" path:
+                    FileDigest(size, sha256) as written (see "Integrity" above)
     """
 
     name: str
@@ -300,6 +324,7 @@ class ShardMeta:
     codec_error: dict[str, dict[str, float]]
     nbytes: dict[str, int]
     raw_fp16_bytes: dict[str, int]
+    files: dict[str, FileDigest]
 
     _FINGERPRINT: ClassVar[re.Pattern] = re.compile(r"[0-9a-f]{64}")
 
@@ -337,6 +362,20 @@ class ShardMeta:
             for name, n in getattr(self, field).items():
                 if n < 0:
                     raise CacheSchemaError(f"{field}.{name}: must be >= 0, got {n}")
+        per_array: dict[str, int] = {}
+        for path, digest in self.files.items():
+            parts = path.split("/")
+            if path == "zarr.json" or "" in parts or ".." in parts or "." in parts or "\\" in path:
+                raise CacheSchemaError(f"files: {path!r} is not a file path inside the shard")
+            if parts[0] not in self.nbytes:
+                raise CacheSchemaError(f"files: {path!r} is not inside an array of the shard")
+            if digest.size < 0 or not self._FINGERPRINT.fullmatch(digest.sha256):
+                raise CacheSchemaError(f"files.{path}: needs a size >= 0 and a sha256 hex digest, got {digest}")
+            per_array[parts[0]] = per_array.get(parts[0], 0) + digest.size
+        for name, n in self.nbytes.items():
+            if per_array.get(name, 0) != n:
+                raise CacheSchemaError(f"files: the files of {name} add up to {per_array.get(name, 0)} bytes, "
+                                       f"nbytes says {n}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)

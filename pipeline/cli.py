@@ -100,7 +100,7 @@ def probe_cmd(job: str | None, overrides: tuple[str, ...], model: str | None, da
 
     shortcuts = [f"{k}={json.dumps(v)}" for k, v in (("model.path", model), ("data.shards", data), ("n", n)) if v is not None]
     try:
-        args = load_job(ProbeArgs, job, [*shortcuts, *overrides])
+        args = load_job(ProbeArgs, job, [*shortcuts, *overrides], check_paths=True)
         rows, skipped = probe(args)
     except _KNOWN_ERRORS as e:
         _fail(e)
@@ -120,7 +120,7 @@ def extract_teacher_cmd(job: str | None, overrides: tuple[str, ...], address: st
 
     extra = [f"ray.address={json.dumps(address)}"] if address else []
     try:
-        args = load_job(ExtractArgs, job, [*overrides, *extra])
+        args = load_job(ExtractArgs, job, [*overrides, *extra], check_paths=True)
         if dry_run:
             _print_estimate(estimate_size(args))
             return
@@ -161,6 +161,37 @@ def inspect_cache_cmd(path: str, as_json: bool) -> None:
     except _KNOWN_ERRORS as e:
         _fail(e)
     click.echo(json.dumps(report, indent=2) if as_json else format_table(report))
+
+
+@main.command("verify-cache")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--quick", is_flag=True, help="File lists and sizes only, no hashing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def verify_cache_cmd(path: str, quick: bool, as_json: bool) -> None:
+    """Check every shard file against its recorded size and sha256, and the schema; names each
+    damaged shard, exit status 1 if any (alignkd.cache.verify)."""
+    from dataclasses import asdict
+
+    from alignkd.cache.verify import verify_cache
+
+    try:
+        report = verify_cache(path, hashes=not quick)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        how = "sha256 and sizes" if report.hashed else "sizes only"
+        click.echo(f"{path}: {report.shards} shards, {report.files} files, {report.bytes / 2**20:.1f} MiB checked ({how})")
+        for name, problems in sorted(report.damaged.items()):
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            click.echo(f"damaged shard {name}: {'; '.join(problems[:3])}{more}")
+        if report.partial:
+            click.echo(f"{len(report.partial)} temporary shard(s) left by an interrupted run (the next extraction removes them)")
+        click.echo("ok" if report.ok else f"{len(report.damaged)} damaged shard(s): delete them and run the same "
+                   "extract-teacher job again to redo them")
+    if not report.ok:
+        sys.exit(1)
 
 
 def _print_probe(rows, skipped, as_json: bool) -> None:
@@ -206,7 +237,7 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
     from alignkd.train import TrainArgs, train
 
     try:
-        args = load_job(TrainArgs, job, overrides)
+        args = load_job(TrainArgs, job, overrides, check_paths=True)
         result = train(args, echo=click.echo, progress=not no_progress)
     except _KNOWN_ERRORS as e:
         _fail(e)

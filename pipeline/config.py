@@ -11,6 +11,17 @@ it changes.
 Every key must name a field of the dataclass it lands in; an unknown key, a value of the
 wrong type or a malformed override raises `ConfigError` (one line, naming the key) before
 any model is loaded. `to_dict` gives back the resolved config so every output can carry it.
+
+A stage's config class may list its input paths as dotted keys in a plain class attribute
+`INPUT_PATHS` (not a field); `load_job(..., check_paths=True)`, which the commands use, then
+checks that each non-empty one exists (a key ending in "shards" must name at least one shard),
+so a wrong path is a one-line ConfigError before a model is loaded, not an error from deep
+inside a worker or, for an evaluation split, after the training it follows:
+
+    @dataclass
+    class TrainArgs:
+        INPUT_PATHS = ("student.path", "data.shards", "cache", "teacher", "eval.shards")
+        ...
 """
 
 from __future__ import annotations
@@ -22,7 +33,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_job", "read_job", "read_toml"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "load_job", "read_job", "read_toml",
+           "check_input_paths"]
 
 T = TypeVar("T")
 
@@ -182,7 +194,32 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_job(cls: type[T], job: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Defaults <- job file <- overrides, as one validated dataclass."""
+def load_job(cls: type[T], job: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+             check_paths: bool = False) -> T:
+    """Defaults <- job file <- overrides, as one validated dataclass; with `check_paths`, its
+    INPUT_PATHS must exist (check_input_paths)."""
     raw = read_job(job) if job is not None else {}
-    return from_dict(cls, apply_overrides(raw, list(overrides)))
+    cfg = from_dict(cls, apply_overrides(raw, list(overrides)))
+    if check_paths:
+        check_input_paths(cfg)
+    return cfg
+
+
+def check_input_paths(cfg: Any) -> None:
+    """ConfigError naming the key for the first path in `type(cfg).INPUT_PATHS` that does not
+    exist; empty values are optional inputs left unset and are skipped."""
+    for dotted in getattr(type(cfg), "INPUT_PATHS", ()):
+        value = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if not value:
+            continue
+        if dotted.split(".")[-1] == "shards":
+            from alignkd.data.shards import expand_shards  # imported here: PIL and webdataset
+
+            try:
+                expand_shards(value)
+            except FileNotFoundError as e:
+                raise ConfigError(f"{dotted}: {e}") from None
+        elif not Path(value).exists():
+            raise ConfigError(f"{dotted}: {value} does not exist")

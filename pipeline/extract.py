@@ -23,6 +23,7 @@ sample of the data, without loading any teacher weights.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import time
 from collections import deque
@@ -35,7 +36,7 @@ import numpy as np
 
 from alignkd import __version__
 from alignkd.cache_schemas import SCHEMA_VERSION, CacheMeta, CodecSpec, ShardMeta, TeacherInfo
-from alignkd.config import to_dict
+from alignkd.config import check_input_paths, to_dict
 from alignkd.data import DataArgs
 from alignkd.data.shards import expand_shards
 from alignkd.models import ModelArgs
@@ -43,8 +44,13 @@ from alignkd.progress import progress_bar
 
 __all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "extract", "estimate_size", "plan_shards"]
 
-# Fault injection for tests: the worker SIGKILLs itself once, mid-shard, in the named shard.
+# Fault injection for tests (tests/test_extract.py, tests/test_faults.py), read by the workers;
+# never set in real runs. KILL: the worker SIGKILLs itself once, mid-shard, in the named shard.
+# WRITE, "{shard}:{fault}": once the shard's first arrays are on disk, its write fails as a full
+# disk ("enospc") or a permission error ("eacces") would, or hangs ("stall") so that a test can
+# SIGKILL the whole job while a half-written shard is on disk.
 _FAULT_KILL_ENV = "ALIGNKD_FAULT_KILL_WORKER_IN_SHARD"
+_FAULT_WRITE_ENV = "ALIGNKD_FAULT_WRITE"
 
 
 @dataclass
@@ -74,6 +80,9 @@ class RayArgs:
 
 @dataclass
 class ExtractArgs:
+    # Checked to exist before Ray starts (alignkd.config.check_input_paths); not a field.
+    INPUT_PATHS = ("teacher.path", "teacher.vision_tower", "data.shards")
+
     teacher: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     cache: CacheArgs = field(default_factory=CacheArgs)
@@ -189,11 +198,32 @@ class TeacherWorker:
         if pending:
             run_batch()
         return write_shard(cache_root, shard_name, records, skipped, meta=meta, input_shard=input_shard,
-                           input_size=os.path.getsize(input_shard))
+                           input_size=os.path.getsize(input_shard), after_array=_write_fault(shard_name))
 
 
 def _fault_marker(cache_root: Path, shard_name: str) -> Path:
     return cache_root / f".fault-{shard_name}"
+
+
+def _write_fault(shard_name: str) -> Callable[[str], None] | None:
+    """The _FAULT_WRITE_ENV fault for this shard, as a write_shard `after_array` hook."""
+    target, _, fault = os.environ.get(_FAULT_WRITE_ENV, "").rpartition(":")
+    if target != shard_name:
+        return None
+    if fault not in ("enospc", "eacces", "stall"):
+        raise ValueError(f"{_FAULT_WRITE_ENV}: unknown fault {fault!r}")
+    written: list[str] = []
+
+    def inject(array: str) -> None:
+        written.append(array)
+        if len(written) < 3:  # a few arrays on disk first: a half-written shard
+            return
+        if fault == "stall":
+            time.sleep(600)
+        code = errno.ENOSPC if fault == "enospc" else errno.EACCES
+        raise OSError(code, f"{os.strerror(code)} (injected by {_FAULT_WRITE_ENV})")
+
+    return inject
 
 
 def _start_ray(args: RayArgs) -> bool:
@@ -251,6 +281,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
 
     if not args.cache.path:
         raise ValueError("cache.path is not set: where should the cache go?")
+    check_input_paths(args)
     started = time.monotonic()
     plan = plan_shards(args.data.shards)
     cache_root = Path(args.cache.path)
@@ -259,7 +290,11 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
     workers = []
     try:
         workers = _spawn_workers(args)
-        meta = _cache_meta(args, ray.get(workers[0].describe.remote()))
+        try:
+            described = ray.get(workers[0].describe.remote())
+        except ray.exceptions.RayError as e:  # e.g. the teacher does not load: the actor died in __init__
+            raise RuntimeError(f"teacher worker failed to start: {_one_line(e)}") from None
+        meta = _cache_meta(args, described)
         init_cache(cache_root, meta)  # refuses a cache built by another teacher / tokenizer / config
         removed = remove_partial(cache_root)
 

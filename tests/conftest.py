@@ -71,3 +71,27 @@ def build_cache(tiny_models, demo_data, root, attention_heads="per_head"):
 def tiny_cache(tiny_models, demo_data, tmp_path_factory):
     """A lossless cache of the tiny MobileVLM teacher over the demo training shards."""
     return build_cache(tiny_models, demo_data, tmp_path_factory.mktemp("cache") / "c")
+
+
+# ---------------------------------------------------------------------------- reliability report
+# Tests marked `fault` / `bad_input` are counted and the totals printed after the run
+# (tests/reliability_report.py says how).
+
+
+def pytest_collection_modifyitems(config, items):
+    import reliability_report
+
+    reliability_report.collected(items)
+
+
+def pytest_runtest_logreport(report):
+    import reliability_report
+
+    reliability_report.finished(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    import reliability_report
+
+    for line in reliability_report.summary(verbose=terminalreporter.config.getoption("verbose") > 0):
+        terminalreporter.write_line(line)

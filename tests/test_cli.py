@@ -54,6 +54,7 @@ def test_probe_runs_on_tiny_models_and_prints_json(tiny_models, demo_data):
         (["--job", "/nonexistent/job.toml"], "job file not found"),
     ],
 )
+@pytest.mark.bad_input
 def test_probe_bad_jobs_fail_in_one_line_before_loading_a_model(args, message):
     result = CliRunner().invoke(main, ["probe", "--model", "/nonexistent", "--data", "/nonexistent", *args])
     assert result.exit_code == 2

@@ -46,6 +46,7 @@ def test_defaults_then_job_file_then_overrides(tmp_path):
     assert cfg.optim.betas == [0.9, 0.95]  # untouched default
 
 
+@pytest.mark.bad_input
 def test_unknown_keys_are_errors_naming_the_dotted_key(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.batchsize"):
         from_dict(JobArgs, {"data": {"batchsize": 3}})
@@ -66,6 +67,7 @@ def test_unknown_keys_are_errors_naming_the_dotted_key(tmp_path):
         ("nonsense", "not of the form key=value"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_overrides_give_one_line_errors(override, message):
     with pytest.raises(ConfigError) as info:
         load_job(JobArgs, None, [override])
@@ -88,6 +90,7 @@ def test_resolved_config_round_trips_through_to_dict():
     assert from_dict(JobArgs, to_dict(cfg)) == cfg
 
 
+@pytest.mark.bad_input
 def test_missing_and_malformed_job_files(tmp_path):
     with pytest.raises(ConfigError, match="job file not found"):
         load_job(JobArgs, tmp_path / "nope.toml")

@@ -19,6 +19,7 @@ from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
 from alignkd.extract import _FAULT_KILL_ENV, CacheArgs, ExtractArgs, RayArgs, estimate_size, extract
 from alignkd.models import ModelArgs, load_vlm
 from alignkd.signals import teacher_signals
+from reliability_report import injected
 
 LOSSLESS = CodecSpec(attention="fp32", features="fp32", logprobs="fp32", compressor="zstd")
 
@@ -115,25 +116,30 @@ def test_a_second_run_is_a_no_op(ray_session, reference_cache, tiny_models, demo
     assert {f: f.stat().st_mtime_ns for f in (reference_cache / "shards").rglob("*")} == before
 
 
+@pytest.mark.fault
 def test_resume_after_a_deleted_shard_and_a_partial_one(ray_session, reference_cache, tiny_models, demo_data, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(reference_cache, cache)
     shards = list_complete_shards(cache)
     shutil.rmtree(cache / "shards" / shards[0])
+    injected("a finished cache shard deleted")
     partial = cache / "shards" / f".{shards[1]}.tmp-deadbeef"
     shutil.copytree(cache / "shards" / shards[1], partial)  # as if a run died while writing
+    injected("a partial shard left by a killed writer")
     summary = _run(_args(tiny_models, demo_data, cache))
     assert summary.shards_written == [shards[0]]
     assert summary.removed_partial and not partial.exists()
     assert _arrays(cache) == _arrays(reference_cache)
 
 
+@pytest.mark.fault
 def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(ray_session, reference_cache, tiny_models, demo_data,
                                                                 tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     victim = list_complete_shards(reference_cache)[1]
     # The environment reaches the workers: the local Ray was started by this process.
     monkeypatch.setenv(_FAULT_KILL_ENV, victim)
+    injected("SIGKILL of one Ray worker mid-shard")
     import ray
 
     ray.shutdown()
@@ -146,6 +152,7 @@ def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(ray_session, ref
     assert len(reader) == len(CacheReader(reference_cache))
 
 
+@pytest.mark.fault
 def test_a_different_teacher_or_config_refuses_to_mix_into_a_cache(ray_session, reference_cache, tiny_models,
                                                                    demo_data, tmp_path):
     cache = tmp_path / "cache"

@@ -19,6 +19,7 @@ from alignkd.losses import logit_kl
 from alignkd.models import ModelArgs, load_vlm
 from alignkd.train import LossArgs, OptimArgs, RunArgs, TrainArgs, train
 from conftest import build_cache
+from reliability_report import injected
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,7 @@ def _quiet(args):
     return train(args, echo=lambda _: None, progress=False)
 
 
+@pytest.mark.fault
 def test_a_killed_and_resumed_run_ends_with_the_same_weights(tiny_models, demo_data, cache, tmp_path):
     def args(run_dir, **run):
         a = _args(tiny_models, demo_data, cache, run_dir)
@@ -115,6 +117,7 @@ def test_supervised_only_training_needs_no_cache(tiny_models, demo_data, tmp_pat
         ({"data": {"template": "plain"}}, "template: cache 'v1', job 'plain'"),
     ],
 )
+@pytest.mark.bad_input
 def test_terms_the_cache_cannot_serve_are_refused_before_training(tiny_models, demo_data, cache, tmp_path, change,
                                                                   message):
     args = _args(tiny_models, demo_data, cache, tmp_path / "r")
@@ -126,6 +129,7 @@ def test_terms_the_cache_cannot_serve_are_refused_before_training(tiny_models, d
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.bad_input
 def test_mix_needs_a_per_head_cache(tiny_models, demo_data, tmp_path):
     mean_cache = build_cache(tiny_models, demo_data, tmp_path / "mean", attention_heads="mean")
     with pytest.raises(ValueError, match="needs per-head attention"):
@@ -134,13 +138,16 @@ def test_mix_needs_a_per_head_cache(tiny_models, demo_data, tmp_path):
     assert _quiet(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=1))).steps == 1
 
 
+@pytest.mark.fault
 def test_stale_caches_are_refused_naming_what_changed(tiny_models, demo_data, cache, tmp_path):
     # another teacher checkpoint than the one the cache came from
+    injected("stale cache: another teacher checkpoint")
     args = dataclasses.replace(_args(tiny_models, demo_data, cache, tmp_path / "t"),
                                teacher=str(tiny_models["mobilevlm"]["student"]))
     with pytest.raises(ValueError, match="teacher: .* another config_hash"):
         _quiet(args)
     # changed data: one shard rewritten with other samples
+    injected("stale cache: changed data shards")
     data = tmp_path / "data"
     shutil.copytree(demo_data / "train", data)
     shards = sorted(data.glob("*.tar"))
@@ -150,6 +157,7 @@ def test_stale_caches_are_refused_naming_what_changed(tiny_models, demo_data, ca
     with pytest.raises(ValueError, match="changed"):
         _quiet(args)
     # another tokenizer: the LLaVA tiny student's vocabulary is the same, so build a SentencePiece one
+    injected("stale cache: another tokenizer")
     from alignkd.models.tiny import write_tiny_models
 
     other = write_tiny_models(tmp_path / "sp", family="mobilevlm", tokenizer="sentencepiece")
@@ -234,6 +242,7 @@ def test_gradient_checkpointing_keeps_every_loss_term_and_its_gradients(tiny_mod
     torch.testing.assert_close(q_ckpt, q_plain, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.fault
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_a_warning(tiny_models, demo_data, cache,
                                                                                     tmp_path):
     args = _args(tiny_models, demo_data, cache, tmp_path / "run")

@@ -13,10 +13,16 @@ What is read when:
     "." are partial and ignored);
   * the key index (key -> shard, row) is built on first need from each shard's attributes, never
     from its signal arrays; a key stored in two shards is a CacheSchemaError naming both;
-  * a shard is opened when one of its samples is first read: its arrays are checked against the
-    schema (names, dtypes, shapes, offsets) and its small offset arrays are loaded; at most
-    `max_open_shards` stay open (least recently used are closed);
-  * `get` reads only the chunks holding that sample.
+  * a shard is opened when one of its samples is first read: its files are checked against the
+    shard's file list (none missing or extra, sizes; hashes of the metadata and index files),
+    its arrays against the schema (names, dtypes, shapes, offsets), and its small offset arrays
+    are loaded; at most `max_open_shards` stay open (least recently used are closed);
+  * `get` reads only the chunks holding that sample, and hashes each chunk file the first
+    time it is read (when it enters the chunk cache) against the shard's file list.
+Damage is a CacheSchemaError naming the shard and file, raised before any of its data is
+returned. Hashing only what is read costs about one sha256 pass over the compressed bytes a
+run reads anyway, instead of re-hashing a terabyte cache on every start; `alignkd
+verify-cache` (alignkd.cache.verify) checks every file up front.
 
 Shapes and dtypes come from the cache (its CacheMeta and shard_arrays), never from the caller.
 A CacheReader can be handed to worker processes: its open shards are not pickled, each process
@@ -37,7 +43,8 @@ import zarr
 
 from alignkd.cache.codecs import get_codec
 from alignkd.cache.records import SampleSignals
-from alignkd.cache.writer import list_complete_shards, read_cache_meta, read_shard_meta
+from alignkd.cache.verify import check_shard_files
+from alignkd.cache.writer import file_digest, list_complete_shards, read_cache_meta, read_shard_meta
 from alignkd.cache_schemas import (
     SCALE_SUFFIX,
     SHARDS_GROUP,
@@ -49,7 +56,7 @@ from alignkd.cache_schemas import (
     shard_arrays,
 )
 
-__all__ = ["CacheReader"]
+__all__ = ["CacheReader", "open_shard"]
 
 # Decoded chunks kept per reader (so per DataLoader worker), across all its open shards.
 _CHUNK_CACHE_BYTES = 256 * 2**20
@@ -89,6 +96,9 @@ class CacheReader:
         self._index: dict[str, tuple[str, int]] | None = None
         self._open: OrderedDict[str, _OpenShard] = OrderedDict()
         self._chunks = _ChunkCache()
+        # Shards whose file list was checked in this process: a shard closed by the LRU and
+        # opened again is not listed and stat'ed again (thousands of chunk files at scale).
+        self._files_checked: set[str] = set()
 
     # -------------------------------------------------------------------- what is in it
 
@@ -185,8 +195,9 @@ class CacheReader:
         if name in self._open:
             self._open.move_to_end(name)
             return self._open[name]
-        shard = _OpenShard(self.path / SHARDS_GROUP / name, self._specs, self.shard_meta(name).num_samples,
-                           self._chunks)
+        shard = _OpenShard(self.path / SHARDS_GROUP / name, self._specs, self.shard_meta(name), self._chunks,
+                           check_files=name not in self._files_checked)
+        self._files_checked.add(name)
         self._open[name] = shard
         if len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -204,11 +215,36 @@ def _canonical(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def open_shard(cache_root: str | os.PathLike, meta: CacheMeta, shard: ShardMeta, *,
+               check_files: bool = True) -> _OpenShard:
+    """Open one shard as the reader does (files, schema and offsets checked); CacheSchemaError
+    naming the shard and what is wrong. For alignkd.cache.verify."""
+    return _OpenShard(Path(cache_root) / SHARDS_GROUP / shard.name, shard_arrays(meta), shard, _ChunkCache(),
+                      check_files=check_files)
+
+
+# Arrays read whole when a shard is opened; their files are hashed then, the others per chunk.
+_INDEX_ARRAYS = ("ids_offsets", "resp_offsets", "rows_offsets", "vision_start", "vision_length")
+
+
 class _OpenShard:
     """One shard's array handles, checked against the schema, plus its small index arrays."""
 
-    def __init__(self, path: Path, specs: dict[str, ArraySpec], num_samples: int, chunks: _ChunkCache) -> None:
+    def __init__(self, path: Path, specs: dict[str, ArraySpec], shard: ShardMeta, chunks: _ChunkCache, *,
+                 check_files: bool) -> None:
         self.path = path
+        self.files = shard.files
+        num_samples = shard.num_samples
+        # Before Zarr parses anything (first open in this process): every file listed and of its
+        # size, metadata and index files hashed (they are read whole right below); chunks are
+        # hashed whenever they are read.
+        problems = check_shard_files(
+            path, shard.files, hash_files=lambda f: f.endswith("zarr.json") or f.split("/")[0] in _INDEX_ARRAYS,
+        ) if check_files else []
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise CacheSchemaError(f"shard {path} is damaged: {problems[0]}{more}; "
+                                   f"`alignkd verify-cache {path.parent.parent}` lists every damaged shard")
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
         self.arrays: dict[str, zarr.Array] = {}
         for name, spec in specs.items():
@@ -260,8 +296,22 @@ class _OpenShard:
         return out[0] if isinstance(where, int) else out
 
     def _chunk(self, name: str, index: int, size: int) -> np.ndarray:
-        return self._chunks.get((str(self.path), name, index),
-                                lambda: self.arrays[name][index * size : (index + 1) * size])
+        def load() -> np.ndarray:
+            self._check_chunk(name, index)
+            return self.arrays[name][index * size : (index + 1) * size]
+
+        return self._chunks.get((str(self.path), name, index), load)
+
+    def _check_chunk(self, name: str, index: int) -> None:
+        """The chunk file against the shard's file list. A chunk with no file is all fill
+        value by Zarr's rules; that is right only if the list has no file for it either (the
+        listing was checked when the shard was opened)."""
+        array = self.arrays[name]
+        rel = f"{name}/{array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))}"
+        want = self.files.get(rel)
+        if want is not None and file_digest(self.path / rel) != want:
+            raise CacheSchemaError(f"shard {self.path} is damaged: file {rel} has changed (its sha256 differs "
+                                   "from the shard's file list); `alignkd verify-cache` lists every damaged shard")
 
     def decode(self, name: str, codec_name: str, where: slice | int, length: int | None) -> np.ndarray:
         codec = get_codec(codec_name)

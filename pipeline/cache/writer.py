@@ -23,6 +23,10 @@ Rewriting a shard that exists moves the old directory aside (to a `.tmp-` name) 
 the new one in, then deletes the old one: at every moment the final name holds either the old
 complete shard, nothing, or the new complete shard, never a mix.
 
+Every file of a shard except its own zarr.json is listed in its ShardMeta with size and sha256
+(`files`), hashed from the finished temporary directory just before the rename, so what is
+listed is exactly what gets published; alignkd.cache.verify and the reader check against it.
+
 Every input is checked before anything is written: `meta` against the cache's root metadata and
 each sample against `meta` (shapes, offsets, ranges); errors are CacheSchemaError naming the
 sample key. Arrays are chunked along axis 0 at about CHUNK_BYTES uncompressed per chunk, so a
@@ -31,11 +35,12 @@ reader fetching one sample decompresses little more than it needs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +56,7 @@ from alignkd.cache_schemas import (
     CacheMeta,
     CacheSchemaError,
     CodecSpec,
+    FileDigest,
     ShardMeta,
     attention_array,
     check_shard_name,
@@ -66,6 +72,8 @@ __all__ = [
     "list_complete_shards",
     "remove_partial",
     "remove_partial_shard",
+    "file_digest",
+    "shard_files",
 ]
 
 CHUNK_BYTES = 1 << 20
@@ -189,10 +197,14 @@ def write_shard(
     meta: CacheMeta,
     input_shard: str,
     input_size: int,
+    after_array: Callable[[str], None] | None = None,
 ) -> ShardMeta:
     """Write one complete shard (the signals of `samples`, in order, plus the `skipped`
     (key, reason) pairs of its input shard) and return its ShardMeta. A shard of zero samples
-    is valid: it records that the input shard was done and why each sample was skipped."""
+    is valid: it records that the input shard was done and why each sample was skipped.
+
+    `after_array(name)` is called each time an array is on disk; the extraction stage uses it
+    to inject faults in tests (an exception from it aborts the shard like a failed write)."""
     root = Path(cache_root)
     check_shard_name(shard_name)
     meta.validate()
@@ -211,6 +223,8 @@ def write_shard(
             _check_layout(specs[name], data)
             _write_array(group, name, data, meta.codecs)
             written.append(name)
+            if after_array is not None:
+                after_array(name)
         if written != list(specs):  # the generator below and the schema must agree exactly
             raise RuntimeError(f"writer bug: wrote {written}, the schema lists {list(specs)}")
         shard = ShardMeta(
@@ -224,6 +238,7 @@ def write_shard(
             codec_error=accounting.errors(),
             nbytes={name: _dir_bytes(tmp / name) for name in specs},
             raw_fp16_bytes=dict(accounting.raw_fp16),
+            files=shard_files(tmp),
         )
         shard.validate()
         group.attrs.update(shard.to_dict())
@@ -489,6 +504,25 @@ def _floats(a: object, name: str, shape: tuple[int, ...], allow_neg_inf: bool = 
 
 
 # ---------------------------------------------------------------------------- files
+
+
+def file_digest(path: str | os.PathLike) -> FileDigest:
+    """Size and sha256 of one file (read in 1 MiB blocks: chunk files can be large)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return FileDigest(size=size, sha256=h.hexdigest())
+
+
+def shard_files(shard_dir: str | os.PathLike) -> dict[str, FileDigest]:
+    """FileDigest of every file under a shard directory except its own zarr.json (which holds
+    this list), by "/"-separated path relative to the directory, sorted."""
+    root = Path(shard_dir)
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p != root / "zarr.json")
+    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
 
 
 def _dir_bytes(path: Path) -> int:

@@ -22,7 +22,11 @@ Output in `out_dir`:
 
 Records that cannot be used are skipped, never fatal: one bad record in 665K should not stop
 a conversion, but every skip is listed so nothing is lost silently. Every written record has
-passed `decode_sample`, so the reader accepts all of it.
+passed `decode_sample`, so the reader accepts all of it. That includes text that is not UTF-8:
+the file is read with invalid bytes kept as lone surrogates (as are JSON's "\\udc80" escapes),
+so only the records holding them are skipped ("json is not UTF-8"), and records that name a
+member twice (`{"id": "a", "id": "b"}`), which Python's json would resolve silently. Only a file
+that is not a JSON list at all is a (one-line) error.
 """
 
 from __future__ import annotations
@@ -39,7 +43,15 @@ from typing import Any
 
 from PIL import Image
 
-from alignkd.data.shards import MAX_PIXELS, BadSample, check_conversations, decode_sample, write_shards
+from alignkd.data.shards import (
+    MAX_PIXELS,
+    BadSample,
+    check_conversations,
+    decode_sample,
+    duplicate_keys,
+    loads_json,
+    write_shards,
+)
 
 __all__ = ["MakeShardsReport", "make_shards", "safe_key"]
 
@@ -82,13 +94,13 @@ def safe_key(record_id: str) -> str:
 
 def _load_records(llava_json: pathlib.Path) -> list:
     """Read the whole JSON list, or raise a one-line error naming the file."""
+    # surrogateescape: bytes that are not UTF-8 become lone surrogates inside the strings that
+    # hold them, so one bad record is skipped later instead of failing the whole file here.
+    text = llava_json.read_bytes().decode("utf-8", errors="surrogateescape")
     try:
-        with open(llava_json, encoding="utf-8") as f:
-            records = json.load(f)
-    except UnicodeDecodeError:
-        raise ValueError(f"{llava_json}: not valid JSON (not UTF-8)") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{llava_json}: not valid JSON ({err})") from None
+        records = loads_json(text)
+    except ValueError as err:  # json.JSONDecodeError, or nested too deeply
+        raise ValueError(f"{llava_json}: not valid JSON ({_clean(str(err))})") from None
     if not isinstance(records, list):
         raise ValueError(f"{llava_json}: expected a JSON list of records, got a {type(records).__name__}")
     return records
@@ -144,8 +156,18 @@ def _image_member(path: pathlib.Path) -> tuple[str, bytes]:
         return "png", out.getvalue()
     except _Skip:
         raise
+    except Image.DecompressionBombError:  # raised by Image.open itself, before any pixel is read
+        raise _Skip("image too large: over PIL's decompression-bomb limit") from None
     except Exception as err:  # PIL raises many types for bad data
         raise _Skip(f"image does not decode: {' '.join(f'{type(err).__name__}: {err}'.split())}") from None
+
+
+def _clean(text: str) -> str:
+    """Text for a one-line report: whitespace runs (newlines too) as one space, lone
+    surrogates as backslash escapes (they cannot be written as UTF-8), no object addresses
+    ("<_io.BytesIO object at 0x7f...>" in PIL's messages: the same input, the same report)."""
+    text = re.sub(r" at 0x[0-9a-fA-F]+>", ">", " ".join(text.split()))
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _category(reason: str) -> str:
@@ -180,6 +202,8 @@ def make_shards(
                     raise _Skip(f"not an object: {type(record).__name__}")
                 record_id = _record_id(record)
                 key = safe_key(record_id)
+                if duplicate_keys(record):  # gone once the record is written out again: judged here
+                    raise _Skip(f"duplicate json key: {duplicate_keys(record)[0]!r}")
                 if key in owner_of_key:
                     # The first record written under a key owns it; a repeated id, or an id
                     # that only differs in characters safe_key replaces, would be ambiguous.
@@ -195,13 +219,16 @@ def make_shards(
                     sample[ext] = data
                 # The reader's own check, on exactly the bytes that will be stored.
                 raw = {k: v for k, v in sample.items() if k != "json"}
-                raw["json"] = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+                # surrogatepass: text that is not UTF-8 (lone surrogates) stays in the bytes, for
+                # decode_sample to refuse ("json is not UTF-8") like any reader would.
+                raw["json"] = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass")
                 try:
                     decode_sample(raw)
                 except BadSample as err:
                     raise _Skip(err.reason) from None
             except _Skip as skip:
-                skipped.append({"index": index, "id": record_id, "key": key, "reason": skip.reason})
+                shown_id = _clean(record_id) if record_id is not None else None
+                skipped.append({"index": index, "id": shown_id, "key": key, "reason": _clean(skip.reason)})
                 continue
             owner_of_key[key] = record_id
             yield sample

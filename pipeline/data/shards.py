@@ -24,6 +24,10 @@ Guarantees:
   * the same samples give the same bytes (fixed tar metadata, fixed member order), so shards
     can be fingerprinted and a rerun is a no-op on content;
   * tar member names are only ever used as sample keys, never as filesystem paths;
+  * whatever a shard holds, decoding a sample gives a Sample or a one-line BadSample naming
+    it, never another exception: bad keys (empty, unprintable, not UTF-8), JSON that is not
+    UTF-8 (invalid bytes, lone surrogate escapes), nested too deeply, or names a member twice
+    (`{"id": 1, "id": 2}`: Python's json would keep the last one silently), bad images;
   * a truncated or corrupt shard raises `ShardError` naming the file, instead of silently
     ending early (Python's tarfile stops without error at a bad header).
 """
@@ -58,6 +62,8 @@ __all__ = [
     "decode_sample",
     "expand_shards",
     "iter_raw_samples",
+    "loads_json",
+    "duplicate_keys",
     "read_samples",
     "write_shards",
 ]
@@ -330,7 +336,7 @@ def iter_raw_samples(shard_path: str | os.PathLike) -> Iterator[dict]:
                 if key in seen:
                     raise ShardError(f"{path}: sample key {key!r} occurs twice")
                 seen.add(key)
-                yield {"__key__": key, "__shard__": path, **raw}
+                yield {**raw, "__key__": key, "__shard__": path}  # a member named "k.__shard__" cannot override
     except ShardError:
         raise
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
@@ -340,6 +346,56 @@ def iter_raw_samples(shard_path: str | os.PathLike) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------------------- decoding
+
+
+class _JsonObject(dict):
+    """A JSON object parsed by `loads_json`: remembers the member names given twice in it or
+    in any object nested in it (JSON allows them; Python's json keeps the last one silently)."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _nested_duplicates(value: Any) -> list[str]:
+    if isinstance(value, _JsonObject):
+        return list(value.duplicates)
+    if isinstance(value, list):
+        return [name for item in value for name in _nested_duplicates(item)]
+    return []
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj, duplicates = _JsonObject(), []
+    for name, value in pairs:
+        if name in obj:
+            duplicates.append(name)
+        obj[name] = value
+        duplicates += _nested_duplicates(value)
+    obj.duplicates = tuple(duplicates)
+    return obj
+
+
+def loads_json(text: str) -> Any:
+    """`json.loads`, except that objects remember duplicate member names (`duplicate_keys`)
+    and a document nested too deeply for Python's parser raises ValueError, not RecursionError."""
+    try:
+        return json.loads(text, object_pairs_hook=_json_object)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def duplicate_keys(value: Any) -> tuple[str, ...]:
+    """Member names that occur twice in `value` (parsed by `loads_json`) or in objects inside it."""
+    return tuple(_nested_duplicates(value))
+
+
+def _valid_unicode(value: Any) -> bool:
+    """Whether every string in parsed JSON can be written as UTF-8: JSON's "\\udc80" escapes
+    decode to lone surrogates, which tokenizers and the cache's JSON attributes refuse later."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_conversations(conversations: Any, *, has_image: bool) -> None:
@@ -379,8 +435,10 @@ def check_conversations(conversations: Any, *, has_image: bool) -> None:
 
 
 def _one_line(err: Exception) -> str:
-    """An exception as one line of text, for reasons that end up in one-line reports."""
-    return " ".join(f"{type(err).__name__}: {err}".split())
+    """An exception as one line of text, for reasons that end up in one-line reports. Object
+    addresses ("<_io.BytesIO object at 0x7f...>", in PIL's messages) are dropped: a reason is
+    stored in the cache's metadata, which must not differ between two runs on the same data."""
+    return re.sub(r" at 0x[0-9a-fA-F]+>", ">", " ".join(f"{type(err).__name__}: {err}".split()))
 
 
 def _decode_image(key: str, ext: str, data: bytes, max_pixels: int) -> Image.Image:
@@ -405,17 +463,25 @@ def _decode_image(key: str, ext: str, data: bytes, max_pixels: int) -> Image.Ima
 
 def decode_sample(raw: dict, *, max_pixels: int = MAX_PIXELS) -> Sample:
     """Decode a raw sample (from `iter_raw_samples`) into a `Sample`, or raise BadSample."""
-    key = str(raw.get("__key__", "?"))
+    key = raw.get("__key__")
+    if not isinstance(key, str) or not key or not key.isprintable():  # lone surrogates are unprintable too
+        # Reported under an escaped form: the key itself could not be stored or printed on one line.
+        shown = key.encode("unicode_escape").decode("ascii") if isinstance(key, str) else repr(key)
+        raise BadSample(shown or "''", "bad key: empty, unprintable or not UTF-8")
     if "json" not in raw:
         raise BadSample(key, "no json member")
     try:
-        record = json.loads(bytes(raw["json"]).decode("utf-8"))
+        record = loads_json(bytes(raw["json"]).decode("utf-8"))
     except UnicodeDecodeError:
         raise BadSample(key, "json is not UTF-8") from None
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # json.JSONDecodeError, or nested too deeply
         raise BadSample(key, f"json does not parse: {_one_line(err)}") from None
     if not isinstance(record, dict):
         raise BadSample(key, "json is not an object")
+    if duplicate_keys(record):
+        raise BadSample(key, f"duplicate json key: {duplicate_keys(record)[0]!r}")
+    if not _valid_unicode(record):
+        raise BadSample(key, "json is not UTF-8: a lone surrogate escape")
 
     images = [ext for ext in IMAGE_EXTENSIONS if ext in raw]
     if len(images) > 1:

@@ -145,6 +145,7 @@ def test_fp32_is_exact_and_fp16_is_numpys_cast():
     np.testing.assert_array_equal(get_codec("fp16").decode(parts), x.astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.bad_input
 def test_inputs_a_codec_cannot_represent_are_refused():
     with pytest.raises(ValueError, match="NaN"):
         get_codec("fp16").encode(np.array([np.nan], np.float32))

@@ -14,6 +14,7 @@ from alignkd.cache_schemas import (
     CacheMeta,
     CacheSchemaError,
     CodecSpec,
+    FileDigest,
     ShardMeta,
     TeacherInfo,
     check_shard_name,
@@ -48,6 +49,8 @@ def make_shard_meta(**changes) -> ShardMeta:
         keys=("a", "b"), fingerprints=("0" * 64, "f" * 64), skipped=({"key": "c", "reason": "no conversations"},),
         num_samples=2, codec_error={"attn_L00": {"max": 0.002, "mean": 0.0005}},
         nbytes={"input_ids": 700, "attn_L00": 900}, raw_fp16_bytes={"attn_L00": 4096},
+        files={"input_ids/zarr.json": FileDigest(300, "1" * 64), "input_ids/c/0": FileDigest(400, "2" * 64),
+               "attn_L00/zarr.json": FileDigest(900, "3" * 64)},
     )
     fields.update(changes)
     return ShardMeta(**fields)
@@ -87,6 +90,7 @@ def refuse(d: dict, match: str, cls=CacheMeta) -> None:
     assert "\n" not in message and message.startswith(SOURCE + ": ")
 
 
+@pytest.mark.bad_input
 def test_a_newer_schema_version_is_refused_with_upgrade_advice():
     d = make_meta().to_dict()
     d["schema_version"] = SCHEMA_VERSION + 1
@@ -95,6 +99,7 @@ def test_a_newer_schema_version_is_refused_with_upgrade_advice():
     assert str(err.value) == f"{SOURCE}: cache schema version 2 is newer than this alignkd (1): upgrade alignkd"
 
 
+@pytest.mark.bad_input
 def test_an_older_version_without_a_migration_is_refused():
     d = make_meta().to_dict()
     d["schema_version"] = 0
@@ -102,6 +107,7 @@ def test_an_older_version_without_a_migration_is_refused():
 
 
 @pytest.mark.parametrize("path", ["tokenizer_hash", "teacher.vocab_size", "codecs.level", "schema_version"])
+@pytest.mark.bad_input
 def test_a_missing_key_is_refused_not_filled_in(path):
     d = make_meta().to_dict()
     *parents, last = path.split(".")
@@ -113,6 +119,7 @@ def test_a_missing_key_is_refused_not_filled_in(path):
 
 
 @pytest.mark.parametrize("path", ["extra", "teacher.extra", "codecs.extra"])
+@pytest.mark.bad_input
 def test_an_unknown_key_is_refused(path):
     d = make_meta().to_dict()
     *parents, last = path.split(".")
@@ -138,6 +145,7 @@ def test_an_unknown_key_is_refused(path):
         ("teacher", "mobilevlm", "teacher: expected an object"),
     ],
 )
+@pytest.mark.bad_input
 def test_a_value_of_the_wrong_type_is_refused_naming_the_field(path, value, match):
     d = make_meta().to_dict()
     *parents, last = path.split(".")
@@ -161,6 +169,7 @@ def test_a_value_of_the_wrong_type_is_refused_naming_the_field(path, value, matc
         ({"job": {"x": float("nan")}}, "job.x: not plain JSON data"),
     ],
 )
+@pytest.mark.bad_input
 def test_validate_refuses_inconsistent_metadata(changes, match):
     with pytest.raises(CacheSchemaError, match=match):
         make_meta(**changes).validate()
@@ -177,14 +186,20 @@ def test_validate_refuses_inconsistent_metadata(changes, match):
         ({"codec_error": {"attn_L00": {"max": 1.0}}}, "codec_error.attn_L00: must have exactly"),
         ({"nbytes": {"x": -1}}, "nbytes.x: must be >= 0"),
         ({"name": ".hidden"}, "shard name '.hidden'"),
+        ({"files": {"input_ids/../x": FileDigest(1, "1" * 64)}}, "files: 'input_ids/../x' is not a file path"),
+        ({"files": {"other/zarr.json": FileDigest(1, "1" * 64)}}, "files: 'other/zarr.json' is not inside an array"),
+        ({"files": {"input_ids/zarr.json": FileDigest(700, "xyz")}}, "files.input_ids/zarr.json: needs a size"),
+        ({"files": {"input_ids/zarr.json": FileDigest(700, "1" * 64)}}, "files of attn_L00 add up to 0 bytes"),
     ],
 )
+@pytest.mark.bad_input
 def test_shard_meta_refuses_inconsistent_values(changes, match):
     with pytest.raises(CacheSchemaError, match=match):
         make_shard_meta(**changes).validate()
     refuse(through_json(make_shard_meta(**changes).to_dict()), match, cls=ShardMeta)
 
 
+@pytest.mark.bad_input
 def test_shard_names_that_would_collide_with_temporary_names_are_refused():
     assert check_shard_name("train-000001") == "train-000001"
     for bad in ["", ".x", "a/b", "a.tmp-1", "shards", 3]:
@@ -213,6 +228,7 @@ def test_a_registered_migration_brings_an_old_cache_up_to_date(monkeypatch):
     assert old == original  # the caller's dict is not modified
 
 
+@pytest.mark.bad_input
 def test_a_migration_that_does_not_bump_the_version_is_refused(monkeypatch):
     monkeypatch.setitem(MIGRATIONS, 0, lambda d: d)
     old = {**make_meta().to_dict(), "schema_version": 0}

@@ -270,6 +270,7 @@ def test_a_shard_of_only_skipped_samples_is_a_complete_shard(tmp_path):
 # ---------------------------------------------------------------------------- atomic shards
 
 
+@pytest.mark.fault
 def test_a_failure_mid_write_leaves_no_shard_and_the_others_untouched(tmp_path, monkeypatch):
     meta = make_meta()
     root, _ = make_cache(tmp_path, meta, sizes=(3,))
@@ -311,6 +312,7 @@ writer.write_shard({root!r}, "shard-01", samples, [], meta=meta, input_shard="x"
 """
 
 
+@pytest.mark.fault
 def test_a_killed_writer_leaves_only_a_temporary_directory_that_remove_partial_deletes(tmp_path):
     meta = make_meta()
     root, _ = make_cache(tmp_path, meta, sizes=(3,))
@@ -355,6 +357,7 @@ def test_remove_partial_shard_removes_only_that_shards_leftovers(tmp_path):
 # ---------------------------------------------------------------------------- refusals
 
 
+@pytest.mark.bad_input
 def test_init_cache_accepts_the_same_settings_and_refuses_different_ones(tmp_path):
     meta = make_meta()
     root = tmp_path / "cache"
@@ -372,6 +375,7 @@ def test_init_cache_accepts_the_same_settings_and_refuses_different_ones(tmp_pat
     )
 
 
+@pytest.mark.bad_input
 def test_init_cache_refuses_a_directory_that_is_not_a_cache(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("hi")
@@ -382,6 +386,7 @@ def test_init_cache_refuses_a_directory_that_is_not_a_cache(tmp_path):
     assert CacheReader(tmp_path / "empty").shards == []
 
 
+@pytest.mark.bad_input
 def test_write_shard_refuses_settings_that_differ_from_the_cache(tmp_path):
     root, _ = make_cache(tmp_path, make_meta(), sizes=(1,))
     other = make_meta(codecs=CodecSpec(attention="uint4"))
@@ -417,6 +422,7 @@ BAD_SAMPLES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+@pytest.mark.bad_input
 def test_write_shard_refuses_a_bad_sample_naming_its_key_before_writing(tmp_path, case):
     meta = make_meta()
     root, _ = make_cache(tmp_path, meta, sizes=(1,))
@@ -432,6 +438,7 @@ def test_write_shard_refuses_a_bad_sample_naming_its_key_before_writing(tmp_path
     assert sorted(os.listdir(root / "shards")) == ["shard-00", "zarr.json"]
 
 
+@pytest.mark.bad_input
 def test_write_shard_refuses_text_only_samples_with_vision_signals_and_duplicate_keys(tmp_path):
     meta = make_meta()
     root, _ = make_cache(tmp_path, meta, sizes=(1,))
@@ -446,6 +453,7 @@ def test_write_shard_refuses_text_only_samples_with_vision_signals_and_duplicate
         write_shard(root, "x", [text], [("text", "why")], meta=meta, input_shard="x", input_size=1)
 
 
+@pytest.mark.bad_input
 def test_a_value_the_codec_cannot_store_is_refused_naming_the_sample(tmp_path):
     meta = make_meta()
     root, _ = make_cache(tmp_path, meta, sizes=(1,))
@@ -459,6 +467,7 @@ def test_a_value_the_codec_cannot_store_is_refused_naming_the_sample(tmp_path):
     assert sorted(os.listdir(root / "shards")) == ["shard-00", "zarr.json"]
 
 
+@pytest.mark.fault
 def test_the_reader_refuses_a_key_stored_in_two_shards(tmp_path):
     meta = make_meta()
     root, written = make_cache(tmp_path, meta, sizes=(2,))
@@ -478,6 +487,7 @@ def set_root_attrs(root: Path, **changes) -> None:
     group.attrs.update(attrs)
 
 
+@pytest.mark.bad_input
 def test_the_reader_refuses_newer_or_invalid_metadata_naming_the_cache(tmp_path):
     root, _ = make_cache(tmp_path, make_meta(), sizes=(1,))
     set_root_attrs(root, schema_version=2)
@@ -491,13 +501,15 @@ def test_the_reader_refuses_newer_or_invalid_metadata_naming_the_cache(tmp_path)
         CacheReader(tmp_path / "nowhere")
 
 
+@pytest.mark.fault
 def test_the_reader_checks_a_shards_arrays_against_the_schema(tmp_path):
     root, _ = make_cache(tmp_path, make_meta(), sizes=(2,))
     group = zarr.open_group(str(root / "shards" / "shard-00"), mode="r+")
     del group["attn_L02_scale"]
     reader = CacheReader(root)
     assert len(reader) == 2  # the index needs attributes only
-    with pytest.raises(CacheSchemaError, match="shard .*shard-00: array attn_L02_scale is missing"):
+    # The shard's file list catches it first (alignkd.cache.verify), before Zarr reads anything.
+    with pytest.raises(CacheSchemaError, match=r"shard .*shard-00 is damaged: file attn_L02_scale/\S+ is missing"):
         reader.get("s0-000")
 
 

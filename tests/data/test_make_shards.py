@@ -12,6 +12,7 @@ from PIL import Image
 
 from alignkd.data.llava import make_shards, safe_key
 from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
+from reliability_report import tried
 
 
 def pixels(seed: int, size: int = 10) -> np.ndarray:
@@ -103,8 +104,10 @@ def fixture_dir(tmp_path):
     return path, root, tmp_path / "out", written, skipped, files
 
 
+@pytest.mark.bad_input
 def test_exactly_the_usable_records_are_written_and_every_other_one_is_listed_with_its_reason(fixture_dir):
     path, root, out, written, skipped, _ = fixture_dir
+    tried(len(skipped))
     report = make_shards(path, root, out, samples_per_shard=3)
 
     keys = [raw["__key__"] for shard in expand_shards(out) for raw in iter_raw_samples(shard)]
@@ -167,6 +170,7 @@ def test_converting_twice_gives_byte_identical_output(fixture_dir, tmp_path):
     "content, message",
     [(b"{not json", "not valid JSON"), (b'{"id": 1}', "expected a JSON list"), (b"\xff\xfe[]", "not valid JSON")],
 )
+@pytest.mark.bad_input
 def test_a_file_that_is_not_a_json_list_raises_a_one_line_error_naming_the_file(tmp_path, content, message):
     path = tmp_path / "data.json"
     path.write_bytes(content)

@@ -117,6 +117,7 @@ def test_the_json_member_is_sorted_utf8_json_with_non_ascii_kept(tmp_path):
     assert raw["json"] == '{"a": 1, "b": "é"}'.encode("utf-8")
 
 
+@pytest.mark.fault
 def test_a_write_interrupted_mid_iteration_leaves_only_complete_shards_under_final_names(tmp_path):
     old_paths = write_shards(make_samples(6, tag="old"), tmp_path, samples_per_shard=2)
     old_bytes = {p.name: p.read_bytes() for p in old_paths}
@@ -152,6 +153,7 @@ def test_a_shard_in_progress_exists_only_under_a_hidden_temporary_name(tmp_path)
     ]
 
 
+@pytest.mark.fault
 def test_a_failure_while_writing_a_shard_leaves_neither_the_shard_nor_its_temporary(tmp_path, monkeypatch):
     calls = []
     real_addfile = tarfile.TarFile.addfile
@@ -168,6 +170,7 @@ def test_a_failure_while_writing_a_shard_leaves_neither_the_shard_nor_its_tempor
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.fault
 def test_an_interrupted_first_write_leaves_no_shard_at_all(tmp_path):
     def crashing():
         yield make_samples(1)[0]
@@ -185,6 +188,7 @@ def test_a_shorter_rerun_removes_stale_shards_of_the_same_prefix_only(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-000000.tar", "shard-000000.tar", "shard-000001.tar"]
 
 
+@pytest.mark.bad_input
 def test_a_duplicate_key_is_an_error_naming_the_key(tmp_path):
     samples = make_samples(3)
     samples[2]["__key__"] = samples[0]["__key__"]
@@ -193,6 +197,7 @@ def test_a_duplicate_key_is_an_error_naming_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["", "a/b", "a.b", "../x", "tab\there"])
+@pytest.mark.bad_input
 def test_an_unsafe_key_is_an_error_naming_the_key(tmp_path, key):
     with pytest.raises(ValueError, match="bad sample key") as err:
         write_shards([{"__key__": key, "json": {}}], tmp_path)
@@ -219,6 +224,7 @@ def test_expand_shards_accepts_a_directory_a_file_a_glob_and_a_brace_pattern(tmp
 
 
 @pytest.mark.parametrize("spec", ["nothing-here", "shard-*.tar", "shard-{000000..000001}.tar", "empty"])
+@pytest.mark.bad_input
 def test_expand_shards_raises_file_not_found_naming_the_spec_when_nothing_matches(tmp_path, spec):
     (tmp_path / "empty").mkdir()
     write_shards(make_samples(1), tmp_path / "one")  # only shard-000000 exists, elsewhere
@@ -230,6 +236,7 @@ def test_expand_shards_raises_file_not_found_naming_the_spec_when_nothing_matche
 # ---------------------------------------------------------------------------- broken shards
 
 
+@pytest.mark.bad_input
 def test_every_truncation_before_the_end_of_archive_marker_raises_shard_error(tmp_path):
     [path] = write_shards(make_samples(3), tmp_path / "src")
     data = path.read_bytes()
@@ -244,6 +251,7 @@ def test_every_truncation_before_the_end_of_archive_marker_raises_shard_error(tm
             assert len(list(iter_raw_samples(cut_file))) == 3
 
 
+@pytest.mark.bad_input
 def test_a_corrupted_member_header_raises_shard_error(tmp_path):
     [path] = write_shards(make_samples(3), tmp_path)
     data = bytearray(path.read_bytes())
@@ -256,6 +264,7 @@ def test_a_corrupted_member_header_raises_shard_error(tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"this is not a tar file at all" * 40])
+@pytest.mark.bad_input
 def test_a_file_that_is_not_a_tar_raises_shard_error(tmp_path, content):
     path = tmp_path / "junk.tar"
     path.write_bytes(content)
@@ -271,6 +280,7 @@ def handmade_tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.bad_input
 def test_member_names_are_only_keys_and_never_touch_the_filesystem(tmp_path):
     shard = tmp_path / "deep" / "evil.tar"
     shard.parent.mkdir()
@@ -281,6 +291,7 @@ def test_member_names_are_only_keys_and_never_touch_the_filesystem(tmp_path):
     assert sorted(p for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.bad_input
 def test_a_key_repeated_within_a_shard_raises_shard_error(tmp_path):
     shard = tmp_path / "dup.tar"
     handmade_tar(shard, [("a.json", b"{}"), ("b.json", b"{}"), ("a.png", b"x")])
@@ -323,6 +334,7 @@ def test_a_text_only_sample_decodes_with_no_image():
     assert sample.image is None and sample.image_bytes is None and sample.meta == {"id": 3}
 
 
+@pytest.mark.bad_input
 def test_bad_sample_is_a_value_error_with_key_reason_and_a_one_line_message():
     with pytest.raises(BadSample) as err:
         decode_sample(raw_sample([], key="abc"))
@@ -363,6 +375,7 @@ BAD_SAMPLES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+@pytest.mark.bad_input
 def test_a_bad_sample_raises_bad_sample_with_the_reason_for_it(case):
     raw, category = BAD_SAMPLES[case]
     with pytest.raises(BadSample) as err:
@@ -372,6 +385,7 @@ def test_a_bad_sample_raises_bad_sample_with_the_reason_for_it(case):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.bad_input
 def test_an_image_over_the_pixel_cap_is_refused_before_decoding():
     raw = raw_sample({"conversations": conversation(True)}, png=encode(pattern_image(0, size=12), "PNG"))
     decode_sample(raw, max_pixels=144)  # exactly at the cap is fine

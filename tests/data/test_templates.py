@@ -80,6 +80,7 @@ def test_text_only_samples_have_no_vision_block(tok):
         (("what ?", "red"), False, "plain", "needs an image"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_conversations_are_refused_naming_the_sample(tok, turns, has_image, template, message):
     with pytest.raises(TemplateError) as info:
         encode(_conv(*turns), template=template, tokenizer=tok, num_vision_tokens=NV, max_length=256,
@@ -87,6 +88,7 @@ def test_bad_conversations_are_refused_naming_the_sample(tok, turns, has_image, 
     assert message in str(info.value) and "bad-7" in str(info.value)
 
 
+@pytest.mark.bad_input
 def test_truncation_cuts_the_end_and_refuses_what_it_cannot_keep(tok):
     conv = _conv("<image>\nwhat colour ?", "red circle at the top left")
     full = encode(conv, template="plain", tokenizer=tok, num_vision_tokens=NV, max_length=256, has_image=True, key="k")

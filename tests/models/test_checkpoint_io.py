@@ -78,6 +78,7 @@ def test_legacy_non_zip_bin_loads_without_mmap(tmp_path):
     assert_same(load_state_dict(tmp_path)[0], tensors())
 
 
+@pytest.mark.bad_input
 def test_a_folder_without_weights_names_the_files_looked_for(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelError) as err:
@@ -89,6 +90,7 @@ def test_a_folder_without_weights_names_the_files_looked_for(tmp_path):
         assert name in msg
 
 
+@pytest.mark.bad_input
 def test_an_index_naming_a_missing_shard_is_refused(tmp_path):
     write_layout(tmp_path, tensors(), "pytorch_model.bin.index.json")
     os.remove(tmp_path / "part-b.bin")
@@ -111,6 +113,7 @@ def side_effect():
 
 
 @pytest.mark.parametrize("kind", ["reduce", "instance", "function"])
+@pytest.mark.bad_input
 def test_a_bin_with_pickled_objects_is_refused_and_nothing_runs(kind, tmp_path):
     marker = tmp_path / "executed"
     obj = {"reduce": Payload(marker), "instance": ModelError("x"), "function": side_effect}[kind]
@@ -120,6 +123,7 @@ def test_a_bin_with_pickled_objects_is_refused_and_nothing_runs(kind, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.bad_input
 def test_a_bin_that_is_not_a_flat_tensor_dict_is_refused(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(2)}, "epoch": 3}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelError, match="not a plain tensor checkpoint"):

@@ -50,6 +50,7 @@ def test_llava_vision_token_count_follows_the_select_strategy(tiny_models):
     assert vlm.encode_images(pixels).shape == (1, vlm.num_vision_tokens, vlm.hidden_size)
 
 
+@pytest.mark.bad_input
 def test_load_vlm_refuses_unknown_families_and_non_checkpoints(tmp_path):
     with pytest.raises(ModelError, match="config.json: not found"):
         load_vlm(tmp_path)

@@ -254,6 +254,7 @@ def test_in_memory_identity_follows_the_weights(tok_dir, clip_dir):
 
 
 # --- the loader's refusals ------------------------------------------------------------------
+@pytest.mark.bad_input
 def test_unresolved_hub_vision_tower_gives_a_one_line_error(vlm, tok_dir, tmp_path):
     folder = fx.write_authors_release(vlm, tmp_path / "release", tok_dir, "safetensors")
     with pytest.raises(ModelError) as err:
@@ -273,6 +274,7 @@ def test_unresolved_hub_vision_tower_gives_a_one_line_error(vlm, tok_dir, tmp_pa
         ({"vocab_size": fx.VOCAB + 8}, "has shape"),
     ],
 )
+@pytest.mark.bad_input
 def test_bad_configs_are_refused_naming_the_config(changes, match, vlm, tok_dir, clip_dir, tmp_path):
     folder = fx.write_authors_release(vlm, tmp_path / "release", tok_dir, "safetensors", config_changes=changes)
     with pytest.raises(ModelError, match=match) as err:
@@ -281,6 +283,7 @@ def test_bad_configs_are_refused_naming_the_config(changes, match, vlm, tok_dir,
     assert str(folder) in str(err.value)
 
 
+@pytest.mark.bad_input
 def test_missing_and_unexpected_weights_are_refused(vlm, tok_dir, clip_dir, tmp_path):
     folder = fx.write_authors_release(vlm, tmp_path / "release", tok_dir, "safetensors")
     state = load_file(folder / "model.safetensors")

@@ -1,0 +1,128 @@
+"""Check a teacher-signal cache for damage: every shard file against the list its shard wrote.
+
+    alignkd verify-cache demo-out/cache            # every file hashed; exit status 1 if damaged
+    alignkd verify-cache demo-out/cache --quick    # file lists and sizes only, no hashing
+
+    report = verify_cache("demo-out/cache")        # CacheVerification
+    report.damaged                                 # {"train-000003": ["file attn_L00/c/0/0/0 is missing"]}
+
+What is checked (the file list, `ShardMeta.files`, is described in cache_schemas/v1.py):
+  * the root metadata and each shard's attributes against the schema (CacheSchemaError for
+    the root: without it nothing can be read; a shard whose attributes fail is damaged);
+  * each shard directory's files against its list: none missing, none extra, each of the
+    listed size and, unless `hashes=False`, the listed sha256;
+  * each shard's arrays against the schema (names, dtypes, shapes, offsets), as the reader
+    checks them when it opens a shard;
+  * a shard directory without its zarr.json: its attributes are lost, and readers would
+    silently skip its samples, so it counts as damaged;
+  * a sample key stored in two shards.
+Leftover temporary shards (`.{name}.tmp-...`) are listed but are not damage: no reader looks
+at them and the next `extract-teacher` run removes them.
+
+A damaged shard is repaired by deleting its directory and running the same extract-teacher
+job again: extraction resumes by shard and redoes exactly the missing ones.
+
+Cost: `hashes=True` reads every byte of the cache once (sha256 runs at about 1.5 GB/s on one
+core with SHA extensions, so disk speed usually sets the pace). `train-student` runs the
+`hashes=False` pass before its first step, which only lists directories and reads sizes, and
+the reader hashes each chunk file when it first reads it: damage is never trained on, and
+a multi-terabyte cache is not re-hashed on every start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkd.cache.writer import file_digest, list_complete_shards, read_cache_meta, read_shard_meta
+from alignkd.cache_schemas import SHARDS_GROUP, CacheSchemaError, FileDigest
+
+__all__ = ["CacheVerification", "check_shard_files", "verify_cache"]
+
+
+@dataclass
+class CacheVerification:
+    """What `verify_cache` found. `damaged` maps a shard name to its problems, each one line
+    naming the file or array; a cache is intact when `damaged` is empty."""
+
+    path: str
+    shards: int = 0
+    files: int = 0
+    bytes: int = 0
+    hashed: bool = True
+    damaged: dict[str, list[str]] = field(default_factory=dict)
+    partial: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+def check_shard_files(shard_dir: str | os.PathLike, files: Mapping[str, FileDigest], *,
+                      hash_files: bool | Callable[[str], bool] = True) -> list[str]:
+    """Problems of one shard directory against its file list, one line each, naming the file.
+
+    Every listed file must be there with its listed size, and no other file may be (the
+    shard's own zarr.json holds the list and is not in it). `hash_files` says which files
+    also get their sha256 compared: all (True), none (False), or those a predicate accepts."""
+    root = Path(shard_dir)
+    on_disk = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            rel = Path(d, n).relative_to(root).as_posix()
+            if rel != "zarr.json":
+                on_disk[rel] = Path(d, n)
+    problems = [f"file {rel} is missing" for rel in sorted(set(files) - set(on_disk))]
+    problems += [f"file {rel if rel.isprintable() else repr(rel)} is not in the shard's file list"
+                 for rel in sorted(set(on_disk) - set(files))]
+    for rel in sorted(set(files) & set(on_disk)):
+        want, size = files[rel], on_disk[rel].stat().st_size
+        if size != want.size:
+            problems.append(f"file {rel} is {size} bytes, the shard's file list says {want.size} (truncated or altered)")
+        elif (hash_files(rel) if callable(hash_files) else hash_files) and file_digest(on_disk[rel]) != want:
+            problems.append(f"file {rel} has changed (its sha256 differs from the shard's file list)")
+    return problems
+
+
+def verify_cache(path: str | os.PathLike, *, hashes: bool = True) -> CacheVerification:
+    """Check every shard of the cache at `path` (see the module docstring). Raises
+    CacheSchemaError only when the root itself is unreadable (not a cache, bad metadata)."""
+    from alignkd.cache.reader import open_shard  # the reader imports this module
+
+    root = Path(path)
+    meta = read_cache_meta(root)
+    report = CacheVerification(path=str(root), hashed=hashes)
+    shards_dir = root / SHARDS_GROUP
+    complete = list_complete_shards(root)
+    if shards_dir.is_dir():
+        for p in sorted(shards_dir.iterdir()):
+            if p.name.startswith("."):
+                report.partial.append(p.name)
+            elif p.is_dir() and p.name not in complete:
+                report.damaged[p.name] = ["zarr.json is missing: the shard's attributes are lost"]
+    owner: dict[str, str] = {}
+    for name in complete:
+        report.shards += 1
+        try:
+            shard = read_shard_meta(root, name)
+        except CacheSchemaError as e:
+            report.damaged[name] = [str(e)]
+            continue
+        report.files += len(shard.files)
+        report.bytes += sum(d.size for d in shard.files.values())
+        problems = check_shard_files(shards_dir / name, shard.files, hash_files=hashes)
+        if not problems:
+            try:
+                # arrays against the schema, offsets against the rows (the files were just checked)
+                open_shard(root, meta, shard, check_files=False)
+            except CacheSchemaError as e:
+                problems.append(str(e))
+        for key in shard.keys:
+            if key in owner:
+                problems.append(f"sample {key} is also in shard {owner[key]}")
+            owner.setdefault(key, name)
+        if problems:
+            report.damaged[name] = problems
+    return report
