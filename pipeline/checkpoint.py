@@ -5,11 +5,18 @@
                                 alone restores the model)
         adapters.safetensors    head mixer, vision adapter (trained with the student)
         optimizer.safetensors   AdamW moments, keyed state.<param index>.<name>
-        rng.safetensors         torch CPU (and CUDA) generator states
-        state.json              step, epoch, scheduler, optimizer hyper-parameters, Python/NumPy RNG
+        rng.safetensors         torch CPU (and this process's CUDA device) generator states
+        state.json              step, epoch, processes, scheduler, optimizer hyper-parameters,
+                                Python/NumPy RNG
 
 A checkpoint is written under a temporary name and renamed when complete; the newest N are
 kept. `latest_checkpoint` skips (with a warning) a newest checkpoint that does not load.
+
+Under several training processes rank 0 alone writes (every process holds the same weights,
+optimizer and schedule after each step's all-reduce) and every process loads it. Nothing in
+it depends on the number of processes: the data position is the step (a whole number of
+global batches), so a run resumes with any number of processes; "processes" records how many
+wrote it. The RNG states are rank 0's; other processes reseed from (seed, rank, step).
 """
 
 from __future__ import annotations
@@ -81,7 +88,9 @@ def save_checkpoint(run_dir: str | Path, step: int, *, student: torch.nn.Module,
     _save(opt_tensors, tmp / "optimizer.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        # This process's device only: asking every visible GPU for its state would open a
+        # CUDA context on each of them from every training process.
+        rng[f"cuda.{torch.cuda.current_device()}"] = torch.cuda.get_rng_state()
     _save(rng, tmp / "rng.safetensors")
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     py_state = random.getstate()
@@ -114,9 +123,8 @@ def load_checkpoint(path: str | Path, *, student: torch.nn.Module, adapters: tor
     scheduler.load_state_dict({**scheduler.state_dict(), **state["scheduler"]})
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available() and f"cuda.{torch.cuda.current_device()}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda.{torch.cuda.current_device()}"])
     v, internal, gauss = state["python_rng"]
     random.setstate((v, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy_rng"]

@@ -2,6 +2,7 @@
 
     alignkd train-student --job jobs/demo/student_alignkd.toml
     alignkd train-student --job jobs/demo/student_alignkd.toml --set loss.attn=0 --set run.dir=runs/no_attn
+    torchrun --nproc_per_node=8 --no-python alignkd train-student --job jobs/mobilevlm_v2/student_pretrain.toml
 
 Read top to bottom:
   1. set-up    the run directory with its resolved config; the cache opened and verified
@@ -11,10 +12,27 @@ Read top to bottom:
   2. modules   the student (vision tower frozen) and the Align-KD adapters, all in one AdamW
                with parameter groups (LLM, projector, adapters), cosine schedule with warmup;
   3. resume    from the newest readable checkpoint in the run directory, if any;
-  4. loop      step -> evaluate -> log -> save, one visible function (`train`);
+  4. loop      step -> evaluate -> log -> save, one visible function (`_train`);
   5. export    the student alone, in its family's layout, loadable by `load_vlm`.
 
 The Align-KD terms are in alignkd.losses; a term with weight 0 is not computed at all.
+
+Several processes (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; alignkd.distributed): the
+student and its adapters are wrapped together in DistributedDataParallel (nccl on GPU, one GPU
+per local rank; gloo on CPU). The global batch stays data.batch_size x optim.grad_accum, the
+same job for any number of processes: each step's grad_accum micro-batches, in the one global
+sample order, are shared out, grad_accum / processes to each process (so grad_accum must be
+a multiple of the process count). Every micro-batch is then the one a single process would
+form, each loss term keeps its own per-micro-batch normalisation, and the gradient DDP
+averages is the single-process one up to the order of float additions, so no normaliser
+needs an all-reduce: loss trajectories agree to float rounding (total loss within 1e-7
+relative over 8 steps in the 2-process CPU test; tests/test_distributed.py gives the
+measurements and the tolerance it asserts). Rank 0 alone
+writes the run directory (config, metrics, checkpoints, export), evaluates and shows
+progress; a run resumes with any number of processes, in the same global sample order.
+Only DDP: every process holds the whole student, its gradients and AdamW moments (for the
+paper's 1.7B in fp32, about 1.7e9 x 16 bytes = 27 GB before activations: an estimate, not a
+measurement); FSDP, for students that do not fit one GPU, is not implemented.
 """
 
 from __future__ import annotations
@@ -26,7 +44,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +54,7 @@ from torch.utils.data import DataLoader
 
 from alignkd.config import to_dict
 from alignkd.data import DataArgs
+from alignkd.distributed import Procs, process_seed
 from alignkd.evaluate import EvalArgs, evaluate_model
 from alignkd.losses import (
     AlignKDAdapters,
@@ -103,6 +122,9 @@ class RunArgs:
 
 @dataclass
 class TrainArgs:
+    # Checked to exist before any model loads (alignkd.config.check_input_paths); not a field.
+    INPUT_PATHS = ("student.path", "student.vision_tower", "data.shards", "cache", "teacher", "eval.shards")
+
     student: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     cache: str = ""  # the teacher cache written by extract-teacher ("" only for L_sup-only training)
@@ -155,6 +177,14 @@ def verify_cache(cache: Any, student: VLM, args: TrainArgs) -> None:
             problems.append(f"data: cache shard {name} was built from {shard.input_shard}, not among {args.data.shards}")
         elif here != shard.input_size:
             problems.append(f"data: {Path(shard.input_shard).name} is {here} bytes, the cache saw {shard.input_size} (changed)")
+    # Damage, cheaply: each shard's files listed and sized against the list it wrote, no
+    # hashing (a paper-scale cache is terabytes); the reader hashes each chunk as it reads it.
+    from alignkd.cache.verify import verify_cache as verify_cache_files
+
+    damaged = sorted(verify_cache_files(cache.path, hashes=False).damaged.items())
+    problems += [f"damaged shard {name}: {found[0]}" for name, found in damaged[:3]]
+    if damaged:
+        problems.append(f"{len(damaged)} damaged shard(s) in all (alignkd verify-cache {cache.path} lists them)")
     if problems:
         raise ValueError(f"cache {args.cache} cannot serve this job: " + "; ".join(problems))
 
@@ -248,6 +278,19 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class _Objective(torch.nn.Module):
+    """The student and its Align-KD adapters as one module whose forward is the loss: what
+    DDP wraps, so one gradient all-reduce per step covers both (the adapters train with the
+    student, and DDP syncs only what runs inside its module's forward)."""
+
+    def __init__(self, student: VLM, adapters: AlignKDAdapters, loss: LossArgs):
+        super().__init__()
+        self.student, self.adapters, self.loss = student, adapters, loss
+
+    def forward(self, batch: VLMBatch, teacher: Any) -> dict[str, torch.Tensor]:
+        return compute_losses(self.student, self.adapters, batch, teacher, self.loss)
+
+
 # --- 4. the loop ------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -258,6 +301,14 @@ class TrainResult:
 
 
 def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+    """Train as the job says; under torchrun, call it once in every process (each returns
+    once rank 0 has written the run directory)."""
+    procs = Procs.from_env()
+    with procs.group(args.student.resolved_device()):
+        return _train(args, procs, echo=echo if procs.main else _silent, progress=progress and procs.main)
+
+
+def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progress: bool) -> TrainResult:
     from alignkd.cache.reader import CacheReader
     from alignkd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
@@ -265,32 +316,39 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
     # 1. set-up
     run_dir = Path(args.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(args), indent=2))
+    if procs.main:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(args), indent=2))
     _seed_everything(args.run.seed)
     distilling = any(getattr(args.loss, t) > 0 for t in TERMS if t != "sup")
     if distilling and not args.cache:
         raise ValueError("cache is not set: every term but loss.sup needs the teacher cache")
+    if args.optim.grad_accum % procs.world_size:
+        raise ValueError(f"optim.grad_accum {args.optim.grad_accum} is not a multiple of the {procs.world_size} "
+                         f"processes: each process runs grad_accum / processes micro-batches of data.batch_size "
+                         f"(the global batch is batch_size x grad_accum, whatever the number of processes)")
     cache = CacheReader(args.cache) if args.cache else None
-    student = load_model(args.student)
+    student = load_model(replace(args.student, device=procs.device(args.student.resolved_device())))
     if args.run.gradient_checkpointing:
         student.language_model.activation_checkpointing_enable()
     if cache is not None:
         verify_cache(cache, student, args)
-        (run_dir / "cache.json").write_text(json.dumps(
-            {"path": str(Path(args.cache).resolve()), "teacher": to_dict(cache.meta.teacher),
-             "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
-             "codecs": to_dict(cache.meta.codecs), "fingerprint": cache.fingerprint()}, indent=2))
+        if procs.main:
+            (run_dir / "cache.json").write_text(json.dumps(
+                {"path": str(Path(args.cache).resolve()), "teacher": to_dict(cache.meta.teacher),
+                 "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
+                 "codecs": to_dict(cache.meta.codecs), "fingerprint": cache.fingerprint()}, indent=2))
     dataset = DistillDataset(shards=args.data.shards, cache=cache, processor=StudentProcessor.of(student),
                              template=args.data.template, max_length=args.data.max_length)
     if cache is not None:
         dataset.check_sample()
-    per_step = args.data.batch_size * args.optim.grad_accum
+    per_step = args.data.batch_size * args.optim.grad_accum  # the global batch, shared out among processes
+    accum = args.optim.grad_accum // procs.world_size  # micro-batches per step in this process
     steps_per_epoch = len(dataset) // per_step
     if steps_per_epoch == 0:
         raise ValueError(f"{len(dataset)} samples are fewer than one step ({per_step})")
     total = args.run.max_steps or steps_per_epoch * args.run.epochs
     echo(f"{len(dataset)} samples ({dataset.skipped} skipped at extraction), {steps_per_epoch} steps/epoch, "
-         f"{total} steps -> {run_dir}")
+         f"{total} steps" + (f", {procs.world_size} processes" if procs.enabled else "") + f" -> {run_dir}")
 
     # 2. modules
     device = student.device
@@ -299,23 +357,30 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
     scheduler = _schedule(optimizer, total, args.optim.warmup_ratio)
     use_bf16 = args.run.autocast == "bf16" or (args.run.autocast == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    model = _Objective(student, adapters, args.loss)
+    if procs.enabled:
+        # find_unused_parameters: a micro-batch without images leaves the projector unused.
+        model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
-    # 3. resume
+    # 3. resume (every process from the checkpoint rank 0 found; the state is the same everywhere)
     step = 0
-    found = latest_checkpoint(run_dir, warn=echo)
+    found = procs.from_main(latest_checkpoint(run_dir, warn=echo) if procs.main else None)
     if found is not None:
         step = load_checkpoint(found, student=student, adapters=adapters, optimizer=optimizer,
                                scheduler=scheduler)["step"]
         echo(f"resumed from {found.name} at step {step}")
+    if procs.enabled:  # random draws (dropout) differ per process, and do not repeat after a resume
+        _seed_everything(process_seed(args.run.seed, procs.rank, step))
     if step >= total and (run_dir / "final.json").is_file():
         return TrainResult(run_dir=str(run_dir), steps=step, final_metrics=json.loads((run_dir / "final.json").read_text()),
                            export=str(run_dir / "export"))
-    _drop_metrics_after(run_dir / "metrics.jsonl", step)  # lines a killed run logged past its checkpoint
+    if procs.main:
+        _drop_metrics_after(run_dir / "metrics.jsonl", step)  # lines a killed run logged past its checkpoint
 
     # 4. loop: step -> evaluate -> log -> save
     record: dict[str, Any] = {}
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
-    writer = _tensorboard(run_dir)
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if procs.main else None
+    writer = _tensorboard(run_dir) if procs.main else None
     bar = progress_bar(enabled=progress, total=total, initial=step, unit="step")
     loader_iter, loader_epoch = None, None
     student.train()
@@ -324,7 +389,8 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
         while step < stop:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if loader_epoch != epoch:
-                sampler = EpochSampler(len(dataset), seed=args.run.seed, epoch=epoch, skip=in_epoch * per_step)
+                sampler = EpochSampler(len(dataset), seed=args.run.seed, epoch=epoch, skip=in_epoch * per_step,
+                                       rank=procs.rank, world_size=procs.world_size, step_size=per_step)
                 loader_iter = iter(DataLoader(dataset, batch_size=args.data.batch_size, sampler=sampler,
                                               collate_fn=dataset.collate, num_workers=args.run.num_workers,
                                               drop_last=True))
@@ -332,14 +398,18 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
             optimizer.zero_grad(set_to_none=True)
             sums: dict[str, float] = {}
             started = time.monotonic()
-            for _ in range(args.optim.grad_accum):
+            for micro in range(accum):
                 batch, teacher = next(loader_iter)
                 batch = batch.to(device, dtype=student.dtype)
-                with autocast:
-                    terms = compute_losses(student, adapters, batch, teacher and teacher.to(device), args.loss)
-                (terms["total"] / args.optim.grad_accum).backward()
+                # Under DDP the gradients are averaged over processes once a step, at the last micro-batch.
+                sync = model.no_sync() if procs.enabled and micro < accum - 1 else nullcontext()
+                with sync:
+                    with autocast:
+                        terms = model(batch, teacher and teacher.to(device))
+                    (terms["total"] / accum).backward()
                 for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / args.optim.grad_accum
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / accum
+            sums = procs.mean(sums)  # the global batch's losses, as one process would log them
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.optim.max_grad_norm))
             optimizer.step()
@@ -349,9 +419,9 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
 
             record = {"step": step, "epoch": epoch, **sums, "grad_norm": grad_norm,
                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started}
-            if (args.run.eval_every and step % args.run.eval_every == 0) or step == total:
+            if procs.main and ((args.run.eval_every and step % args.run.eval_every == 0) or step == total):
                 record.update(_eval(student, args))
-            if step % args.run.log_every == 0 or "val_loss" in record:
+            if metrics_file is not None and (step % args.run.log_every == 0 or "val_loss" in record):
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 if writer is not None:
@@ -360,11 +430,15 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
                             writer.add_scalar(k, v, step)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
             if (args.run.save_every and step % args.run.save_every == 0) or step == total or step == stop:
-                save_checkpoint(run_dir, step, student=student, adapters=adapters, optimizer=optimizer,
-                                scheduler=scheduler, extra={"epoch": epoch}, keep_last=args.run.keep_last)
+                if procs.main:  # the state is the same in every process: rank 0 writes it
+                    save_checkpoint(run_dir, step, student=student, adapters=adapters, optimizer=optimizer,
+                                    scheduler=scheduler, extra={"epoch": epoch, "processes": procs.world_size},
+                                    keep_last=args.run.keep_last)
+                procs.barrier()
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if writer is not None:
             writer.close()
 
@@ -372,13 +446,19 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
     export = None
     if step >= total:
         export = run_dir / "export"
-        tmp = run_dir / ".export.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp)  # the student alone: adapters are training-time only
-        shutil.rmtree(export, ignore_errors=True)
-        tmp.rename(export)
-        (run_dir / "final.json").write_text(json.dumps(record, indent=2))  # the last step, evaluated
+        if procs.main:
+            tmp = run_dir / ".export.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            student.save_pretrained(tmp)  # the student alone: adapters are training-time only
+            shutil.rmtree(export, ignore_errors=True)
+            tmp.rename(export)
+            (run_dir / "final.json").write_text(json.dumps(record, indent=2))  # the last step, evaluated
+        procs.barrier()
     return TrainResult(run_dir=str(run_dir), steps=step, final_metrics=record, export=str(export) if export else None)
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:

@@ -174,10 +174,25 @@ def _teacher_batch(signals: list[SampleSignals], seq_len: int) -> TeacherBatch:
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation per epoch from (seed, epoch), starting `skip` items in (mid-epoch resume)."""
+    """A permutation per epoch from (seed, epoch), starting `skip` items in (mid-epoch resume).
 
-    def __init__(self, n: int, *, seed: int, epoch: int = 0, skip: int = 0, shuffle: bool = True):
+    Under several training processes each takes its share of every optimiser step: the
+    permutation is still the one global order from (seed, epoch) alone, never from the rank
+    or the number of processes, and each run of `step_size` consecutive items (one step's
+    global batch) is cut into `world_size` equal parts, of which process `rank` takes part
+    `rank`. So at every step the processes together see exactly the items one process would
+    see, none twice and none left out, and a run resumed with another number of processes
+    continues the same global order (`skip` counts global items: a whole number of steps).
+    This is the one place STYLE's "seeds from (seed, rank)" does not apply, on purpose.
+    """
+
+    def __init__(self, n: int, *, seed: int, epoch: int = 0, skip: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, step_size: int | None = None):
+        if world_size > 1 and (step_size is None or step_size % world_size or skip % step_size):
+            raise ValueError(f"EpochSampler: {world_size} processes need a step_size divisible by them and a skip "
+                             f"of whole steps (step_size {step_size}, skip {skip})")
         self.n, self.seed, self.epoch, self.skip, self.shuffle = n, seed, epoch, skip, shuffle
+        self.rank, self.world_size, self.step_size = rank, world_size, step_size
 
     def order(self) -> list[int]:
         if not self.shuffle:
@@ -185,8 +200,16 @@ class EpochSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.n, generator=g).tolist()
 
+    def mine(self) -> list[int]:
+        """The items this process takes, in order."""
+        rest = self.order()[self.skip :]
+        if self.world_size == 1:
+            return rest
+        part = self.step_size // self.world_size
+        return [item for i, item in enumerate(rest) if (i % self.step_size) // part == self.rank]
+
     def __iter__(self):
-        return iter(self.order()[self.skip :])
+        return iter(self.mine())
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return len(self.mine()) if self.world_size > 1 else self.n - self.skip
