@@ -241,6 +241,10 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
         result = train(args, echo=click.echo, progress=not no_progress)
     except _KNOWN_ERRORS as e:
         _fail(e)
+    from alignkd.distributed import Procs
+
+    if not Procs.from_env().main:  # under torchrun, one line from rank 0 is enough
+        return
     done = "finished" if result.export else "stopped"
     click.echo(f"{done} at step {result.steps} -> {result.run_dir}" + (f" (export: {result.export})" if result.export else ""))
 
@@ -304,3 +308,7 @@ def show_cache_cmd(cache: str, key: str, out: str, data: str | None, k: int) -> 
     except (*_KNOWN_ERRORS, KeyError) as e:
         _fail(e)
     click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # `python -m alignkd.cli ...`, e.g. under `torchrun -m`
+    main()

@@ -9,13 +9,11 @@ from PIL import Image
 
 from alignkd.cli import main
 
-COMMANDS = ["make-shards", "make-demo-data", "make-tiny-models", "probe", "demo"]
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command):
-    result = CliRunner().invoke(main, [command, "--help"])
-    assert result.exit_code == 0 and "Usage:" in result.output
+def test_every_command_has_help():
+    assert len(main.commands) >= 12  # read from the group itself, so a new command is covered too
+    for command in main.commands:
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, command
 
 
 def test_make_shards_reports_counts_and_reasons(tmp_path):
