@@ -41,6 +41,11 @@ along axis 0; the reader transposes it back. Text-only samples have Lq = 0 and a
 vision_features and focus. Every array of a shard is listed, with dtype and shape, by
 `shard_arrays(meta)`; the writer creates exactly these and the reader checks them.
 
+At a URL (object storage, alignkd.cache.remote) the layout is the same, each file an object
+under the same key. Nothing is renamed there, so no `.tmp-` names appear: a shard's own
+zarr.json is uploaded after every other object of it and is its completion marker; a prefix
+`shards/{name}/` without it is a partial upload, never read, and removed like a `.tmp-` one.
+
 Integrity: `ShardMeta.files` maps every file of a shard directory (each array's zarr.json
 and chunk files, by path relative to the shard with "/" separators) to its size and sha256,
 taken when the shard was written. Zarr writes no chunk file for a chunk that is all zeros

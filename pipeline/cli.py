@@ -150,7 +150,7 @@ def _print_estimate(est: dict) -> None:
 
 
 @main.command("inspect-cache")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")  # a folder or an fsspec URL (s3://...); a missing one is a one-line error
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def inspect_cache_cmd(path: str, as_json: bool) -> None:
     """Samples, shards, skipped samples, bytes per signal and codec error of a cache (alignkd.cache.inspect)."""
@@ -164,7 +164,7 @@ def inspect_cache_cmd(path: str, as_json: bool) -> None:
 
 
 @main.command("verify-cache")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")  # a folder or an fsspec URL (s3://...); a missing one is a one-line error
 @click.option("--quick", is_flag=True, help="File lists and sizes only, no hashing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
 def verify_cache_cmd(path: str, quick: bool, as_json: bool) -> None:
@@ -294,7 +294,7 @@ def compare_cmd(run_dirs: tuple[str, ...], as_json: bool) -> None:
 
 
 @main.command("show-cache")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache")  # a folder or an fsspec URL (s3://...); a missing one is a one-line error
 @click.argument("key")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--data", default=None, help="Shards holding the sample's image (default: the extraction job's).")

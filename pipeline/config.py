@@ -21,7 +21,11 @@ inside a worker or, for an evaluation split, after the training it follows:
     @dataclass
     class TrainArgs:
         INPUT_PATHS = ("student.path", "data.shards", "cache", "teacher", "eval.shards")
+        URL_PATHS = ("cache",)   # these may also be fsspec URLs ("s3://bucket/cache")
         ...
+
+A URL is not looked up here (that needs the network and credentials; whoever opens it says
+what is missing), but its scheme's client must be installed (alignkd.cache.remote.filesystem).
 """
 
 from __future__ import annotations
@@ -208,13 +212,21 @@ def load_job(cls: type[T], job: str | Path | None, overrides: list[str] | tuple[
 def check_input_paths(cfg: Any) -> None:
     """ConfigError naming the key for the first path in `type(cfg).INPUT_PATHS` that does not
     exist; empty values are optional inputs left unset and are skipped."""
+    urls = getattr(type(cfg), "URL_PATHS", ())
     for dotted in getattr(type(cfg), "INPUT_PATHS", ()):
         value = cfg
         for part in dotted.split("."):
             value = getattr(value, part)
         if not value:
             continue
-        if dotted.split(".")[-1] == "shards":
+        if dotted in urls and "://" in str(value):
+            from alignkd.cache.remote import filesystem
+
+            try:
+                filesystem(str(value))
+            except ValueError as e:
+                raise ConfigError(f"{dotted}: {e}") from None
+        elif dotted.split(".")[-1] == "shards":
             from alignkd.data.shards import expand_shards  # imported here: PIL and webdataset
 
             try:

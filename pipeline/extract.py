@@ -12,9 +12,14 @@ Read top to bottom:
   3. resume    leftover temporary shards are removed, finished shards are skipped;
   4. run       each remaining shard goes to an idle worker, which batches, runs the tapped
                forward (fused attention), and writes the shard under a temporary name,
-               renamed only when complete. A worker that dies is restarted by Ray and its
-               shard redone from scratch, so nothing is lost or duplicated;
+               renamed only when complete (for a cache at a URL: built in local scratch space,
+               uploaded, and marked complete last, alignkd.cache.remote). A worker that dies
+               is restarted by Ray and its shard redone from scratch, so nothing is lost or
+               duplicated;
   5. summary   shards, samples, skipped samples (with reasons, per shard), bytes, time.
+
+`cache.path` is a folder every node can reach, or an fsspec URL of object storage
+(`s3://bucket/caches/x` with `pip install 'alignkd[s3]'`, `gs://...` with `alignkd[gcs]`).
 
 `--dry-run` stops after the plan and prints the estimated cache size from the schema and a
 sample of the data, without loading any teacher weights.
@@ -49,17 +54,21 @@ __all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "extract", "
 # WRITE, "{shard}:{fault}": once the shard's first arrays are on disk, its write fails as a full
 # disk ("enospc") or a permission error ("eacces") would, or hangs ("stall") so that a test can
 # SIGKILL the whole job while a half-written shard is on disk.
+# PUBLISH: the worker SIGKILLs itself once in the named shard, when the whole shard is written
+# (for a cache at a URL: uploaded) but not yet published (renamed in, or marked complete).
 _FAULT_KILL_ENV = "ALIGNKD_FAULT_KILL_WORKER_IN_SHARD"
 _FAULT_WRITE_ENV = "ALIGNKD_FAULT_WRITE"
+_FAULT_PUBLISH_ENV = "ALIGNKD_FAULT_KILL_BEFORE_PUBLISH"
 
 
 @dataclass
 class CacheArgs:
-    path: str = ""
+    path: str = ""  # a folder, or an fsspec URL: "s3://bucket/cache", "gs://..." (alignkd.cache.remote)
     layers: list[int] = field(default_factory=lambda: [0])  # "shallow layer(s)"; focus uses the first
     attention_heads: Literal["per_head", "mean"] = "per_head"  # "mean" serves only L_attn's `mean` variant
     topk: int = 64  # teacher next-token candidates kept per response position (plus one tail bin)
     codecs: CodecSpec = field(default_factory=CodecSpec)
+    scratch: str = ""  # cache at a URL: local folder where a worker builds each shard before upload ("": $TMPDIR)
 
     def validate(self) -> None:
         if not self.layers or any(layer < 0 for layer in self.layers):
@@ -165,9 +174,9 @@ class TeacherWorker:
         from alignkd.signals import teacher_signals
 
         args, vlm = self.args, self.vlm
-        cache_root = Path(args.cache.path)
+        cache_root = _cache_root(args.cache.path)
         remove_partial_shard(cache_root, shard_name)  # an earlier, killed attempt at this shard
-        fault = os.environ.get(_FAULT_KILL_ENV) == shard_name and not _fault_marker(cache_root, shard_name).exists()
+        fault = os.environ.get(_FAULT_KILL_ENV) == shard_name and not _fault_done(cache_root, shard_name)
 
         records, skipped, pending = [], [], []
 
@@ -193,16 +202,47 @@ class TeacherWorker:
             if len(pending) == args.data.batch_size:
                 run_batch()
                 if fault:  # tests: die for real, mid-shard, once
-                    _fault_marker(cache_root, shard_name).touch()
-                    os.kill(os.getpid(), 9)
+                    _kill_once(cache_root, shard_name)
         if pending:
             run_batch()
         return write_shard(cache_root, shard_name, records, skipped, meta=meta, input_shard=input_shard,
-                           input_size=os.path.getsize(input_shard), after_array=_write_fault(shard_name))
+                           input_size=os.path.getsize(input_shard), after_array=_write_fault(shard_name),
+                           before_publish=_publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
 
 
-def _fault_marker(cache_root: Path, shard_name: str) -> Path:
-    return cache_root / f".fault-{shard_name}"
+def _cache_root(path: str) -> Path | str:
+    """A local cache as a Path; a URL stays a string (Path would fold its "//")."""
+    return path.rstrip("/") if "://" in path else Path(path)
+
+
+# A fault marker `.fault-{shard}` in the cache root says the fault has fired: a restarted
+# worker must not fire it again.
+def _fault_done(cache_root: Path | str, shard_name: str) -> bool:
+    if isinstance(cache_root, Path):
+        return (cache_root / f".fault-{shard_name}").exists()
+    from alignkd.cache.remote import filesystem
+
+    fs, root = filesystem(cache_root)
+    fs.invalidate_cache(root)
+    return fs.exists(f"{root}/.fault-{shard_name}")
+
+
+def _kill_once(cache_root: Path | str, shard_name: str) -> None:
+    if isinstance(cache_root, Path):
+        (cache_root / f".fault-{shard_name}").touch()
+    else:
+        from alignkd.cache.remote import filesystem
+
+        fs, root = filesystem(cache_root)
+        fs.pipe_file(f"{root}/.fault-{shard_name}", b"")
+    os.kill(os.getpid(), 9)
+
+
+def _publish_fault(cache_root: Path | str, shard_name: str) -> Callable[[], None] | None:
+    """The _FAULT_PUBLISH_ENV fault for this shard, as a write_shard `before_publish` hook."""
+    if os.environ.get(_FAULT_PUBLISH_ENV) != shard_name or _fault_done(cache_root, shard_name):
+        return None
+    return lambda: _kill_once(cache_root, shard_name)
 
 
 def _write_fault(shard_name: str) -> Callable[[str], None] | None:
@@ -282,9 +322,16 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
     if not args.cache.path:
         raise ValueError("cache.path is not set: where should the cache go?")
     check_input_paths(args)
+    if "://" in args.cache.path:
+        from alignkd.cache.remote import filesystem
+
+        if args.cache.path.startswith("memory://"):
+            raise ValueError(f"cache.path {args.cache.path}: memory:// lives in one process, the Ray workers "
+                             "cannot write to it; use a folder or a shared URL")
+        filesystem(args.cache.path)  # a missing client (s3fs, gcsfs) fails now, not once the teacher is loaded
     started = time.monotonic()
     plan = plan_shards(args.data.shards)
-    cache_root = Path(args.cache.path)
+    cache_root = _cache_root(args.cache.path)
 
     owns_ray = _start_ray(args.ray)
     workers = []
@@ -347,7 +394,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
     )
 
 
-def _check_same_input(shard: ShardMeta, input_shard: str, cache_root: Path) -> None:
+def _check_same_input(shard: ShardMeta, input_shard: str, cache_root: Path | str) -> None:
     if Path(shard.input_shard).name != Path(input_shard).name or shard.input_size != os.path.getsize(input_shard):
         raise ValueError(
             f"cache shard {cache_root}/shards/{shard.name} was built from {shard.input_shard} "

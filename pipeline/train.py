@@ -124,10 +124,11 @@ class RunArgs:
 class TrainArgs:
     # Checked to exist before any model loads (alignkd.config.check_input_paths); not a field.
     INPUT_PATHS = ("student.path", "student.vision_tower", "data.shards", "cache", "teacher", "eval.shards")
+    URL_PATHS = ("cache",)  # the cache may be on object storage: "s3://bucket/cache" (alignkd.cache.remote)
 
     student: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
-    cache: str = ""  # the teacher cache written by extract-teacher ("" only for L_sup-only training)
+    cache: str = ""  # the teacher cache, a folder or a URL (extract-teacher); "" only for L_sup-only training
     teacher: str = ""  # optional: the teacher checkpoint the cache must come from (staleness check)
     optim: OptimArgs = field(default_factory=OptimArgs)
     loss: LossArgs = field(default_factory=LossArgs)
@@ -333,8 +334,9 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     if cache is not None:
         verify_cache(cache, student, args)
         if procs.main:
+            where = args.cache if "://" in args.cache else str(Path(args.cache).resolve())  # a URL stays one
             (run_dir / "cache.json").write_text(json.dumps(
-                {"path": str(Path(args.cache).resolve()), "teacher": to_dict(cache.meta.teacher),
+                {"path": where, "teacher": to_dict(cache.meta.teacher),
                  "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
                  "codecs": to_dict(cache.meta.codecs), "fingerprint": cache.fingerprint()}, indent=2))
     dataset = DistillDataset(shards=args.data.shards, cache=cache, processor=StudentProcessor.of(student),

@@ -1,1 +1,1 @@
-"""The teacher-signal cache: codecs.py (quantisation), writer.py, reader.py, verify.py (damage checks, `alignkd verify-cache`). The layout itself is defined in alignkd.cache_schemas."""
+"""The teacher-signal cache: codecs.py (quantisation), writer.py, reader.py, verify.py (damage checks, `alignkd verify-cache`), remote.py (a cache at an fsspec URL: object storage). The layout itself is defined in alignkd.cache_schemas."""

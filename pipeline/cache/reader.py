@@ -1,6 +1,7 @@
 """Read the teacher-signal cache: samples by key, dequantised to float32.
 
     reader = CacheReader("demo-out/cache")     # checks the root metadata (CacheSchemaError)
+    reader = CacheReader("s3://bucket/cache")  # or any fsspec URL (alignkd.cache.remote)
     reader.meta                                # CacheMeta: shapes, layers, codecs, teacher, job
     len(reader), "000017" in reader, reader.keys()
     s = reader.get("000017")                   # SampleSignals, shapes as in alignkd.cache.records
@@ -24,6 +25,11 @@ returned. Hashing only what is read costs about one sha256 pass over the compres
 run reads anyway, instead of re-hashing a terabyte cache on every start; `alignkd
 verify-cache` (alignkd.cache.verify) checks every file up front.
 
+A cache at a URL is read through zarr's FsspecStore, with the same checks: the listing and
+sizes when a shard is opened, and each object's sha256 as it is downloaded (remote.
+VerifyingStore), so no chunk is fetched twice. Shard attributes are fetched concurrently when
+the key index is built (one request each: latency, not bandwidth, is the cost there).
+
 Shapes and dtypes come from the cache (its CacheMeta and shard_arrays), never from the caller.
 A CacheReader can be handed to worker processes: its open shards are not pickled, each process
 reopens what it reads.
@@ -36,11 +42,13 @@ import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from alignkd.cache import remote
 from alignkd.cache.codecs import get_codec
 from alignkd.cache.records import SampleSignals
 from alignkd.cache.verify import check_shard_files
@@ -60,6 +68,7 @@ __all__ = ["CacheReader", "open_shard"]
 
 # Decoded chunks kept per reader (so per DataLoader worker), across all its open shards.
 _CHUNK_CACHE_BYTES = 256 * 2**20
+_REMOTE_THREADS = 16  # concurrent requests for shard attributes at a URL
 
 
 class _ChunkCache:
@@ -84,10 +93,10 @@ class _ChunkCache:
 
 
 class CacheReader:
-    """Random access to the samples of a cache directory (see the module docstring)."""
+    """Random access to the samples of a cache directory or URL (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike, *, max_open_shards: int = 64) -> None:
-        self.path = Path(path)
+        self.path: Path | str = path.rstrip("/") if remote.is_url(path) else Path(path)
         self._meta = read_cache_meta(self.path)
         self._specs = shard_arrays(self._meta)
         self._shards = list_complete_shards(self.path)
@@ -99,6 +108,7 @@ class CacheReader:
         # Shards whose file list was checked in this process: a shard closed by the LRU and
         # opened again is not listed and stat'ed again (thousands of chunk files at scale).
         self._files_checked: set[str] = set()
+        self._pid = os.getpid()
 
     # -------------------------------------------------------------------- what is in it
 
@@ -122,6 +132,7 @@ class CacheReader:
         """sha256 over the root metadata and each complete shard's name and attributes (keys,
         sample fingerprints, bytes, codec errors): which cache contents a run was trained on.
         Reads attributes only, not the signal arrays."""
+        self._fetch_shard_metas()
         h = hashlib.sha256(_canonical(self._meta.to_dict()))
         for name in self._shards:
             h.update(b"\0" + name.encode() + b"\0" + _canonical(self.shard_meta(name).to_dict()))
@@ -142,10 +153,12 @@ class CacheReader:
 
     def skipped(self) -> list[tuple[str, str, str]]:
         """(key, reason, shard) of every sample the extraction skipped."""
+        self._fetch_shard_metas()
         return [(s["key"], s["reason"], name) for name in self._shards for s in self.shard_meta(name).skipped]
 
     def _key_index(self) -> dict[str, tuple[str, int]]:
         if self._index is None:
+            self._fetch_shard_metas()
             index: dict[str, tuple[str, int]] = {}
             for name in self._shards:
                 for row, key in enumerate(self.shard_meta(name).keys):
@@ -156,6 +169,14 @@ class CacheReader:
                     index[key] = (name, row)
             self._index = index
         return self._index
+
+    def _fetch_shard_metas(self) -> None:
+        """At a URL, every shard's attributes not read yet, fetched concurrently."""
+        missing = [n for n in self._shards if n not in self._shard_metas]
+        if remote.is_url(self.path) and len(missing) > 1:
+            with ThreadPoolExecutor(min(_REMOTE_THREADS, len(missing))) as pool:
+                metas = pool.map(lambda n: read_shard_meta(self.path, n), missing)
+                self._shard_metas.update(zip(missing, metas))
 
     # -------------------------------------------------------------------- reading a sample
 
@@ -192,10 +213,13 @@ class CacheReader:
         )
 
     def _shard(self, name: str) -> _OpenShard:
+        if remote.is_url(self.path) and os.getpid() != self._pid:
+            # A forked DataLoader worker: the parent's open stores hold its network clients.
+            self._open, self._chunks, self._pid = OrderedDict(), _ChunkCache(), os.getpid()
         if name in self._open:
             self._open.move_to_end(name)
             return self._open[name]
-        shard = _OpenShard(self.path / SHARDS_GROUP / name, self._specs, self.shard_meta(name), self._chunks,
+        shard = _OpenShard(_shard_path(self.path, name), self._specs, self.shard_meta(name), self._chunks,
                            check_files=name not in self._files_checked)
         self._files_checked.add(name)
         self._open[name] = shard
@@ -215,11 +239,17 @@ def _canonical(d: dict) -> bytes:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _shard_path(cache_root: str | os.PathLike, name: str) -> Path | str:
+    if remote.is_url(cache_root):
+        return remote.child(cache_root, SHARDS_GROUP, name)
+    return Path(cache_root) / SHARDS_GROUP / name
+
+
 def open_shard(cache_root: str | os.PathLike, meta: CacheMeta, shard: ShardMeta, *,
                check_files: bool = True) -> _OpenShard:
     """Open one shard as the reader does (files, schema and offsets checked); CacheSchemaError
     naming the shard and what is wrong. For alignkd.cache.verify."""
-    return _OpenShard(Path(cache_root) / SHARDS_GROUP / shard.name, shard_arrays(meta), shard, _ChunkCache(),
+    return _OpenShard(_shard_path(cache_root, shard.name), shard_arrays(meta), shard, _ChunkCache(),
                       check_files=check_files)
 
 
@@ -230,22 +260,25 @@ _INDEX_ARRAYS = ("ids_offsets", "resp_offsets", "rows_offsets", "vision_start", 
 class _OpenShard:
     """One shard's array handles, checked against the schema, plus its small index arrays."""
 
-    def __init__(self, path: Path, specs: dict[str, ArraySpec], shard: ShardMeta, chunks: _ChunkCache, *,
+    def __init__(self, path: Path | str, specs: dict[str, ArraySpec], shard: ShardMeta, chunks: _ChunkCache, *,
                  check_files: bool) -> None:
         self.path = path
         self.files = shard.files
+        # At a URL the store hashes every object as it downloads it (remote.VerifyingStore).
+        self.remote = remote.is_url(path)
         num_samples = shard.num_samples
         # Before Zarr parses anything (first open in this process): every file listed and of its
         # size, metadata and index files hashed (they are read whole right below); chunks are
         # hashed whenever they are read.
-        problems = check_shard_files(
-            path, shard.files, hash_files=lambda f: f.endswith("zarr.json") or f.split("/")[0] in _INDEX_ARRAYS,
-        ) if check_files else []
+        hashed = False if self.remote else lambda f: f.endswith("zarr.json") or f.split("/")[0] in _INDEX_ARRAYS
+        problems = check_shard_files(path, shard.files, hash_files=hashed) if check_files else []
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            root = path.rsplit("/", 2)[0] if self.remote else path.parent.parent
             raise CacheSchemaError(f"shard {path} is damaged: {problems[0]}{more}; "
-                                   f"`alignkd verify-cache {path.parent.parent}` lists every damaged shard")
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+                                   f"`alignkd verify-cache {root}` lists every damaged shard")
+        store = remote.zarr_store(path, files=shard.files) if self.remote else str(path)
+        group = zarr.open_group(store, mode="r", zarr_format=3)
         self.arrays: dict[str, zarr.Array] = {}
         for name, spec in specs.items():
             try:
@@ -306,6 +339,8 @@ class _OpenShard:
         """The chunk file against the shard's file list. A chunk with no file is all fill
         value by Zarr's rules; that is right only if the list has no file for it either (the
         listing was checked when the shard was opened)."""
+        if self.remote:
+            return  # the store checks each object as it fetches it
         array = self.arrays[name]
         rel = f"{name}/{array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))}"
         want = self.files.get(rel)

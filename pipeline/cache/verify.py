@@ -2,6 +2,7 @@
 
     alignkd verify-cache demo-out/cache            # every file hashed; exit status 1 if damaged
     alignkd verify-cache demo-out/cache --quick    # file lists and sizes only, no hashing
+    alignkd verify-cache s3://bucket/cache         # a cache at an fsspec URL: the same checks
 
     report = verify_cache("demo-out/cache")        # CacheVerification
     report.damaged                                 # {"train-000003": ["file attn_L00/c/0/0/0 is missing"]}
@@ -19,6 +20,12 @@ What is checked (the file list, `ShardMeta.files`, is described in cache_schemas
 Leftover temporary shards (`.{name}.tmp-...`) are listed but are not damage: no reader looks
 at them and the next `extract-teacher` run removes them.
 
+At a URL (alignkd.cache.remote) the same checks run on objects: one listing gives every
+shard's objects and sizes, hashing downloads them (in concurrent batches), and shards are
+checked 16 at a time (each costs requests, not disk reads). A shard prefix without its
+zarr.json is a shard whose upload never finished, so there it counts as partial, not damaged:
+the marker is written last, so its absence is exactly what an interrupted upload leaves.
+
 A damaged shard is repaired by deleting its directory and running the same extract-teacher
 job again: extraction resumes by shard and redoes exactly the missing ones.
 
@@ -33,11 +40,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkd.cache import remote
 from alignkd.cache.writer import file_digest, list_complete_shards, read_cache_meta, read_shard_meta
-from alignkd.cache_schemas import SHARDS_GROUP, CacheSchemaError, FileDigest
+from alignkd.cache_schemas import SHARDS_GROUP, CacheMeta, CacheSchemaError, FileDigest, ShardMeta
 
 __all__ = ["CacheVerification", "check_shard_files", "verify_cache"]
 
@@ -66,7 +75,11 @@ def check_shard_files(shard_dir: str | os.PathLike, files: Mapping[str, FileDige
 
     Every listed file must be there with its listed size, and no other file may be (the
     shard's own zarr.json holds the list and is not in it). `hash_files` says which files
-    also get their sha256 compared: all (True), none (False), or those a predicate accepts."""
+    also get their sha256 compared: all (True), none (False), or those a predicate accepts.
+    `shard_dir` may be a URL (its objects are listed and, to hash, downloaded)."""
+    if remote.is_url(shard_dir):
+        fs, prefix = remote.filesystem(shard_dir)
+        return _check_objects(fs, prefix, remote.list_files(fs, prefix), files, hash_files)
     root = Path(shard_dir)
     on_disk = {}
     for d, _, names in os.walk(root):
@@ -74,14 +87,38 @@ def check_shard_files(shard_dir: str | os.PathLike, files: Mapping[str, FileDige
             rel = Path(d, n).relative_to(root).as_posix()
             if rel != "zarr.json":
                 on_disk[rel] = Path(d, n)
-    problems = [f"file {rel} is missing" for rel in sorted(set(files) - set(on_disk))]
+    sizes = {rel: on_disk[rel].stat().st_size for rel in set(files) & set(on_disk)}
+    return _compare(set(on_disk), sizes, files, hash_files, lambda rels: {r: file_digest(on_disk[r]) for r in rels})
+
+
+def _check_objects(fs, prefix: str, objects: Mapping[str, int], files: Mapping[str, FileDigest],
+                   hash_files: bool | Callable[[str], bool]) -> list[str]:
+    """check_shard_files for a shard prefix whose objects (rel -> size) were listed already."""
+    objects = {rel: size for rel, size in objects.items() if rel != remote.MARKER}
+
+    def digests(rels: list[str]) -> dict[str, FileDigest]:
+        found = remote.file_digests(fs, {f"{prefix}/{r}": objects[r] for r in rels})
+        return {r: found[f"{prefix}/{r}"] for r in rels}
+
+    return _compare(set(objects), {r: objects[r] for r in set(files) & set(objects)}, files, hash_files, digests)
+
+
+def _compare(present: set[str], sizes: Mapping[str, int], files: Mapping[str, FileDigest],
+             hash_files: bool | Callable[[str], bool],
+             digests: Callable[[list[str]], Mapping[str, FileDigest]]) -> list[str]:
+    """The problems of a shard's `present` files against its list: `sizes` of the listed ones
+    that are there, `digests` to hash those of the right size that `hash_files` picks."""
+    problems = [f"file {rel} is missing" for rel in sorted(set(files) - present)]
     problems += [f"file {rel if rel.isprintable() else repr(rel)} is not in the shard's file list"
-                 for rel in sorted(set(on_disk) - set(files))]
-    for rel in sorted(set(files) & set(on_disk)):
-        want, size = files[rel], on_disk[rel].stat().st_size
+                 for rel in sorted(present - set(files))]
+    to_hash = [rel for rel in sorted(sizes) if sizes[rel] == files[rel].size
+               and (hash_files(rel) if callable(hash_files) else hash_files)]
+    hashed = digests(to_hash) if to_hash else {}
+    for rel in sorted(sizes):
+        want, size = files[rel], sizes[rel]
         if size != want.size:
             problems.append(f"file {rel} is {size} bytes, the shard's file list says {want.size} (truncated or altered)")
-        elif (hash_files(rel) if callable(hash_files) else hash_files) and file_digest(on_disk[rel]) != want:
+        elif rel in hashed and hashed[rel] != want:
             problems.append(f"file {rel} has changed (its sha256 differs from the shard's file list)")
     return problems
 
@@ -89,36 +126,41 @@ def check_shard_files(shard_dir: str | os.PathLike, files: Mapping[str, FileDige
 def verify_cache(path: str | os.PathLike, *, hashes: bool = True) -> CacheVerification:
     """Check every shard of the cache at `path` (see the module docstring). Raises
     CacheSchemaError only when the root itself is unreadable (not a cache, bad metadata)."""
-    from alignkd.cache.reader import open_shard  # the reader imports this module
-
-    root = Path(path)
+    url = remote.is_url(path)
+    root = path.rstrip("/") if url else Path(path)
     meta = read_cache_meta(root)
     report = CacheVerification(path=str(root), hashed=hashes)
-    shards_dir = root / SHARDS_GROUP
-    complete = list_complete_shards(root)
-    if shards_dir.is_dir():
-        for p in sorted(shards_dir.iterdir()):
-            if p.name.startswith("."):
-                report.partial.append(p.name)
-            elif p.is_dir() and p.name not in complete:
-                report.damaged[p.name] = ["zarr.json is missing: the shard's attributes are lost"]
+    if url:
+        fs, prefix = remote.filesystem(root)
+        objects = remote.list_shard_prefixes(fs, f"{prefix}/{SHARDS_GROUP}")
+        complete = sorted(n for n, objs in objects.items() if not n.startswith(".") and remote.MARKER in objs)
+        report.partial = sorted(set(objects) - set(complete))
+
+        def check(name: str) -> tuple[ShardMeta | None, list[str]]:
+            return _check_shard(root, meta, name, lambda s: _check_objects(
+                fs, f"{prefix}/{SHARDS_GROUP}/{name}", objects[name], s.files, hashes))
+
+        with ThreadPoolExecutor(16) as pool:
+            checked = list(pool.map(check, complete))
+    else:
+        shards_dir = root / SHARDS_GROUP
+        complete = list_complete_shards(root)
+        if shards_dir.is_dir():
+            for p in sorted(shards_dir.iterdir()):
+                if p.name.startswith("."):
+                    report.partial.append(p.name)
+                elif p.is_dir() and p.name not in complete:
+                    report.damaged[p.name] = ["zarr.json is missing: the shard's attributes are lost"]
+        checked = (_check_shard(root, meta, name, lambda s, name=name: check_shard_files(
+            shards_dir / name, s.files, hash_files=hashes)) for name in complete)
     owner: dict[str, str] = {}
-    for name in complete:
+    for name, (shard, problems) in zip(complete, checked):
         report.shards += 1
-        try:
-            shard = read_shard_meta(root, name)
-        except CacheSchemaError as e:
-            report.damaged[name] = [str(e)]
+        if shard is None:
+            report.damaged[name] = problems
             continue
         report.files += len(shard.files)
         report.bytes += sum(d.size for d in shard.files.values())
-        problems = check_shard_files(shards_dir / name, shard.files, hash_files=hashes)
-        if not problems:
-            try:
-                # arrays against the schema, offsets against the rows (the files were just checked)
-                open_shard(root, meta, shard, check_files=False)
-            except CacheSchemaError as e:
-                problems.append(str(e))
         for key in shard.keys:
             if key in owner:
                 problems.append(f"sample {key} is also in shard {owner[key]}")
@@ -126,3 +168,22 @@ def verify_cache(path: str | os.PathLike, *, hashes: bool = True) -> CacheVerifi
         if problems:
             report.damaged[name] = problems
     return report
+
+
+def _check_shard(root: Path | str, meta: CacheMeta, name: str,
+                 check_files: Callable[[ShardMeta], list[str]]) -> tuple[ShardMeta | None, list[str]]:
+    """(its ShardMeta, or None if that is unreadable; its problems) for one complete shard."""
+    from alignkd.cache.reader import open_shard  # the reader imports this module
+
+    try:
+        shard = read_shard_meta(root, name)
+    except CacheSchemaError as e:
+        return None, [str(e)]
+    problems = check_files(shard)
+    if not problems:
+        try:
+            # arrays against the schema, offsets against the rows (the files were just checked)
+            open_shard(root, meta, shard, check_files=False)
+        except CacheSchemaError as e:
+            problems.append(str(e))
+    return shard, problems

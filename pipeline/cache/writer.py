@@ -7,6 +7,9 @@
                         input_shard="data/train-000003.tar", input_size=123456)
     read_shard_meta(root, "train-000003")   # its ShardMeta (keys, skipped, bytes, codec error)
 
+`root` is a directory or an fsspec URL ("s3://bucket/cache", "gs://...", "file://...");
+the functions take either and do the same job for both (a URL's steps are in remote.py).
+
 The layout (array names, dtypes, shapes) is alignkd.cache_schemas.v1; the quantisers are
 alignkd.cache.codecs.
 
@@ -22,6 +25,12 @@ shard. A killed writer leaves only a `.tmp-` directory: readers ignore it, `remo
 Rewriting a shard that exists moves the old directory aside (to a `.tmp-` name) first, renames
 the new one in, then deletes the old one: at every moment the final name holds either the old
 complete shard, nothing, or the new complete shard, never a mix.
+
+A cache at a URL cannot rename (object stores have none): write_shard builds the shard exactly
+as above in a local temporary directory (`scratch`, default the system's temp folder), then
+uploads it with its own zarr.json LAST, which marks it complete (alignkd.cache.remote). A
+shard prefix without that marker is partial: readers skip it, `remove_partial` and
+`remove_partial_shard` delete it, a rewrite first deletes the marker, then the old objects.
 
 Every file of a shard except its own zarr.json is listed in its ShardMeta with size and sha256
 (`files`), hashed from the finished temporary directory just before the rename, so what is
@@ -39,6 +48,7 @@ import hashlib
 import math
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -46,8 +56,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from alignkd.cache import remote
 from alignkd.cache.codecs import Codec, error_stats, get_codec
 from alignkd.cache.records import SampleSignals
+from alignkd.cache.remote import is_url
 from alignkd.cache_schemas import (
     IMAGE_TOKEN,
     SCALE_SUFFIX,
@@ -92,6 +104,8 @@ def init_cache(cache_root: str | os.PathLike, meta: CacheMeta) -> None:
     raise CacheSchemaError naming the differing fields if not. The stored meta is kept as is
     (its `created` and `job` stay those of the run that created it)."""
     meta.validate()
+    if is_url(cache_root):
+        return _init_remote(cache_root, meta)
     root = Path(cache_root)
     if (root / "zarr.json").exists():
         _check_same(root, meta)
@@ -117,20 +131,59 @@ def init_cache(cache_root: str | os.PathLike, meta: CacheMeta) -> None:
     _fsync_dir(root.parent)
 
 
+def _init_remote(url: str, meta: CacheMeta) -> None:
+    """init_cache at a URL: the root made locally, then uploaded with its zarr.json last."""
+    fs, root = remote.filesystem(url)
+    if _remote_file(url, "zarr.json"):
+        _check_same(url, meta)
+        return
+    # A run that died while creating the cache leaves at most shards/zarr.json: finish it.
+    if _names(fs, root) - {SHARDS_GROUP} or _names(fs, f"{root}/{SHARDS_GROUP}") - {"zarr.json"}:
+        raise CacheSchemaError(f"{url} exists and is not an alignkd cache; refusing to write into it")
+    with tempfile.TemporaryDirectory(prefix="alignkd-root-") as tmp:
+        local = Path(tmp) / "cache"
+        init_cache(local, meta)
+        fs.put_file(str(local / SHARDS_GROUP / "zarr.json"), f"{root}/{SHARDS_GROUP}/zarr.json")
+        remote.put_marker(fs, local / "zarr.json", f"{root}/zarr.json")  # now it is a cache
+    # Object stores have no create-if-absent: read it back, so that of two jobs creating the
+    # cache at once with different settings, one fails here (and every shard write checks too).
+    _check_same(url, meta)
+
+
+def _remote_file(url: str, name: str) -> bool:
+    fs, root = remote.filesystem(url)
+    fs.invalidate_cache(root)
+    return fs.isfile(f"{root}/{name}")
+
+
+def _names(fs, prefix: str) -> set[str]:
+    """Names of the entries one level under `prefix` (none if nothing is there)."""
+    try:
+        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(prefix, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
 def read_cache_meta(cache_root: str | os.PathLike) -> CacheMeta:
     """The cache's CacheMeta, migrated from an older schema version if needed; CacheSchemaError
     (naming the cache) for a missing cache, a newer or unknown version, or invalid metadata."""
-    root = Path(cache_root)
-    if not (root / "zarr.json").is_file():
-        raise CacheSchemaError(f"{root}: not an alignkd cache (no zarr.json)")
+    if is_url(cache_root):
+        root, store = cache_root, remote.zarr_store(cache_root)  # one request below, not two
+    else:
+        root = Path(cache_root)
+        store = str(root)
+        if not (root / "zarr.json").is_file():
+            raise CacheSchemaError(f"{root}: not an alignkd cache (no zarr.json)")
     try:
-        group = zarr.open_group(str(root), mode="r", zarr_format=3)
+        group = zarr.open_group(store, mode="r", zarr_format=3)
     except Exception as e:  # noqa: BLE001 - any failure to open means "not a readable cache"
+        if is_url(root) and isinstance(e, FileNotFoundError) and not _remote_file(root, "zarr.json"):
+            raise CacheSchemaError(f"{root}: not an alignkd cache (no zarr.json)") from None
         raise CacheSchemaError(f"{root}: not a Zarr v3 group ({type(e).__name__}: {e})") from None
     return CacheMeta.from_dict(group.attrs.asdict(), source=f"cache at {root}")
 
 
-def _check_same(root: Path, meta: CacheMeta) -> None:
+def _check_same(root: Path | str, meta: CacheMeta) -> None:
     diff = read_cache_meta(root).differences(meta)
     if diff:
         raise CacheSchemaError(
@@ -144,6 +197,9 @@ def _check_same(root: Path, meta: CacheMeta) -> None:
 
 def list_complete_shards(cache_root: str | os.PathLike) -> list[str]:
     """Names of the complete shards, sorted (temporary `.`-names are never listed)."""
+    if is_url(cache_root):
+        return sorted(n for n, objects in _remote_shards(cache_root).items()
+                      if not n.startswith(".") and remote.MARKER in objects)
     shards = Path(cache_root) / SHARDS_GROUP
     if not shards.is_dir():
         return []
@@ -152,10 +208,20 @@ def list_complete_shards(cache_root: str | os.PathLike) -> list[str]:
 
 def read_shard_meta(cache_root: str | os.PathLike, name: str) -> ShardMeta:
     """ShardMeta of a complete shard (CacheSchemaError naming the shard if it is invalid)."""
+    if is_url(cache_root):
+        path = remote.child(cache_root, SHARDS_GROUP, check_shard_name(name))
+        try:  # one request: a missing marker is a missing group
+            group = zarr.open_group(remote.zarr_store(path), mode="r", zarr_format=3)
+        except FileNotFoundError:
+            raise CacheSchemaError(f"shard {path}: no such complete shard") from None
+        return _shard_meta(group, path, name)
     path = Path(cache_root) / SHARDS_GROUP / check_shard_name(name)
     if not (path / "zarr.json").is_file():
         raise CacheSchemaError(f"shard {path}: no such complete shard")
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    return _shard_meta(zarr.open_group(str(path), mode="r", zarr_format=3), path, name)
+
+
+def _shard_meta(group: zarr.Group, path: Path | str, name: str) -> ShardMeta:
     shard = ShardMeta.from_dict(group.attrs.asdict(), source=f"shard {path}")
     if shard.name != name:
         raise CacheSchemaError(f"shard {path}: its attributes name it {shard.name!r}")
@@ -163,7 +229,12 @@ def read_shard_meta(cache_root: str | os.PathLike, name: str) -> ShardMeta:
 
 
 def remove_partial(cache_root: str | os.PathLike) -> list[str]:
-    """Delete every leftover temporary shard directory; returns their names, sorted."""
+    """Delete every leftover temporary shard directory (at a URL: every shard prefix without
+    its marker); returns their names, sorted."""
+    if is_url(cache_root):
+        partial = [n for n, objects in _remote_shards(cache_root).items()
+                   if remote.MARKER not in objects or (n.startswith(".") and _TMP in n)]
+        return _remove_remote(cache_root, partial)
     shards = Path(cache_root) / SHARDS_GROUP
     if not shards.is_dir():
         return []
@@ -172,6 +243,10 @@ def remove_partial(cache_root: str | os.PathLike) -> list[str]:
 
 def remove_partial_shard(cache_root: str | os.PathLike, name: str) -> list[str]:
     """Delete the leftover temporary directories of shard `name` only (a retried shard)."""
+    if is_url(cache_root):
+        fs, root = remote.filesystem(cache_root)
+        objects = remote.list_files(fs, f"{root}/{SHARDS_GROUP}/{check_shard_name(name)}")
+        return _remove_remote(cache_root, [name] if objects and remote.MARKER not in objects else [])
     shards = Path(cache_root) / SHARDS_GROUP
     if not shards.is_dir():
         return []
@@ -183,6 +258,19 @@ def _remove(paths: list[Path]) -> list[str]:
     for p in paths:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     return sorted(p.name for p in paths)
+
+
+def _remote_shards(url: str) -> dict[str, dict[str, int]]:
+    """Every shard prefix of the cache at `url` with its objects (one listing)."""
+    fs, root = remote.filesystem(url)
+    return remote.list_shard_prefixes(fs, f"{root}/{SHARDS_GROUP}")
+
+
+def _remove_remote(url: str, names: list[str]) -> list[str]:
+    fs, root = remote.filesystem(url)
+    for name in names:
+        remote.remove_prefix(fs, f"{root}/{SHARDS_GROUP}/{name}")
+    return sorted(names)
 
 
 # ---------------------------------------------------------------------------- writing a shard
@@ -198,13 +286,21 @@ def write_shard(
     input_shard: str,
     input_size: int,
     after_array: Callable[[str], None] | None = None,
+    before_publish: Callable[[], None] | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> ShardMeta:
     """Write one complete shard (the signals of `samples`, in order, plus the `skipped`
     (key, reason) pairs of its input shard) and return its ShardMeta. A shard of zero samples
     is valid: it records that the input shard was done and why each sample was skipped.
 
-    `after_array(name)` is called each time an array is on disk; the extraction stage uses it
-    to inject faults in tests (an exception from it aborts the shard like a failed write)."""
+    `after_array(name)` is called each time an array is on disk, `before_publish()` once the
+    whole shard is (uploaded, for a URL) but not yet published; the extraction stage uses them
+    to inject faults in tests (an exception from either aborts the shard like a failed write).
+    `scratch`: for a cache at a URL, the local folder the shard is built in before upload."""
+    if is_url(cache_root):
+        return _write_remote(cache_root, shard_name, samples, skipped, meta=meta, input_shard=input_shard,
+                             input_size=input_size, after_array=after_array, before_publish=before_publish,
+                             scratch=scratch)
     root = Path(cache_root)
     check_shard_name(shard_name)
     meta.validate()
@@ -243,9 +339,32 @@ def write_shard(
         shard.validate()
         group.attrs.update(shard.to_dict())
         _fsync_tree(tmp)
+        if before_publish is not None:
+            before_publish()
         _install(tmp, shards_dir / shard_name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return shard
+
+
+def _write_remote(url: str, shard_name: str, samples: Sequence[SampleSignals], skipped: Sequence[tuple[str, str]],
+                  *, meta: CacheMeta, input_shard: str, input_size: int, after_array: Callable[[str], None] | None,
+                  before_publish: Callable[[], None] | None, scratch: str | os.PathLike | None) -> ShardMeta:
+    """write_shard at a URL: the local writer builds and hashes the shard in a throwaway local
+    cache, then remote.publish uploads it, its marker (zarr.json) last."""
+    check_shard_name(shard_name)
+    meta.validate()
+    _check_same(url, meta)  # also: the cache exists
+    fs, root = remote.filesystem(url)
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="alignkd-shard-", dir=scratch) as tmp:
+        local = Path(tmp) / "cache"
+        init_cache(local, meta)
+        shard = write_shard(local, shard_name, samples, skipped, meta=meta, input_shard=input_shard,
+                            input_size=input_size, after_array=after_array)
+        remote.publish(local / SHARDS_GROUP / shard_name, fs, f"{root}/{SHARDS_GROUP}/{shard_name}", shard.files,
+                       before_marker=before_publish)
     return shard
 
 

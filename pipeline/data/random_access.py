@@ -17,7 +17,7 @@ import os
 import tarfile
 from typing import Any
 
-from alignkd.data.shards import ShardError, check_tar_complete
+from alignkd.data.shards import ShardError, check_tar_complete, split_member_name
 
 __all__ = ["ShardReader"]
 
@@ -29,15 +29,25 @@ class ShardReader:
         self.index: dict[str, tuple[int, dict[str, tuple[int, int]]]] = {}
         for i, path in enumerate(self.shards):
             check_tar_complete(path)
+            previous = None
             try:
                 with tarfile.open(path, mode="r:") as tar:
                     for member in tar:
-                        if not member.isfile() or "." not in member.name:
+                        split = split_member_name(member.name) if member.isfile() else None
+                        if split is None:
                             continue
-                        key, ext = member.name.split(".", 1)  # as webdataset splits member names
+                        key, ext = split  # the streaming reader's rule, so both give the same keys
                         if key in self.index and self.index[key][0] != i:
                             raise ShardError(f"{path}: sample {key} is also in {self.shards[self.index[key][0]]}")
-                        self.index.setdefault(key, (i, {}))[1][ext.lower()] = (member.offset_data, member.size)
+                        # As when streaming: a sample is a run of consecutive members, each
+                        # extension once; a key that comes back later is a second sample.
+                        members = self.index.setdefault(key, (i, {}))[1]
+                        if key != previous and members:
+                            raise ShardError(f"{path}: sample key {key!r} occurs twice")
+                        if ext in members:
+                            raise ShardError(f"{path}: sample {key} has two {ext!r} members")
+                        members[ext] = (member.offset_data, member.size)
+                        previous = key
             except tarfile.TarError as e:
                 raise ShardError(f"{path}: not a readable tar ({e})") from None
         self._handles: dict[int, Any] = {}

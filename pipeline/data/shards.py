@@ -23,7 +23,9 @@ Guarantees:
     `os.replace`), so a crash never leaves a half shard that a reader would take as data;
   * the same samples give the same bytes (fixed tar metadata, fixed member order), so shards
     can be fingerprinted and a rerun is a no-op on content;
-  * tar member names are only ever used as sample keys, never as filesystem paths;
+  * tar member names are only ever used as sample keys, never as filesystem paths, and one
+    rule, webdataset's, splits them into (key, extension) for every reader here
+    (`split_member_name`: "v1.5/0001.jpg" is sample "v1.5/0001", extension "jpg");
   * whatever a shard holds, decoding a sample gives a Sample or a one-line BadSample naming
     it, never another exception: bad keys (empty, unprintable, not UTF-8), JSON that is not
     UTF-8 (invalid bytes, lone surrogate escapes), nested too deeply, or names a member twice
@@ -65,6 +67,7 @@ __all__ = [
     "loads_json",
     "duplicate_keys",
     "read_samples",
+    "split_member_name",
     "write_shards",
 ]
 
@@ -330,7 +333,7 @@ def iter_raw_samples(shard_path: str | os.PathLike) -> Iterator[dict]:
             # `wds.WebDataset` reader would split them. We open the file ourselves instead of
             # going through webdataset's URL opener, which would treat "pipe:..." as a command.
             files = ({**member, "__url__": path} for member in tariterators.tar_file_iterator(f))
-            for raw in tariterators.group_by_keys(files):
+            for raw in tariterators.group_by_keys(files, keys=lambda n: split_member_name(n) or (None, None)):
                 key = raw.pop("__key__")
                 raw.pop("__url__", None)
                 if key in seen:
@@ -343,6 +346,29 @@ def iter_raw_samples(shard_path: str | os.PathLike) -> Iterator[dict]:
         # webdataset appends context objects to err.args; keep only the message.
         message = err.args[0] if err.args else type(err).__name__
         raise ShardError(f"{path}: corrupt tar shard ({message})") from None
+
+
+# Members webdataset's tar iterator never yields (its `skip_meta`): "__index__", "__x__/y".
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-cased extension) of a tar member name, or None for a member that is
+    part of no sample. Streaming (`iter_raw_samples`) and random access (alignkd.data.
+    random_access) both use it, so extraction and training see the same keys.
+
+    The rule is webdataset's (`tariterators.base_plus_ext`, and the `__...__` members its tar
+    iterator skips): the key is the path up to the first "." of the file's base name, folders
+    included, so dots in folder names stay in the key:
+
+        "000017.json"          -> ("000017", "json")
+        "v1.5/0001.seg.png"    -> ("v1.5/0001", "seg.png")
+        "a.b/noext", ".hidden" -> None       "__index__" -> None
+    """
+    if _META_MEMBER.match(name):
+        return None
+    key, ext = tariterators.base_plus_ext(name)
+    return None if key is None else (key, ext.lower())
 
 
 # ---------------------------------------------------------------------------- decoding
