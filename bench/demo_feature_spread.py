@@ -7,6 +7,10 @@ teacher, encode the same validation images and report, over the 9 projected visi
   tokens and dimensions (how much the tokens change with the picture; a projector whose
   output does not depend on the image has spread 0).
 
+For Align-KD runs it also reports the rms of the vision adapter's weight in the run's last
+checkpoint, beside the rms of PyTorch's default Linear initialisation (uniform in
++-1/sqrt(D_T), rms 1/sqrt(3 D_T)), to show how far the adapter moved from its start.
+
 This is the measurement behind the README's remark that Align-KD's L_V terms shrink the
 student's vision tokens in the demo. Run after `alignkd demo --out DIR [--full]`:
 
@@ -26,11 +30,24 @@ import subprocess
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from alignkd.data.shards import read_samples
 from alignkd.models import load_vlm
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def adapter_rms(run_dir: Path) -> dict[str, float] | None:
+    """rms of the vision adapter's weight in the newest checkpoint, and at default init."""
+    checkpoints = sorted(run_dir.glob("checkpoints/step_*/adapters.safetensors"))
+    if not checkpoints:
+        return None
+    weight = load_file(checkpoints[-1]).get("vision_adapter.weight")
+    if weight is None:
+        return None
+    d_teacher = weight.shape[1]
+    return {"adapter_rms": float(weight.float().pow(2).mean().sqrt()), "adapter_rms_at_init": (3 * d_teacher) ** -0.5}
 
 
 @torch.no_grad()
@@ -52,7 +69,7 @@ def main() -> None:
     images = [s.image for s in samples if s.image is not None]
     per_run: dict[str, dict[str, float]] = {"teacher": feature_stats(args.out / "teacher" / "export", images)}
     for export in sorted(args.out.glob("runs/*/export")):
-        per_run[export.parent.name] = feature_stats(export, images)
+        per_run[export.parent.name] = feature_stats(export, images) | (adapter_rms(export.parent) or {})
 
     by_variant: dict[str, list[dict[str, float]]] = {}
     for name, stats in per_run.items():
@@ -76,6 +93,10 @@ def main() -> None:
              "", "| model | runs | rms (mean ± std) | spread across images (mean ± std) |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['runs']} | {r['rms']:.3f} ± {r['rms_std']:.3f} | "
               f"{r['spread']:.3f} ± {r['spread_std']:.3f} |" for r in rows]
+    adapters = {name: r for name, r in per_run.items() if "adapter_rms" in r}
+    if adapters:
+        lines += ["", "| run | vision adapter weight rms | at default init |", "|---|---|---|"]
+        lines += [f"| {name} | {r['adapter_rms']:.4f} | {r['adapter_rms_at_init']:.4f} |" for name, r in adapters.items()]
     (RESULTS / "demo_feature_spread.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
