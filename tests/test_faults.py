@@ -220,11 +220,16 @@ def test_a_full_disk_then_a_sigkill_of_the_whole_extract_job_then_a_rerun_give_t
     finally:
         _kill_all(marker)  # its Ray processes die with it (fate sharing); make sure of it
     assert proc.returncode == -signal.SIGKILL
-    assert half_written() and CacheReader(cache).shards == ["shard-000000", "shard-000001"]  # on disk, never read
+    # The half shard is never read. Whether it is still on disk depends on timing: a worker torn
+    # down after its driver died may get to remove its own temporary folder first (seen on a
+    # loaded machine), otherwise the rerun removes it.
+    left_behind = len(half_written())
+    assert CacheReader(cache).shards == ["shard-000000", "shard-000001"]
 
     # 3. the same command again
     output = _extract(job)
-    assert "wrote 1 shards (2 already done)" in output and "removed 1 partial shard" in output
+    assert "wrote 1 shards (2 already done)" in output
+    assert ("removed 1 partial shard" in output) == (left_behind == 1)
     _assert_same_cache(cache, reference_cache)
 
 
