@@ -1,0 +1,239 @@
+"""Benchmark 6 (issue 6): extraction throughput with 1 and 2 workers, and a cost model for
+the paper's data on H100s (a projection, labelled as one).
+
+Measured here: `extract()` end to end (local Ray, one teacher per actor, the `cpu` preset of
+bench/_common.py) with each worker count in --workers, the same CPUs per worker (so two
+workers have twice the machine), on the same shards. Like benchmark 1, each count also runs
+over its first shards only (one per worker) so the steady-state rate
+(N_all - N_first) / (t_all - t_first) is separated from the fixed start-up. Configurations
+alternate within each repeat; medians with min and max.
+
+Projected (not measured): samples/s per GPU, GPU-hours and TB written for MobileVLM V2 7B
+over ShareGPT4V-PT (1.246M samples) and the 2M-sample fine-tuning set. The model:
+
+  GPU time per sample   teacher forward FLOPs (2 x weights x tokens + attention + CLIP + LM
+                        head and top-k on response rows) / (H100 bf16 dense peak x MFU); both
+                        ASSUMED (--h100-tflops, --mfu) unless a GPU run of benchmark 1 measured
+                        the forward's achieved FLOP/s, which is then used instead;
+  CPU time per sample   from benchmark 1's stage profile (its JSON is read from the same results
+                        folder): reading + decoding and tokenising + CLIP preprocessing as
+                        measured (same 336 px images); the shard write (quantise, error stats,
+                        compress, store) per sample scaled by the number of signal values per
+                        sample, plus its fixed per-shard cost spread over --shard-samples. The
+                        `signals` stage is left out: on a GPU its work (LM head, top-k) is in
+                        the FLOPs above;
+  per GPU               stages in sequence, as TeacherWorker runs them now; and, for a change
+                        this model suggests, CPU work overlapped with the forward and spread
+                        over the job's --cpus-per-gpu cores: max(GPU, CPU / cores);
+  bytes                 per sample from benchmark 5's projection if its JSON is there, else the
+                        codecs' uncompressed size (an upper bound).
+
+    python bench/extract_scaling.py                       # bench/results/extract_scaling.{json,md}
+    python bench/extract_scaling.py --repeats 5 --samples 96
+    python bench/extract_scaling.py --smoke
+    python bench/extract_scaling.py --preset paper --teacher-layers 8 --workers 1 --cpus-per-worker 8 \\
+        --device cuda --dtype bfloat16 --gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def measure(args: argparse.Namespace, work: C.Workdir) -> dict[int, dict[str, Any]]:
+    cuda = args.device.startswith("cuda")
+    num_cpus = None if cuda else int(max(args.workers) * args.cpus_per_worker)
+    jobs = {}
+    for n in args.workers:
+        common = dict(workers=n, cpus_per_worker=args.cpus_per_worker, num_cpus=num_cpus, dtype=args.dtype,
+                      device=args.device)
+        jobs[n] = {"all": C.extract_args(work, work.root / f"cache-w{n}-all", **common),
+                   "first": C.extract_args(work, work.root / f"cache-w{n}-first", shards=C.first_shards(work, n),
+                                           **common)}
+    runs = {n: {"all": [], "first": []} for n in args.workers}
+    samples = {n: {} for n in args.workers}
+    for r in range(args.repeats):
+        order = list(args.workers) if r % 2 == 0 else list(reversed(args.workers))
+        for n in order:
+            for part in ("all", "first"):
+                wall, summary = C.timed_extract(jobs[n][part])
+                runs[n][part].append(wall)
+                samples[n][part] = summary.samples_written
+                print(f"repeat {r}: {n} worker(s), {part:5s} {wall:7.2f} s ({summary.samples_written} samples)",
+                      flush=True)
+    out = {}
+    for n in args.workers:
+        n_all, n_first = samples[n]["all"], samples[n]["first"]
+        e2e = [n_all / t for t in runs[n]["all"]]
+        steady = [(n_all - n_first) / (a - f) for a, f in zip(runs[n]["all"], runs[n]["first"], strict=True) if a > f]
+        out[n] = {"samples": n_all, "samples_first": n_first, "seconds_all": C.stats(runs[n]["all"]),
+                  "seconds_first": C.stats(runs[n]["first"]), "end_to_end_samples_s": C.stats(e2e),
+                  "steady_samples_s": C.stats(steady) if steady else None}
+    return out
+
+
+def signal_values(heads: int, nv: int, width: int, lq: float, r: float, k: int) -> float:
+    """Float values a sample's cached signals hold: attention rows, features, top-k."""
+    return lq * heads * nv + nv * width + r * (2 * k + 1)
+
+
+def cost_model(args: argparse.Namespace, work: C.Workdir) -> dict[str, Any]:
+    """Projection for the paper's teacher and data (see the module docstring)."""
+    eff = C.read_result(C.results_dir(args), "extract_efficiency")
+    size = C.read_result(C.results_dir(args), "cache_size_fidelity")
+    assumptions = {"h100_bf16_dense_tflops": args.h100_tflops, "mfu": args.mfu, "data": C.PAPER_DATA,
+                   "paper_teacher": C.PAPER_TEACHER, "vision_tokens": C.PAPER_NV, "topk": C.PAPER_TOPK}
+    gpu_flops = args.h100_tflops * 1e12 * args.mfu
+    flops_source = f"ASSUMED: {args.h100_tflops:.0f} TFLOP/s bf16 peak x MFU {args.mfu}"
+    if eff and str(eff.get("device", "")).startswith("cuda"):
+        gpu_flops = eff["teacher_forward_gflop_per_sample"] * 1e9 * eff["bare_samples_s"]["median"]
+        flops_source = f"MEASURED by benchmark 1 on {eff['machine'].get('gpu')}: bare forward achieved FLOP/s"
+    cpu_stage = None
+    if eff:
+        prof, n = eff["stage_profile_s"], eff["stage_profile_samples"]
+        t = eff["teacher"]
+        here_lq = eff["mean_tokens_per_sample"] - 1 - eff["num_vision_tokens"]
+        here = signal_values(t["num_attention_heads"], eff["num_vision_tokens"], t["hidden_size"], here_lq, here_lq,
+                             work.preset.topk)
+        write = prof["write"] - eff["stage_profile_shards"] * eff["write_fixed_s_per_shard"]
+        cpu_stage = {"input_ms": 1000 * (prof["read_decode"] + prof["tokenise_preprocess"]) / n,
+                     "write_ms": 1000 * write / n, "signal_values": here,
+                     "shard_fixed_ms": 1000 * eff["write_fixed_s_per_shard"], "samples_per_shard": args.shard_samples,
+                     "source": f"benchmark 1 stage profile ({eff['machine']['cpu']}, {eff['device']}, "
+                               f"commit {eff['machine']['git_commit']})"}
+    rows = {}
+    heads, width = C.PAPER_TEACHER["num_attention_heads"], C.PAPER_TEACHER["hidden_size"]
+    for case, c in C.paper_cases().items():
+        lq, r = c["text_rows"], c["response_rows"]
+        flops = C.forward_flops(C.PAPER_TEACHER, c["tokens"], C.PAPER_VISION, logit_rows=r, vocab=C.PAPER_VOCAB)
+        gpu_s = flops / gpu_flops
+        cpu_s = 0.0
+        if cpu_stage:
+            values = signal_values(heads, C.PAPER_NV, width, lq, r, C.PAPER_TOPK)
+            cpu_s = (cpu_stage["input_ms"] + cpu_stage["write_ms"] * values / cpu_stage["signal_values"]
+                     + cpu_stage["shard_fixed_ms"] / args.shard_samples) / 1000
+        bytes_per_sample, bytes_source = _bytes(size, case, lq, r, c["tokens"])
+        seq, overlap = 1 / (gpu_s + cpu_s), 1 / max(gpu_s, cpu_s / args.cpus_per_gpu)
+        rows[case] = {
+            **c, "teacher_tflop_per_sample": flops / 1e12, "gpu_ms_per_sample": 1000 * gpu_s,
+            "cpu_ms_per_sample": 1000 * cpu_s,
+            "samples_s_per_gpu_sequential": seq, "samples_s_per_gpu_overlapped": overlap,
+            "gpu_hours_sequential": c["samples"] / seq / 3600, "gpu_hours_overlapped": c["samples"] / overlap / 3600,
+            "bytes_per_sample": bytes_per_sample, "bytes_source": bytes_source,
+            "tb_written": bytes_per_sample * c["samples"] / 1e12,
+        }
+    return {"assumptions": assumptions, "forward_flops_per_s": gpu_flops, "forward_flops_source": flops_source,
+            "cpu_stages": cpu_stage, "rows": rows}
+
+
+def _bytes(size: dict | None, case: str, lq: float, r: float, tokens: float) -> tuple[float, str]:
+    if size and case in size.get("projection", {}):
+        return size["projection"][case]["default_estimate_bytes"], "benchmark 5 (measured compression)"
+    from alignkd.cache.codecs import stored_bytes
+
+    heads, d, nv, k = C.PAPER_TEACHER["num_attention_heads"], C.PAPER_TEACHER["hidden_size"], C.PAPER_NV, C.PAPER_TOPK
+    total = (stored_bytes("uint8", (int(lq), heads, nv)) + stored_bytes("int8", (nv, d))
+             + stored_bytes("fp16", (int(r), k))
+             + 2 * r + 4 * r * k + 4 * r + 4 * tokens + 4 * nv + 32)
+    return float(total), "default codecs, uncompressed (upper bound)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu", choices=sorted(C.PRESETS))
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--samples-per-shard", type=int, default=16)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--teacher-layers", type=int)
+    ap.add_argument("--student-layers", type=int, help="cut the preset's student to this many layers")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--h100-tflops", type=float, default=989.0, help="ASSUMED bf16 dense peak of one H100 SXM")
+    ap.add_argument("--mfu", type=float, default=0.4, help="ASSUMED fraction of peak the teacher forward reaches")
+    ap.add_argument("--shard-samples", type=int, default=1000, help="samples per input shard of the paper's data "
+                    "(make-shards' usual size): spreads a shard's fixed write cost")
+    ap.add_argument("--cpus-per-gpu", type=int, default=4, help="CPUs per worker of jobs/mobilevlm_v2/extract_*.toml, "
+                    "for the overlapped-and-parallel column")
+    ap.add_argument("--work", default="/tmp/alignkd-bench")
+    ap.add_argument("--gpu", action="store_true",
+                    help="write to bench/results/gpu/ (and read benchmarks 1 and 5 from there)")
+    ap.add_argument("--projection-only", action="store_true",
+                    help="skip the measurement (a one-GPU run: benchmark 1 measured the one worker there)")
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    if args.smoke:
+        args.preset, args.samples, args.samples_per_shard, args.repeats = "smoke", 8, 2, 1
+    C.bench_env()
+    preset = C.PRESETS[args.preset].with_layers(args.teacher_layers, args.student_layers)
+    work = C.setup_workdir(args.work, preset, samples=args.samples, samples_per_shard=args.samples_per_shard,
+                           dtype=args.dtype, device=args.device)
+    measured = {} if args.projection_only else measure(args, work)
+    projection = cost_model(args, work)
+    m = C.machine(args.device, int(args.cpus_per_worker))
+    base = min(args.workers)
+    result = {"benchmark": "extract_scaling (issue 6, item 6)", "preset": preset.name, "teacher": preset.teacher,
+              "device": args.device, "dtype": args.dtype, "cpus_per_worker": args.cpus_per_worker,
+              "repeats": args.repeats, "measured": measured, "projection": projection, "machine": m}
+
+    def speedup(n: int, key: str) -> str:
+        a, b = measured[n][key], measured[base][key]
+        return f"{a['median'] / b['median']:.2f}" if a and b else "n/a"
+
+    p = preset
+    stages = projection["cpu_stages"]
+    cpu_source = stages["source"] if stages else "not known (run benchmark 1 first): 0 assumed"
+    md = [
+        "# Extraction scaling (item 6): workers here, and a projection for the paper's data on H100s",
+        "",
+        f"Measured: `extract()` end to end, {p.name} preset (teacher {p.teacher['num_hidden_layers']} x "
+        f"{p.teacher['hidden_size']}, {p.grid**2} vision tokens), {args.samples} samples in shards of "
+        f"{args.samples_per_shard}, {args.cpus_per_worker:g} CPU(s) and torch thread(s) per worker, "
+        f"{args.dtype} on {args.device}; {args.repeats} interleaved repeats, median (min-max).",
+        "",
+        "Not measured in this run (--projection-only)." if not measured else
+        C.md_table(["workers", "seconds, all shards", "samples/s end to end", "samples/s steady state",
+                    f"steady speed-up vs {base}"], [
+            [n, C.fmt_range(v["seconds_all"], 1), C.fmt_range(v["end_to_end_samples_s"]),
+             C.fmt_range(v["steady_samples_s"]) if v["steady_samples_s"] else "n/a", speedup(n, "steady_samples_s")]
+            for n, v in measured.items()
+        ]),
+        "",
+        "## Projection (not a measurement): MobileVLM V2 7B teacher over the paper's data, one H100 per worker",
+        "",
+        f"Forward throughput: {projection['forward_flops_per_s'] / 1e12:.0f} TFLOP/s "
+        f"({projection['forward_flops_source']}). CPU stages: {cpu_source}. "
+        f"ASSUMED sequence lengths (prefix + 144 vision + text; response rows): "
+        + "; ".join(f"{k} {C.paper_tokens(v)} tokens, {v['response_tokens']} response rows"
+                    for k, v in C.PAPER_DATA.items())
+        + "; and the max_length 2048 worst case.",
+        "",
+        C.md_table(["data / lengths", "samples", "TFLOP/sample", "GPU ms", "CPU ms", "samples/s/GPU (sequential)",
+                    "GPU-hours (sequential)", f"samples/s/GPU (CPU overlapped, {args.cpus_per_gpu} cores)",
+                    "GPU-hours (overlapped)",
+                    "bytes/sample", "TB written"], [
+            [k, f"{v['samples']:,}", f"{v['teacher_tflop_per_sample']:.2f}", f"{v['gpu_ms_per_sample']:.1f}",
+             f"{v['cpu_ms_per_sample']:.1f}", f"{v['samples_s_per_gpu_sequential']:.1f}",
+             f"{v['gpu_hours_sequential']:.1f}", f"{v['samples_s_per_gpu_overlapped']:.1f}",
+             f"{v['gpu_hours_overlapped']:.1f}", f"{v['bytes_per_sample'] / 1e6:.2f} MB", f"{v['tb_written']:.2f}"]
+            for k, v in projection["rows"].items()
+        ]),
+        "",
+        "Bytes: " + "; ".join(sorted({v["bytes_source"] for v in projection["rows"].values()})) + ".",
+        "",
+        C.machine_line(m),
+    ]
+    folder = C.write_results(C.results_dir(args), "extract_scaling", result, "\n".join(md))
+    print("\n".join(md))
+    print(f"-> {folder}")
+
+
+if __name__ == "__main__":
+    main()
