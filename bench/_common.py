@@ -155,10 +155,12 @@ def results_dir(args: Any) -> Path:
 
 
 def write_results(folder: Path, name: str, result: dict[str, Any], markdown: str) -> Path:
-    """folder/{name}.json and folder/{name}.md."""
+    """folder/{name}.json and folder/{name}.md; the markdown and the folder are printed too."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (folder / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    print(markdown)
+    print(f"-> {folder}")
     return folder
 
 

@@ -465,9 +465,7 @@ def main() -> None:
                    [k, f"{v['mean']:.3f} ± {v['std']:.3f}", ", ".join(f"{x:.3f}" for x in v["accuracy_by_seed"])]
                    for k, v in acc.items()])]
     md += ["", C.machine_line(m)]
-    folder = C.write_results(C.results_dir(args), "cache_size_fidelity", result, "\n".join(md))
-    print("\n".join(md))
-    print(f"-> {folder}")
+    C.write_results(C.results_dir(args), "cache_size_fidelity", result, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -230,9 +230,7 @@ def main() -> None:
         "",
         C.machine_line(m),
     ]
-    folder = C.write_results(C.results_dir(args), "extract_scaling", result, "\n".join(md))
-    print("\n".join(md))
-    print(f"-> {folder}")
+    C.write_results(C.results_dir(args), "extract_scaling", result, "\n".join(md))
 
 
 if __name__ == "__main__":
