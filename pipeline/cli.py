@@ -217,12 +217,14 @@ def _print_probe(rows, skipped, as_json: bool) -> None:
 @click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--full", is_flag=True, help="Also run every ablation job in jobs/demo/ (slower).")
 @click.option("--seed", default=0, show_default=True, help="Data and model seed.")
-def demo_cmd(out: str, full: bool, seed: int) -> None:
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Student runs trained at once, one thread each; 0 = one per CPU core (at most 4).")
+def demo_cmd(out: str, full: bool, seed: int, workers: int) -> None:
     """The whole pipeline on the embedded default: synthetic data, tiny models, CPU (alignkd.demo)."""
     from alignkd.demo import DemoArgs, run_demo
 
     try:
-        run_demo(out, DemoArgs(seed=seed, full=full), echo=click.echo)
+        run_demo(out, DemoArgs(seed=seed, full=full, workers=workers), echo=click.echo)
     except _KNOWN_ERRORS + (RuntimeError,) as e:
         _fail(e)
 

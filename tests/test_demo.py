@@ -3,10 +3,12 @@ training, extraction on Ray, students for each quick variant and seed, report, p
 its outputs exist and parse. The numbers of so short a run mean nothing and are not checked."""
 
 import json
+import shutil
 
+import pytest
 from PIL import Image
 
-from alignkd.demo import QUICK, DemoArgs, run_demo
+from alignkd.demo import QUICK, DemoArgs, _run_students, run_demo
 
 
 def test_the_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
@@ -30,3 +32,44 @@ def test_the_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
     # a second run reuses every stage's output
     again = run_demo(tmp_path, args, echo=lambda _: None)
     assert again["variants"] == report["variants"]
+
+
+def _finals(out):
+    """Each run's last logged metrics, without its step time (the one thing allowed to vary)."""
+    finals = {}
+    for path in out.glob("runs/*/final.json"):
+        final = json.loads(path.read_text())
+        assert final.pop("seconds") > 0
+        finals[path.parent.name] = final
+    return finals
+
+
+def test_students_trained_in_parallel_equal_those_trained_one_after_another(tmp_path, monkeypatch):
+    """Each student runs on one thread, in its own process or in this one: the numbers must
+    not depend on how many ran at once."""
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    short = ["run.max_steps=4", "run.eval_every=0", "eval.max_samples=8", "data.batch_size=8"]
+    args = DemoArgs(seeds=[0, 1], n_train=48, n_val=8, n_test=16, attention_samples=1, workers=2,
+                    overrides={"teacher": short, "student": short,
+                               "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
+    run_demo(tmp_path, args, echo=lambda _: None)
+    parallel = _finals(tmp_path)
+    assert len(parallel) == len(QUICK) * 2
+    for run in tmp_path.glob("runs/*"):
+        shutil.rmtree(run)
+    lines = []
+    args.workers = 1
+    run_demo(tmp_path, args, echo=lines.append)
+    serial = _finals(tmp_path)
+    assert serial == parallel
+    assert sum("train-student" in line for line in lines) == len(QUICK) * 2
+
+
+def test_a_failing_student_run_stops_the_demo_naming_its_job_and_folder(tmp_path):
+    missing = tmp_path / "no-cache"
+    todo = [(name, tmp_path / "runs" / name, [f"cache={json.dumps(str(missing))}",
+                                              f"run.dir={json.dumps(str(tmp_path / 'runs' / name))}"])
+            for name in ("student_ce", "student_alignkd")]
+    with pytest.raises(RuntimeError, match=r"train-student student_(ce|alignkd) -> .*runs.* failed: .*no-cache"):
+        list(_run_students(todo, workers=2))
+    assert not list(tmp_path.glob("runs/*/final.json"))
