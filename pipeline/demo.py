@@ -40,7 +40,7 @@ from alignkd.evaluate import EvalArgs, evaluate_model
 from alignkd.models import load_vlm
 from alignkd.models.tiny import write_tiny_models
 
-__all__ = ["DemoArgs", "run_demo", "JOBS_DIR"]
+__all__ = ["JOBS_DIR", "DemoArgs", "run_demo", "run_students", "split_eval"]
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "demo"
 QUICK = ("student_ce", "student_logit", "student_alignkd")
@@ -100,7 +100,7 @@ def _student(name: str, overrides: list[str]) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_students(todo: list[tuple[str, Path, list[str]]], workers: int) -> Iterator[tuple[str, Path]]:
+def run_students(todo: list[tuple[str, Path, list[str]]], workers: int) -> Iterator[tuple[str, Path]]:
     """Train every (job name, run dir, overrides) in `todo`, `workers` at a time in separate
     processes (in this one when workers is 1), yielding each as it finishes. A failed run
     stops the demo with its job and folder named; finished runs keep their final.json and
@@ -191,7 +191,7 @@ def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[s
             todo.append((name, run_dir, [
                 f"student.path={json.dumps(str(models / 'student'))}", f"cache={json.dumps(str(cache))}", *paths,
                 f"run.dir={json.dumps(str(run_dir))}", f"run.seed={seed}", *args.overrides.get("student", [])]))
-    for name, run_dir in _run_students(todo, _workers(args.workers)):
+    for name, run_dir in run_students(todo, _workers(args.workers)):
         stage(f"train-student {name} -> {run_dir}")
 
     # 6. report
@@ -205,21 +205,22 @@ def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[s
     return report
 
 
-def _test_eval(model: Path, out: Path, **kw: Any) -> dict[str, Any]:
+def split_eval(model: Path, out: Path, split: str = "test", **kw: Any) -> dict[str, Any]:
+    """Accuracy and loss of a model folder on one split of the demo folder `out`, every sample."""
     vlm = load_vlm(model)
-    return evaluate_model(vlm, EvalArgs(shards=str(out / "data" / "test"), max_samples=100_000, **kw),
+    return evaluate_model(vlm, EvalArgs(shards=str(out / "data" / split), max_samples=100_000, **kw),
                           template="v1", max_length=512)
 
 
 def _report(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoArgs) -> dict[str, Any]:
-    t = _test_eval(teacher, out)
-    blind = _test_eval(teacher, out, blank_images=True)
+    t = split_eval(teacher, out)
+    blind = split_eval(teacher, out, blank_images=True)
     # chance = expected accuracy of uniform guessing, weighted by how often each task occurs
     per_task_n = t["answered_by_task"]
     chance = sum(CHANCE.get(k, 0) * v for k, v in per_task_n.items()) / max(1, sum(per_task_n.values()))
     variants = {}
     for variant, dirs in runs.items():
-        accs = [_test_eval(d / "export", out) for d in dirs]
+        accs = [split_eval(d / "export", out) for d in dirs]
         values = [a["accuracy"] for a in accs]
         variants[variant] = {
             "seeds": len(values),

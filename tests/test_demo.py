@@ -8,7 +8,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from alignkd.demo import QUICK, DemoArgs, _run_students, run_demo
+from alignkd.demo import QUICK, DemoArgs, run_students, run_demo
 
 
 def test_the_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
@@ -71,5 +71,5 @@ def test_a_failing_student_run_stops_the_demo_naming_its_job_and_folder(tmp_path
                                               f"run.dir={json.dumps(str(tmp_path / 'runs' / name))}"])
             for name in ("student_ce", "student_alignkd")]
     with pytest.raises(RuntimeError, match=r"train-student student_(ce|alignkd) -> .*runs.* failed: .*no-cache"):
-        list(_run_students(todo, workers=2))
+        list(run_students(todo, workers=2))
     assert not list(tmp_path.glob("runs/*/final.json"))
