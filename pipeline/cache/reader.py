@@ -295,6 +295,8 @@ class _OpenShard:
             if expected_rows is not None and array.shape[0] != expected_rows:
                 raise CacheSchemaError(f"shard {path}: array {name} has {array.shape[0]} rows, not {expected_rows}")
             self.arrays[name] = array
+        # Rows per chunk, looked up once: zarr derives `chunks` from its metadata on every access.
+        self.chunk_rows = {name: array.chunks[0] for name, array in self.arrays.items()}
         self.offsets = {name: self.arrays[name][:] for name in ("ids_offsets", "resp_offsets", "rows_offsets")}
         for name, spec in specs.items():
             if spec.offsets:
@@ -320,7 +322,7 @@ class _OpenShard:
         lo, hi = (where, where + 1) if isinstance(where, int) else (where.start, where.stop)
         if hi <= lo:
             return np.empty((0, *array.shape[1:]), dtype=array.dtype)
-        size = array.chunks[0]
+        size = self.chunk_rows[name]
         pieces = []
         for i in range(lo // size, (hi - 1) // size + 1):
             chunk = self._chunk(name, i, size)
