@@ -115,6 +115,7 @@ class RunArgs:
     save_every: int = 0  # 0: at the end only
     keep_last: int = 2
     num_workers: int = 0
+    keep_in_memory: bool = False  # keep prepared samples in RAM after the first epoch (small data sets)
     gradient_checkpointing: bool = False
     autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on GPU, off on CPU
     stop_after: int | None = None  # stop (as if killed) after this many steps; tests and ablation smoke runs
@@ -340,7 +341,8 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
                  "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
                  "codecs": to_dict(cache.meta.codecs), "fingerprint": cache.fingerprint()}, indent=2))
     dataset = DistillDataset(shards=args.data.shards, cache=cache, processor=StudentProcessor.of(student),
-                             template=args.data.template, max_length=args.data.max_length)
+                             template=args.data.template, max_length=args.data.max_length,
+                             keep_in_memory=args.run.keep_in_memory)
     if cache is not None:
         dataset.check_sample()
     per_step = args.data.batch_size * args.optim.grad_accum  # the global batch, shared out among processes

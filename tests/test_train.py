@@ -257,3 +257,37 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_a_warni
     assert any("step_000004" in line and "unreadable" in line for line in said)
     assert any("resumed from step_000002" in line for line in said)
     assert oct((tmp_path / "run" / "export" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+
+
+def test_items_kept_in_memory_are_the_same_batches_and_later_epochs_read_nothing(tiny_models, demo_data, cache):
+    from torch.utils.data import DataLoader
+
+    from alignkd.cache.reader import CacheReader
+    from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
+
+    student = load_vlm(tiny_models["mobilevlm"]["student"])
+
+    def dataset(keep):
+        return DistillDataset(shards=str(demo_data / "train"), cache=CacheReader(cache), keep_in_memory=keep,
+                              processor=StudentProcessor.of(student), template="v1", max_length=256)
+
+    def batches(ds, epoch):
+        loader = DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), seed=3, epoch=epoch), collate_fn=ds.collate)
+        return [(b.keys, b.input_ids, b.pixel_values, t.attention[0], t.vision_features, t.topk_logprobs)
+                for b, t in loader]
+
+    def same(xs, ys):
+        assert len(xs) == len(ys) > 0
+        for x, y in zip(xs, ys):
+            assert x[0] == y[0] and all(torch.equal(a, b) for a, b in zip(x[1:], y[1:]))
+
+    plain, kept = dataset(False), dataset(True)
+    same(batches(kept, 0), batches(plain, 0))
+
+    class Gone:
+        def __getattr__(self, name):
+            raise AssertionError(f"read {name} after the first epoch")
+
+    kept.reader, kept.cache = Gone(), Gone()  # a second epoch must come from memory alone
+    same(batches(kept, 1), batches(plain, 1))
+    same(batches(kept, 2), batches(plain, 2))  # and collating did not alter what is kept
