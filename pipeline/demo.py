@@ -102,9 +102,12 @@ def _student(name: str, overrides: list[str]) -> None:
 
 def run_students(todo: list[tuple[str, Path, list[str]]], workers: int) -> Iterator[tuple[str, Path]]:
     """Train every (job name, run dir, overrides) in `todo`, `workers` at a time in separate
-    processes (in this one when workers is 1), yielding each as it finishes. A failed run
+    processes (in this one when workers is 1), yielding each as it finishes. Runs with more
+    distillation terms start first (they take longest: about 60 ms a step for full Align-KD
+    against 40 for CE-only on one thread), so that no core idles at the end behind one slow run. A failed run
     stops the demo with its job and folder named; finished runs keep their final.json and
     interrupted ones resume from their last checkpoint on the next `alignkd demo`."""
+    todo = sorted(todo, key=lambda run: -_distill_terms(run[0], run[2]))  # stable: ties keep their order
     if workers == 1 or len(todo) <= 1:
         for name, run_dir, overrides in todo:
             _student_or_fail(name, run_dir, overrides)
@@ -124,6 +127,13 @@ def run_students(todo: list[tuple[str, Path, list[str]]], workers: int) -> Itera
             for future in futures:
                 future.cancel()
             raise
+
+
+def _distill_terms(name: str, overrides: list[str]) -> int:
+    from alignkd.train import TrainArgs
+
+    loss = load_job(TrainArgs, _job(name), overrides).loss
+    return sum(weight > 0 for weight in (loss.logit, loss.attn, loss.v_all, loss.v_focus))
 
 
 def _student_or_fail(name: str, run_dir: Path, overrides: list[str]) -> None:
