@@ -1,39 +1,55 @@
 """Benchmark 3 (issue 6): what reading the teacher cache costs a student step.
 
 The same student, the same batches, the same loss terms, the same data pipeline (images
-decoded, text tokenised per step), two ways: (a) each sample's teacher signals read from the
-Zarr cache (what train-student does), (b) the very same signals read beforehand and held in
-memory. The ratio of median step times is the cache's overhead (target: at most 1.05). Run after `alignkd demo` (it uses the
-demo's cache, data and student), or point it elsewhere:
+decoded and preprocessed, text tokenised per step), two ways: (a) each sample's teacher
+signals read from the Zarr cache (what train-student does), (b) the very same signals read
+beforehand and held in memory. The ratio of median step times is the cache's overhead
+(target: at most 1.05). The rounds alternate the two, and each cache round starts with a cold
+chunk cache and freshly opened shards, as a new run would.
 
-    python bench/cache_read_overhead.py [--out demo-out] [--steps 60] [--batch-size 16] [--workers 0]
+Beside the ratio, the time spent inside `CacheReader.get` is measured per step, so the
+overhead can be told from noise, and the whole step is split into its parts (reading, the
+rest of the data pipeline, forward + backward + AdamW).
+
+Run after `alignkd demo` (it uses the demo's cache, data and student), or point it elsewhere:
+
+    python bench/cache_read_overhead.py [--out demo-out] [--steps 60] [--rounds 3] [--batch-size 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 
-from alignkd.cache.reader import CacheReader
-from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
-from alignkd.losses import AlignKDAdapters
-from alignkd.models import load_vlm
-from alignkd.train import LossArgs, compute_losses
 
-RESULTS = Path(__file__).parent / "results"
+class _Timed:
+    """A signal source whose `get` calls are timed (seconds added to `self.spent`)."""
+
+    def __init__(self, source) -> None:
+        self.source, self.spent = source, 0.0
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def get(self, key: str):
+        t = time.perf_counter()
+        try:
+            return self.source.get(key)
+        finally:
+            self.spent += time.perf_counter() - t
 
 
 class _Preloaded:
     """Every record of a cache, read once into memory; the interface DistillDataset uses."""
 
-    def __init__(self, cache: CacheReader):
+    def __init__(self, cache) -> None:
         self.records = {key: cache.get(key) for key in cache.keys()}
 
     def keys(self) -> list[str]:
@@ -44,68 +60,95 @@ class _Preloaded:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo-out", help="an `alignkd demo` output folder")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    C.bench_env()
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from alignkd.cache.reader import CacheReader
+    from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
+    from alignkd.losses import AlignKDAdapters
+    from alignkd.models import load_vlm
+    from alignkd.train import LossArgs, compute_losses
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
-    torch.set_num_threads(2)
     student = load_vlm(out / "models" / "student")
-    cache = CacheReader(out / "cache")
-    datasets = {
-        name: DistillDataset(shards=str(out / "data" / "train"), cache=source, processor=StudentProcessor.of(student),
-                             template=cache.meta.template, max_length=cache.meta.max_length)
-        for name, source in (("cache", cache), ("memory", _Preloaded(cache)))
-    }
-    loss = LossArgs(focus_k=4)
-    adapters = AlignKDAdapters(teacher_heads=cache.meta.teacher.num_heads, student_heads=student.num_heads,
-                               teacher_width=cache.meta.teacher.hidden_size, student_width=student.hidden_size)
+    meta = CacheReader(out / "cache").meta
+    memory = _Timed(_Preloaded(CacheReader(out / "cache")))
+    loss = LossArgs(focus_k=min(4, meta.num_vision_tokens))
+    adapters = AlignKDAdapters(teacher_heads=meta.teacher.num_heads, student_heads=student.num_heads,
+                               teacher_width=meta.teacher.hidden_size, student_width=student.hidden_size)
     opt = torch.optim.AdamW(list(student.parameters()) + list(adapters.parameters()), lr=1e-4)
 
-    def loader(name: str, epoch: int):
-        ds = datasets[name]
-        return DataLoader(ds, batch_size=args.batch_size, sampler=EpochSampler(len(ds), seed=0, epoch=epoch),
-                          collate_fn=ds.collate, num_workers=args.workers, drop_last=True)
+    def dataset(source) -> DistillDataset:
+        return DistillDataset(shards=str(out / "data" / "train"), cache=source, processor=StudentProcessor.of(student),
+                              template=meta.template, max_length=meta.max_length)
 
-    def step(batch, teacher) -> None:
-        opt.zero_grad(set_to_none=True)
-        compute_losses(student, adapters, batch, teacher, loss)["total"].backward()
-        opt.step()
-
-    def timed(batches) -> list[float]:
-        times = []
-        it = iter(batches)
+    def timed(source: _Timed, epoch: int) -> dict[str, list[float]]:
+        ds = dataset(source)
+        batches = iter(DataLoader(ds, batch_size=args.batch_size, sampler=EpochSampler(len(ds), seed=0, epoch=epoch),
+                                  collate_fn=ds.collate, drop_last=True))
+        parts: dict[str, list[float]] = {"step": [], "read": [], "data": [], "compute": []}
         for _ in range(args.steps):
-            t = time.perf_counter()
-            batch, teacher = next(it)  # reading is part of the step
-            step(batch, teacher)
-            times.append(time.perf_counter() - t)
-        return times
+            source.spent = 0.0
+            t0 = time.perf_counter()
+            batch, teacher = next(batches)  # reading is part of the step
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            compute_losses(student, adapters, batch, teacher, loss)["total"].backward()
+            opt.step()
+            t2 = time.perf_counter()
+            parts["step"].append(t2 - t0)
+            parts["read"].append(source.spent)
+            parts["data"].append(t1 - t0 - source.spent)
+            parts["compute"].append(t2 - t1)
+        return parts
 
-    cached, in_memory = [], []
+    runs: dict[str, dict[str, list[float]]] = {"cache": {}, "memory": {}}
+    ratios = []
     for r in range(args.rounds):  # interleaved, so drift in machine load hits both alike
-        in_memory += timed(loader("memory", r))
-        cache._chunks.items.clear()  # the cache side starts each round with cold chunk caches
-        cached += timed(loader("cache", r))
-    ratio = statistics.median(cached) / statistics.median(in_memory)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "threads": 2, "torch": torch.__version__}
-    result = {"steps_per_round": args.steps, "rounds": args.rounds, "batch_size": args.batch_size,
-              "workers": args.workers, "median_step_cached_s": statistics.median(cached),
-              "median_step_in_memory_s": statistics.median(in_memory), "ratio": ratio, "machine": machine,
-              "cache": str(out / "cache"), "samples": len(datasets["cache"])}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cache_read_overhead.json").write_text(json.dumps(result, indent=2))
-    md = (f"Cache read overhead: student step (forward, backward, AdamW) with its teacher signals read from the "
-          f"cache vs the same signals held in memory (images and text processed per step in both); {args.rounds} interleaved rounds of {args.steps} steps, "
-          f"batch {args.batch_size}, DataLoader workers {args.workers}; {machine['processor']}, 2 threads.\n\n"
-          f"| median step, cache (s) | median step, in memory (s) | ratio (target <= 1.05) |\n|---|---|---|\n"
-          f"| {result['median_step_cached_s']:.4f} | {result['median_step_in_memory_s']:.4f} | {ratio:.3f} |\n")
-    (RESULTS / "cache_read_overhead.md").write_text(md)
-    print(md)
+        got = {"memory": timed(memory, r), "cache": timed(_Timed(CacheReader(out / "cache")), r)}
+        ratios.append(statistics.median(got["cache"]["step"]) / statistics.median(got["memory"]["step"]))
+        for mode, parts in got.items():
+            for part, xs in parts.items():
+                runs[mode].setdefault(part, []).extend(xs)
+
+    ratio = statistics.median(runs["cache"]["step"]) / statistics.median(runs["memory"]["step"])
+    result = {
+        "benchmark": "cache_read_overhead", "demo": str(out), "cache_codecs": asdict(meta.codecs),
+        "samples": len(memory.keys()), "steps_per_round": args.steps, "rounds": args.rounds,
+        "batch_size": args.batch_size, "loader_workers": 0,
+        "median_s": {mode: {part: statistics.median(xs) for part, xs in parts.items()} for mode, parts in runs.items()},
+        "ratio": ratio, "ratio_per_round": ratios, "machine": C.machine(threads=args.threads),
+    }
+    med = result["median_s"]
+    rows = [[mode, f"{med[mode]['step'] * 1e3:.1f}", f"{med[mode]['read'] * 1e3:.2f}", f"{med[mode]['data'] * 1e3:.1f}",
+             f"{med[mode]['compute'] * 1e3:.1f}"] for mode in ("cache", "memory")]
+    markdown = "\n".join([
+        "# Cache read overhead (benchmark 3)",
+        "",
+        f"A demo student's step (forward, backward, AdamW; batch {args.batch_size}) with its teacher signals read from "
+        f"the cache ({out / 'cache'}) against the same signals held in memory, images and text processed per step in "
+        f"both; {args.rounds} interleaved rounds of {args.steps} steps, DataLoader in the main process, cold chunk "
+        "cache each round. Medians per step, milliseconds:",
+        "",
+        C.md_table(["signals", "step", "reading signals", "rest of the data pipeline", "forward + backward + AdamW"],
+                   rows),
+        "",
+        f"Ratio of median steps, cache / memory: **{ratio:.3f}** (target at most 1.05); per round "
+        + ", ".join(f"{x:.3f}" for x in ratios) + ".",
+        "",
+        C.machine_line(result["machine"]),
+    ])
+    C.write_results(C.RESULTS, "cache_read_overhead", result, markdown)
 
 
 if __name__ == "__main__":

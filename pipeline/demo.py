@@ -201,6 +201,9 @@ def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[s
             todo.append((name, run_dir, [
                 f"student.path={json.dumps(str(models / 'student'))}", f"cache={json.dumps(str(cache))}", *paths,
                 f"run.dir={json.dumps(str(run_dir))}", f"run.seed={seed}", *args.overrides.get("student", [])]))
+    if todo:
+        echo(f"{len(todo)} student runs, {min(_workers(args.workers), len(todo))} at a time, one torch thread each  "
+             f"({time.monotonic() - started:.0f} s)")
     for name, run_dir in run_students(todo, _workers(args.workers)):
         stage(f"train-student {name} -> {run_dir}")
 
