@@ -323,11 +323,8 @@ def projection(size: dict[str, Any]) -> dict[str, Any]:
 def accuracy(args: argparse.Namespace, src: Source) -> dict[str, Any]:
     """The demo's Align-KD student, 3 seeds, on a lossless cache and on the default one."""
     from alignkd.cache_schemas import CodecSpec
-    from alignkd.config import load_job
-    from alignkd.evaluate import EvalArgs, evaluate_model
+    from alignkd.demo import run_students, split_eval
     from alignkd.extract import extract
-    from alignkd.models import load_vlm
-    from alignkd.train import TrainArgs, train
 
     demo, work = Path(args.demo), Path(args.work) / "accuracy"
     lossless = work / "cache-lossless"
@@ -336,24 +333,28 @@ def accuracy(args: argparse.Namespace, src: Source) -> dict[str, Any]:
                                                         codecs=CodecSpec(**LEVELS["fp32"], compressor="zstd")))
     extract(job, echo=print, progress=False)  # resumes: a finished cache is reused
     caches = {"lossless (fp32 + zstd)": lossless, "default (uint8/int8/fp16 + zstd)": demo / "cache"}
-    out: dict[str, Any] = {}
+    runs: dict[str, list[Path]] = {}
+    todo = []
     for label, cache in caches.items():
         tag = "lossless" if label.startswith("lossless") else "default"
-        values = []
         for seed in args.seeds:
             run_dir = work / f"{tag}-s{seed}"
-            job = load_job(TrainArgs, C.REPO / "jobs" / "demo" / "student_alignkd.toml", [
-                f"student.path={json.dumps(str(demo / 'models' / 'student'))}", f"cache={json.dumps(str(cache))}",
-                f"data.shards={json.dumps(src.shards)}", f"eval.shards={json.dumps(str(demo / 'data' / 'val'))}",
-                f"run.dir={json.dumps(str(run_dir))}", f"run.seed={seed}"])
-            train(job, echo=lambda _: None, progress=False)  # returns at once if the run is complete
-            metrics = evaluate_model(load_vlm(run_dir / "export"), EvalArgs(shards=str(demo / "data" / "test"),
-                                                                             max_samples=100_000),
-                                     template="v1", max_length=512)
-            values.append(metrics["accuracy"])
-            print(f"accuracy {tag} seed {seed}: {metrics['accuracy']:.3f}", flush=True)
-        out[label] = {"seeds": args.seeds, "accuracy_by_seed": values, "mean": statistics.fmean(values),
-                      "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+            if tag == "default" and (demo / "runs" / f"alignkd-s{seed}" / "final.json").is_file():
+                run_dir = demo / "runs" / f"alignkd-s{seed}"  # the demo's own run: same job, seed and cache
+            runs.setdefault(label, []).append(run_dir)
+            if not (run_dir / "final.json").is_file():
+                todo.append(("student_alignkd", run_dir, [
+                    f"student.path={json.dumps(str(demo / 'models' / 'student'))}", f"cache={json.dumps(str(cache))}",
+                    f"data.shards={json.dumps(src.shards)}", f"eval.shards={json.dumps(str(demo / 'data' / 'val'))}",
+                    f"run.dir={json.dumps(str(run_dir))}", f"run.seed={seed}"]))
+    # As `alignkd demo` trains them: one torch thread each, one run per core.
+    for _, run_dir in run_students(todo, workers=min(4, os.cpu_count() or 1)):
+        print(f"trained {run_dir}", flush=True)
+    out: dict[str, Any] = {}
+    for label, dirs in runs.items():
+        values = [split_eval(d / "export", demo, split="test")["accuracy"] for d in dirs]
+        out[label] = {"seeds": args.seeds, "runs": [str(d) for d in dirs], "accuracy_by_seed": values,
+                      "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
 
 

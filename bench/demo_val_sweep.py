@@ -17,7 +17,8 @@ generation. Run after `alignkd demo --out DIR`:
 
     python bench/demo_val_sweep.py --out DIR [--seeds 0 1 2] [--workers 2]
 
-Writes bench/results/demo_val_sweep.{json,md}; the runs go to DIR/val-sweep/.
+Writes bench/results/demo_val_sweep.{json,md}; new runs go to DIR/val-sweep/ (the plain
+variants reuse the demo's own runs of the same job and seed when they exist).
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def main() -> None:
     todo, dirs = [], {}
     for i, (name, (job, overrides)) in enumerate(VARIANTS.items()):
         for seed in args.seeds:
-            run_dir = out / "val-sweep" / f"v{i}-s{seed}"
+            # A variant without overrides is the demo's own run of that job and seed: reuse it.
+            run_dir = out / "runs" / f"{job.removeprefix('student_')}-s{seed}"
+            if overrides or not (run_dir / "final.json").is_file():
+                run_dir = out / "val-sweep" / f"v{i}-s{seed}"
             dirs.setdefault(name, []).append(run_dir)
             if not (run_dir / "final.json").is_file():
                 todo.append((job, run_dir, [*common, *overrides, f"run.dir={json.dumps(str(run_dir))}",
