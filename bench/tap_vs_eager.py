@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16, vocab_size=4096)
 NV = 144  # MobileVLM V2's vision tokens
 
@@ -70,14 +71,16 @@ def _one(method: str, length: int, repeats: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    C.bench_env()
     if args.child:
         print(json.dumps(_one(args.child[0], int(args.child[1]), args.repeats)))
         return
+    machine = C.machine(threads=2)  # before the runs: it records the load average at start
     rows = []
     for length in args.lengths:
         for method in ("tap", "eager"):
@@ -86,16 +89,9 @@ def main() -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"{method:>5} T={length:<5} {rows[-1]['median_s']:.3f} s  peak RSS {rows[-1]['peak_rss_mib']:.0f} MiB",
                   flush=True)
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus_used": 2, "python": platform.python_version()}
-    import torch
-
-    machine["torch"] = torch.__version__
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tap_vs_eager.json").write_text(json.dumps({"shape": SHAPE, "machine": machine, "rows": rows}, indent=2))
     lines = [f"Layer-0 tap vs eager attention: forward+backward of a {SHAPE['num_hidden_layers']}-layer, "
              f"{SHAPE['hidden_size']}-wide random Llama, batch 1, {NV} vision tokens; median of "
-             f"{args.repeats} runs after a warm-up; {machine['processor']}, 2 threads, torch {machine['torch']}.", "",
+             f"{args.repeats} runs after a warm-up, each (method, length) in its own process.", "",
              "| T | tap step (s) | eager step (s) | eager / tap time | tap peak RSS (MiB) | eager peak RSS (MiB) |",
              "|---|---|---|---|---|---|"]
     for length in args.lengths:
@@ -103,8 +99,8 @@ def main() -> None:
         e = next(r for r in rows if r["method"] == "eager" and r["length"] == length)
         lines.append(f"| {length} | {t['median_s']:.3f} | {e['median_s']:.3f} | {e['median_s'] / t['median_s']:.2f} | "
                      f"{t['peak_rss_mib']:.0f} | {e['peak_rss_mib']:.0f} |")
-    (RESULTS / "tap_vs_eager.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", C.machine_line(machine)]
+    C.write_results(C.RESULTS, "tap_vs_eager", {"shape": SHAPE, "machine": machine, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":
