@@ -3,8 +3,9 @@
 The same random-initialised teacher (preset `cpu`: a 6-layer, 768-wide decoder with 144
 vision tokens from a 336 px CLIP tower; see bench/_common.py), the same samples, in one run:
 
-  bare      the tapped teacher forward (SDPA + layer-0 q/k capture, what extraction runs),
-            under no_grad, over batches built beforehand and held in memory: the floor;
+  bare      the teacher forward extraction cannot do without: the tapped forward (SDPA +
+            layer-0 q/k capture) and the LM head on the response rows, under no_grad, over
+            batches built beforehand and held in memory: the floor;
   extract   `extract()` end to end, as `alignkd extract-teacher` runs it: local Ray started and
             stopped, one actor loading the teacher, shards read, images decoded and
             CLIP-preprocessed, text tokenised, the tapped forward, signals (top-k, focus),
@@ -60,14 +61,27 @@ def prebuilt_batches(vlm, work: C.Workdir, device: str, dtype) -> tuple[list, in
     return batches, n
 
 
+def _response_rows(batch):
+    """(batch index, position) of the hidden states whose logits predict the response tokens,
+    as `alignkd.signals.teacher_signals` selects them."""
+    resp = batch.response_mask.clone()
+    resp[:, 0] = False
+    b_idx, t_idx = resp.nonzero(as_tuple=True)
+    return b_idx, t_idx - 1
+
+
 def bare_forward(vlm, batches: list, device: str) -> float:
+    """The teacher forward distillation needs, and nothing else: the tapped decoder forward
+    and the LM head on the response rows (VLM.forward stops at the hidden states; any teacher
+    that supplies logit targets must run its LM head on at least those rows)."""
     import torch
 
     _sync(device)
     t = time.perf_counter()
     with torch.no_grad():
         for batch in batches:
-            vlm(batch, tap_layers=(0,))
+            out = vlm(batch, tap_layers=(0,))
+            vlm.logits(out.hidden[_response_rows(batch)])
     _sync(device)
     return time.perf_counter() - t
 
@@ -196,13 +210,15 @@ def main() -> None:
 
     p = preset
     tokens = statistics.fmean(int(b.attention_mask.sum()) / b.attention_mask.shape[0] for b in batches)
-    flops = C.forward_flops(p.teacher, tokens, p.vision)
+    rows = statistics.fmean(_response_rows(b)[0].numel() / b.attention_mask.shape[0] for b in batches)
+    flops = C.forward_flops(p.teacher, tokens, p.vision, logit_rows=rows, vocab=p.vocab_size)
     m = C.machine(args.device, args.threads)
     result = {
         "benchmark": "extract_efficiency (issue 6, item 1)",
         "preset": p.name, "teacher": p.teacher, "vision": p.vision, "num_vision_tokens": p.grid**2,
         "samples": n_all, "shards": n_shards, "samples_first_shard": n_one, "batch_size": p.batch_size,
-        "mean_tokens_per_sample": tokens, "teacher_forward_gflop_per_sample": flops / 1e9,
+        "mean_tokens_per_sample": tokens, "mean_response_rows_per_sample": rows,
+        "teacher_forward_gflop_per_sample": flops / 1e9,
         "device": args.device, "dtype": args.dtype, "repeats": args.repeats,
         "ray": {"num_workers": 1, "cpus_per_worker": args.threads, "num_cpus": num_cpus},
         "codecs": full.cache.codecs.to_dict(),
@@ -224,12 +240,13 @@ def main() -> None:
         f"({p.teacher['num_attention_heads']} heads), CLIP {p.vision['num_hidden_layers']} x "
         f"{p.vision['hidden_size']} at {p.vision['image_size']} px, {p.grid**2} vision tokens; {n_all} samples "
         f"in {n_shards} shards, mean {tokens:.0f} tokens, batch {p.batch_size}, {args.dtype} on {args.device}; "
-        f"{flops / 1e9:.1f} GFLOP per sample forward. One Ray actor with {args.threads} CPUs; the bare forward "
-        f"is the same tapped forward under no_grad on batches built beforehand, {args.threads} threads. "
+        f"{flops / 1e9:.1f} GFLOP per sample forward (LM head on {rows:.0f} response rows included). One Ray actor "
+        f"with {args.threads} CPUs; the bare forward is the same tapped forward and LM head on the response rows "
+        f"under no_grad, on batches built beforehand, {args.threads} threads. "
         f"{args.repeats} interleaved repeats, median (min-max).",
         "",
         C.md_table(["", "seconds", "samples/s", "ratio to bare forward"], [
-            ["bare tapped forward, batches in memory", C.fmt_range(result["seconds"]["bare"], 2),
+            ["bare forward (tapped, LM head on response rows), batches in memory", C.fmt_range(result["seconds"]["bare"], 2),
              f"{col('bare_samples_s')['median']:.3f}", "1"],
             [f"extract-teacher end to end, {n_all} samples", C.fmt_range(result["seconds"]["extract"], 2),
              f"{col('extract_samples_s')['median']:.3f}", C.fmt_range(col("ratio_end_to_end"))],
@@ -243,7 +260,8 @@ def main() -> None:
         f"{C.fmt_range(col('fixed_s'), 1)} s. Target: steady-state ratio >= 0.9: "
         f"**{'met' if result['target_met'] else 'missed'}** (median {col('ratio_steady')['median']:.3f}).",
         "",
-        f"Where the time goes, one in-process pass over the same {n_all} samples (the worker's steps, no Ray):",
+        f"Where the time goes, one in-process pass over the same {n_all} samples (the worker's steps, no Ray; `signals` "
+        "includes the LM head on the response rows, then top-k, focus and the move to numpy):",
         "",
         C.md_table(["stage", "seconds", "ms per sample", "share"], [
             [k, f"{v:.2f}", f"{1000 * v / n_all:.1f}", f"{v / total:.1%}"] for k, v in profile.items()
