@@ -348,7 +348,7 @@ def accuracy(args: argparse.Namespace, src: Source) -> dict[str, Any]:
                     f"data.shards={json.dumps(src.shards)}", f"eval.shards={json.dumps(str(demo / 'data' / 'val'))}",
                     f"run.dir={json.dumps(str(run_dir))}", f"run.seed={seed}"]))
     # As `alignkd demo` trains them: one torch thread each, one run per core.
-    for _, run_dir in run_students(todo, workers=min(4, os.cpu_count() or 1)):
+    for _, run_dir in run_students(todo):
         print(f"trained {run_dir}", flush=True)
     out: dict[str, Any] = {}
     for label, dirs in runs.items():

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -72,7 +71,7 @@ def main() -> None:
                 todo.append((job, run_dir, [*common, *overrides, f"run.dir={json.dumps(str(run_dir))}",
                                             f"run.seed={seed}"]))
     started = time.monotonic()
-    for job, run_dir in run_students(todo, args.workers or min(4, os.cpu_count() or 1)):
+    for job, run_dir in run_students(todo, args.workers):
         print(f"{job} -> {run_dir}  ({time.monotonic() - started:.0f} s)", flush=True)
 
     rows, result = [], {"machine": machine(threads=1), "demo": str(out), "seeds": args.seeds, "variants": {}}

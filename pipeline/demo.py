@@ -80,13 +80,15 @@ def _workers(requested: int) -> int:
     return requested or max(1, min(4, os.cpu_count() or 1))
 
 
-def _student(name: str, overrides: list[str]) -> None:
-    """One student run, as `alignkd train-student --job jobs/demo/<name>.toml --set ...` would do.
+def _student(name: str, run_dir: Path, overrides: list[str]) -> None:
+    """One student run, as `alignkd train-student --job jobs/demo/<name>.toml --set ...` would do;
+    a failure is a RuntimeError naming the job and the run folder.
 
-    Each run uses one torch thread. The tiny students gain almost nothing from a second thread
-    (measured: 1000 CE steps 17.8 s with 2 threads, 18.8 s with 1), so running one student per
-    core is what fills a machine; and float reductions depend on the thread count, so pinning
-    it makes the table the same on any machine, whatever its cores or `workers`.
+    Each run uses one torch thread. A tiny student gains little from a second thread
+    (measured: 250 CE steps, start-up included, 17.8 s on 2 threads and 18.8 s on 1), so one
+    student per core is what fills a machine; and float reductions depend on the thread
+    count, so pinning it makes the table the same on any machine, whatever its cores or
+    `workers`.
     """
     import torch
 
@@ -96,33 +98,36 @@ def _student(name: str, overrides: list[str]) -> None:
     torch.set_num_threads(1)
     try:
         train(load_job(TrainArgs, _job(name), overrides), echo=lambda _: None, progress=False)
+    except Exception as e:
+        raise RuntimeError(f"train-student {name} -> {run_dir} failed: {e}") from e
     finally:
         torch.set_num_threads(threads)
 
 
-def run_students(todo: list[tuple[str, Path, list[str]]], workers: int) -> Iterator[tuple[str, Path]]:
-    """Train every (job name, run dir, overrides) in `todo`, `workers` at a time in separate
-    processes (in this one when workers is 1), yielding each as it finishes. Runs with more
-    distillation terms start first (they take longest: about 60 ms a step for full Align-KD
-    against 40 for CE-only on one thread), so that no core idles at the end behind one slow run. A failed run
-    stops the demo with its job and folder named; finished runs keep their final.json and
-    interrupted ones resume from their last checkpoint on the next `alignkd demo`."""
+def run_students(todo: list[tuple[str, Path, list[str]]], workers: int = 0) -> Iterator[tuple[str, Path]]:
+    """Train every (job name, run dir, overrides) in `todo`, `workers` at a time (0: one per
+    CPU core, at most 4) in separate processes (in this one when workers is 1), yielding each
+    as it finishes. Runs with more
+    distillation terms start first, as they take longest (in the quick demo, two at a time:
+    about 54 s for full Align-KD, 50 s for CE + logit, 49 s for CE-only), so that the last
+    round is a short run. A failed run stops the demo with its job and folder named; finished
+    runs keep their final.json and interrupted ones resume from their last checkpoint on the
+    next `alignkd demo`."""
+    workers = _workers(workers)
     todo = sorted(todo, key=lambda run: -_distill_terms(run[0], run[2]))  # stable: ties keep their order
     if workers == 1 or len(todo) <= 1:
         for name, run_dir, overrides in todo:
-            _student_or_fail(name, run_dir, overrides)
+            _student(name, run_dir, overrides)
             yield name, run_dir
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads / Ray
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(_student, name, overrides): (name, run_dir) for name, run_dir, overrides in todo}
+        futures = {pool.submit(_student, name, run_dir, overrides): (name, run_dir)
+                   for name, run_dir, overrides in todo}
         try:
             for future in as_completed(futures):
-                name, run_dir = futures[future]
-                error = future.exception()
-                if error is not None:
-                    raise RuntimeError(f"train-student {name} -> {run_dir} failed: {error}") from error
-                yield name, run_dir
+                future.result()  # re-raises the run's RuntimeError
+                yield futures[future]
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -136,19 +141,12 @@ def _distill_terms(name: str, overrides: list[str]) -> int:
     return sum(weight > 0 for weight in (loss.logit, loss.attn, loss.v_all, loss.v_focus))
 
 
-def _student_or_fail(name: str, run_dir: Path, overrides: list[str]) -> None:
-    try:
-        _student(name, overrides)
-    except Exception as e:
-        raise RuntimeError(f"train-student {name} -> {run_dir} failed: {e}") from e
-
-
 def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     from alignkd.extract import ExtractArgs, extract
     from alignkd.train import TrainArgs, train
 
     args = args or DemoArgs()
-    _workers(args.workers)  # a bad value fails before any work
+    workers = _workers(args.workers)  # a bad value fails before any work
     out = Path(out)
     data, models, started = out / "data", out / "models", time.monotonic()
     jobs = _student_jobs(args.full)
@@ -202,9 +200,9 @@ def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[s
                 f"student.path={json.dumps(str(models / 'student'))}", f"cache={json.dumps(str(cache))}", *paths,
                 f"run.dir={json.dumps(str(run_dir))}", f"run.seed={seed}", *args.overrides.get("student", [])]))
     if todo:
-        echo(f"{len(todo)} student runs, {min(_workers(args.workers), len(todo))} at a time, one torch thread each  "
+        echo(f"{len(todo)} student runs, {min(workers, len(todo))} at a time, one torch thread each  "
              f"({time.monotonic() - started:.0f} s)")
-    for name, run_dir in run_students(todo, _workers(args.workers)):
+    for name, run_dir in run_students(todo, workers):
         stage(f"train-student {name} -> {run_dir}")
 
     # 6. report

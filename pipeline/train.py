@@ -120,6 +120,11 @@ class RunArgs:
     autocast: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on GPU, off on CPU
     stop_after: int | None = None  # stop (as if killed) after this many steps; tests and ablation smoke runs
 
+    def validate(self) -> None:
+        if self.keep_in_memory and self.num_workers > 0:
+            # DataLoader workers start afresh every epoch, and what they kept goes with them.
+            raise ValueError("keep_in_memory needs num_workers = 0 (worker processes are restarted each epoch)")
+
 
 @dataclass
 class TrainArgs:

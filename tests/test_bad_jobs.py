@@ -108,3 +108,13 @@ def test_a_bad_job_file_is_one_line_before_any_model_loads(tmp_path, command, ca
 def test_a_missing_job_file_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["train-student", "--job", str(tmp_path / "nope.toml")])
     assert result.exit_code == 2 and result.output.strip() == f"error: job file not found: {tmp_path / 'nope.toml'}"
+
+
+@pytest.mark.bad_input
+def test_keeping_samples_in_memory_with_loader_workers_is_refused(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text("[run]\nkeep_in_memory = true\nnum_workers = 2\n")
+    result = CliRunner().invoke(main, ["train-student", "--job", str(job)])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "keep_in_memory needs num_workers = 0" in lines[0], result.output

@@ -83,8 +83,8 @@ class DistillDataset(Dataset):
 
     keep_in_memory  keep every item once prepared, so later epochs skip reading, decoding,
                     preprocessing and the cache: for data sets that fit in RAM (the demo's
-                    4000 images alone are 110 MB as float32). Each DataLoader worker keeps
-                    its own copy.
+                    4000 images alone are 110 MB as float32). Only useful in the main
+                    process: DataLoader workers are restarted each epoch and lose their copies.
     """
 
     def __init__(self, *, shards: str, cache: Any, processor: StudentProcessor, template: str, max_length: int,
