@@ -55,7 +55,7 @@ but not in it, is damage. The shard's own zarr.json holds the list and is checke
 schema instead (strict keys and types, the list's sizes adding up to `nbytes`). Readers check
 sizes when they open a shard and hashes of what they read; `alignkd verify-cache` checks all
 (alignkd.cache.verify). `files` was added to version 1 before any release; a cache written by
-earlier development code lacks it and is refused ("missing key files"): extract it again.
+earlier development code lacks it and is refused with a message that says so: extract it again.
 
 Codecs (alignkd.cache.codecs has the formulas): rows are the last axis.
     uint8 / uint4   attention in [0, 1]: scale = row max / 255 (or / 15), q = round(x / scale)
@@ -387,6 +387,11 @@ class ShardMeta:
 
     @classmethod
     def from_dict(cls, raw: Any, *, source: str | None = None) -> ShardMeta:
+        if isinstance(raw, dict) and "files" not in raw and "keys" in raw:
+            # The one field version 1 gained before release (see the module docstring).
+            where = f"{source}: " if source else ""
+            raise CacheSchemaError(f"{where}missing key files: the shard was written before per-file checksums "
+                                   "(development code before the first release); extract it again")
         return _from_dict(cls, raw, source)
 
 

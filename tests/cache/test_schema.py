@@ -299,3 +299,10 @@ def test_codec_spec_is_a_job_file_section_with_strict_keys():
         config_from_dict(CodecSpec, {"atention": "uint4"})
     with pytest.raises(ConfigError, match="outside blosc's range"):
         config_from_dict(CodecSpec, {"compressor": "blosc", "level": 12})
+
+
+@pytest.mark.bad_input
+def test_a_shard_from_before_file_checksums_is_refused_saying_to_extract_again():
+    d = make_shard_meta().to_dict()
+    del d["files"]
+    refuse(d, "missing key files: the shard was written before per-file checksums .*extract it again", ShardMeta)
