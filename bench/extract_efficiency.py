@@ -23,6 +23,7 @@ the rest of the time goes; writing an empty shard gives the part of `write` that
 
     python bench/extract_efficiency.py                          # bench/results/extract_efficiency.{json,md}
     python bench/extract_efficiency.py --repeats 5 --samples 96
+    python bench/extract_efficiency.py --samples 128 --samples-per-shard 64 --tag shard64   # bigger shards
     python bench/extract_efficiency.py --smoke                  # seconds; checks the script only
     python bench/extract_efficiency.py --preset paper --teacher-layers 8 --device cuda --dtype bfloat16 --gpu
 """
@@ -152,6 +153,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/alignkd-bench", help="models, data and caches are written here")
     ap.add_argument("--gpu", action="store_true", help="write results to bench/results/gpu/")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: checks that the script runs")
+    ap.add_argument("--tag", default="", help="suffix of the result files (extract_efficiency_TAG), for variants")
     args = ap.parse_args()
     if args.smoke:
         args.preset, args.samples, args.samples_per_shard, args.repeats = "smoke", 8, 4, 1
@@ -272,7 +274,8 @@ def main() -> None:
         "",
         C.machine_line(m),
     ]
-    C.write_results(C.results_dir(args), "extract_efficiency", result, "\n".join(md))
+    name = f"extract_efficiency_{args.tag}" if args.tag else "extract_efficiency"  # benchmark 6 reads the untagged one
+    C.write_results(C.results_dir(args), name, result, "\n".join(md))
 
 
 if __name__ == "__main__":
