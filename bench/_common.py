@@ -93,6 +93,7 @@ def machine(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     import torch
 
     source = Path(alignkd.__file__).resolve().parent
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=source) or ""
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -108,7 +109,9 @@ def machine(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
         # put first on PYTHONPATH while others edit this tree); bench/ is this folder's.
         "alignkd_source": str(source),
         "git_commit": _git("rev-parse", "--short", "HEAD", cwd=source),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no", cwd=source)),
+        "git_dirty": bool(status),
+        # Which tracked files differed from the commit (a README edit is not a code change).
+        "git_dirty_paths": [line.split(maxsplit=1)[1] for line in status.splitlines() if line.strip()],
         "bench_commit": _git("rev-parse", "--short", "HEAD"),
         "bench_uncommitted": bool(_git("status", "--porcelain", "--", str(BENCH))),
     }
@@ -118,12 +121,20 @@ def machine(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     return info
 
 
+def _dirty(m: dict[str, Any]) -> str:
+    if not m.get("git_dirty"):
+        return ""
+    paths = m.get("git_dirty_paths") or []
+    shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return f" (uncommitted changes: {shown})" if shown else " (dirty tree)"
+
+
 def machine_line(m: dict[str, Any]) -> str:
     """One markdown line naming the machine."""
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
     return (f"{m['cpu']} ({m['cpus_available']} CPUs available, {m['ram_gib']} GiB RAM){gpu}; torch {m['torch']}, "
             f"{m['torch_threads']} threads; alignkd at commit {m['git_commit']}"
-            f"{' (dirty tree)' if m['git_dirty'] else ''}"
+            f"{_dirty(m)}"
             f"{', bench scripts uncommitted' if m['bench_uncommitted'] else ''}; "
             f"load average at start {m['load_average_at_start'][0]}")
 
