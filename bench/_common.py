@@ -400,6 +400,15 @@ def setup_workdir(root: str | Path, preset: Preset, *, samples: int, samples_per
                    student=models / "student", train=data, samples=samples)
 
 
+def workdir_from_args(args: Any, *, samples_per_shard: int | None = None) -> Workdir:
+    """setup_workdir from a script's usual options (--preset, --teacher-layers, --student-layers,
+    --samples, --samples-per-shard, --work, --dtype, --device)."""
+    preset = PRESETS[args.preset].with_layers(args.teacher_layers, args.student_layers)
+    return setup_workdir(args.work, preset, samples=args.samples,
+                         samples_per_shard=samples_per_shard or args.samples_per_shard,
+                         dtype=args.dtype, device=args.device)
+
+
 def extract_args(work: Workdir, cache: Path, *, shards: str | None = None, workers: int = 1,
                  cpus_per_worker: float = 1.0, num_cpus: int | None = None, dtype: str = "float32",
                  device: str = "cpu", codecs: dict[str, Any] | None = None):

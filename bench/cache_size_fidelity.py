@@ -106,14 +106,12 @@ def demo_source(demo: Path, work: Path, device: str, dtype: str) -> Source:
 
 
 def preset_source(args: argparse.Namespace) -> Source:
-    preset = C.PRESETS[args.preset].with_layers(args.teacher_layers, args.student_layers)
-    work = C.setup_workdir(args.work, preset, samples=args.samples, samples_per_shard=args.samples,
-                           dtype=args.dtype, device=args.device)
+    work = C.workdir_from_args(args, samples_per_shard=args.samples)  # one shard
     job = C.extract_args(work, Path(args.work) / "unused", cpus_per_worker=args.threads,
                          num_cpus=None if args.device.startswith("cuda") else args.threads, dtype=args.dtype,
                          device=args.device)
     return Source(teacher=work.teacher, student=work.student, shards=str(work.train),
-                  first_shard=C.first_shards(work, 1), template="plain", max_length=preset.max_length, extract_job=job)
+                  first_shard=C.first_shards(work, 1), template="plain", max_length=work.preset.max_length, extract_job=job)
 
 
 # --------------------------------------------------------------------------- sizes

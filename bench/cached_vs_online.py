@@ -169,9 +169,8 @@ def main() -> None:
     if args.smoke:
         args.preset, args.samples, args.samples_per_shard, args.repeats = "smoke", 16, 8, 1
     C.bench_env()
-    preset = C.PRESETS[args.preset].with_layers(args.teacher_layers, args.student_layers)
-    work = C.setup_workdir(args.work, preset, samples=args.samples, samples_per_shard=args.samples_per_shard,
-                           dtype=args.dtype, device=args.device)
+    work = C.workdir_from_args(args)
+    preset = work.preset
     if args.child:
         print(json.dumps(child(args, work, args.child)))
         return

@@ -162,9 +162,8 @@ def main() -> None:
     from alignkd.models import load_vlm
 
     torch.set_num_threads(args.threads)
-    preset = C.PRESETS[args.preset].with_layers(args.teacher_layers, args.student_layers)
-    work = C.setup_workdir(args.work, preset, samples=args.samples, samples_per_shard=args.samples_per_shard,
-                           dtype=args.dtype, device=args.device)
+    work = C.workdir_from_args(args)
+    preset = work.preset
     n_shards = -(-args.samples // args.samples_per_shard)
     cuda = args.device.startswith("cuda")
     num_cpus = None if cuda else args.threads  # a GPU machine's Ray sees all its CPUs

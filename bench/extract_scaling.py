@@ -172,9 +172,8 @@ def main() -> None:
     if args.smoke:
         args.preset, args.samples, args.samples_per_shard, args.repeats = "smoke", 8, 2, 1
     C.bench_env()
-    preset = C.PRESETS[args.preset].with_layers(args.teacher_layers, args.student_layers)
-    work = C.setup_workdir(args.work, preset, samples=args.samples, samples_per_shard=args.samples_per_shard,
-                           dtype=args.dtype, device=args.device)
+    work = C.workdir_from_args(args)
+    preset = work.preset
     measured = {} if args.projection_only else measure(args, work)
     projection = cost_model(args, work)
     m = C.machine(args.device, int(args.cpus_per_worker))
