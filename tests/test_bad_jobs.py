@@ -96,6 +96,10 @@ BAD_FILES = [
 @pytest.mark.parametrize("command", ["extract-teacher", "train-student"])
 @pytest.mark.parametrize(("case", "text", "message"), BAD_FILES, ids=[c for c, _, _ in BAD_FILES])
 def test_a_bad_job_file_is_one_line_before_any_model_loads(tmp_path, command, case, text, message):
+    _refused_in_one_line(tmp_path, command, text, message)
+
+
+def _refused_in_one_line(tmp_path, command, text, message):
     job = tmp_path / "job.toml"
     job.write_text(text)
     result = CliRunner().invoke(main, [command, "--job", str(job)])
@@ -112,9 +116,5 @@ def test_a_missing_job_file_is_one_line(tmp_path):
 
 @pytest.mark.bad_input
 def test_keeping_samples_in_memory_with_loader_workers_is_refused(tmp_path):
-    job = tmp_path / "job.toml"
-    job.write_text("[run]\nkeep_in_memory = true\nnum_workers = 2\n")
-    result = CliRunner().invoke(main, ["train-student", "--job", str(job)])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "keep_in_memory needs num_workers = 0" in lines[0], result.output
+    _refused_in_one_line(tmp_path, "train-student", "[run]\nkeep_in_memory = true\nnum_workers = 2\n",
+                         "keep_in_memory needs num_workers = 0")
