@@ -6,6 +6,9 @@
 Each run directory holds config.json (the resolved job), final.json (the last logged step
 with its evaluation) and, for distilled runs, cache.json (the cache path and fingerprint).
 Runs trained against different caches are flagged, since their numbers are not comparable.
+Beside the losses, the last evaluation's diagnostics (alignkd.diagnostics): each distillation
+term's share of the student's gradient and the across-image spread of the vision tokens, so
+a term that is on but does nothing, or a collapsing projector, shows in the table.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from typing import Any
 
 __all__ = ["collect_runs", "format_markdown"]
 
-_COLUMNS = ("val_accuracy", "val_loss", "sup", "logit", "attn", "v_all", "v_focus", "step")
+_COLUMNS = ("val_accuracy", "val_loss", "sup", "logit", "attn", "v_all", "v_focus",
+            "grad_share_logit", "grad_share_attn", "grad_share_v_all", "grad_share_v_focus",
+            "spread_student", "spread_target", "step")
 
 
 def _terms(config: dict[str, Any]) -> str:
@@ -24,7 +29,11 @@ def _terms(config: dict[str, Any]) -> str:
     on = [t for t in ("sup", "logit", "attn", "v_all", "v_focus") if loss.get(t, 0) > 0]
     extra = []
     if "attn" in on:
-        extra.append(f"attn={loss.get('attn_variant')}")
+        variant = loss.get("attn_variant")
+        frozen = variant != "mean" and loss.get("head_mixer") == "frozen"
+        extra.append(f"attn={variant}" + (" frozen mixer" if frozen else ""))
+    if "v_all" in on or "v_focus" in on:
+        extra.append(f"V adapter={loss.get('vision_adapter')}" + (" norm" if loss.get("vision_target_norm") else ""))
     if "v_focus" in on:
         extra.append(f"k={loss.get('focus_k')}")
     if "logit" in on and loss.get("logit_direction") == "reverse":

@@ -2,11 +2,12 @@
 
     L = L_sup + w_logit L_logit + w_attn L_attn + w_vall L_V_all + w_vfocus L_V_focus
 
-    adapters = AlignKDAdapters(teacher_heads=32, student_heads=16, teacher_width=4096, student_width=2048)
-    optim = torch.optim.AdamW([*student.parameters(), *adapters.parameters()])   # adapters too!
+    adapters = AlignKDAdapters(teacher_heads=32, student_heads=16, teacher_width=4096, student_width=2048,
+                               mixer_convex=True, vision_placement="student")
+    optim = torch.optim.AdamW([*student.parameters(), *adapters.trainable()])   # adapters too!
     loss = (sup_loss(logits, targets)
             + w_logit * logit_kl(logits, top_ids, top_logprobs, tail_logmass)
-            + w_attn * attn_loss_mix(s_block, t_block, query_mask, adapters.head_mixer)
+            + w_attn * attn_loss_mix_kl(s_block, t_block, query_mask, adapters.head_mixer)
             + w_vall * vision_all_loss(s_feats, t_feats, adapters.vision_adapter, image_mask)
             + w_vfocus * vision_focus_loss(s_feats, t_feats, adapters.vision_adapter, focus, 16, image_mask))
 
@@ -26,8 +27,9 @@ layer: rows are text positions after the image block, columns are the N_v vision
 released code selected vision queries x text keys instead, a block the causal mask zeroes, so
 its attention loss never sent a gradient (ALIGN_KD.md, known defect 1); nothing here accepts
 that block, and `alignkd.models.tap` builds the right one. Its adapters were also never put in
-the optimizer (defect 2): the adapters live in `AlignKDAdapters`, which must be optimised and
-checkpointed with the student.
+the optimizer (defect 2): here whether each adapter trains, and on which side of the MSE the
+vision adapter sits, is a stated choice (`AlignKDAdapters`, ALIGN_KD.md "What the released code
+really optimised"), and the adapters are checkpointed with the student.
 
 Run the reference tests with `.venv/bin/python -m pytest tests/test_losses.py -q`.
 """
@@ -44,11 +46,15 @@ __all__ = [
     "sup_loss",
     "logit_kl",
     "HeadMixer",
-    "attn_loss_mix",
+    "attn_loss_mix_mse",
+    "attn_loss_mix_kl",
     "attn_loss_mean",
+    "VISION_PLACEMENTS",
     "VisionAdapter",
+    "vision_target",
     "vision_all_loss",
     "vision_focus_loss",
+    "vision_spread",
     "AlignKDAdapters",
     "focus_scores",
 ]
@@ -239,31 +245,51 @@ def logit_kl(
 
 
 class HeadMixer(nn.Module):
-    """The learnable 1x1 head mixer of L_attn's `mix` variant: H_T teacher heads -> H_S.
+    """The 1x1 head mixer of L_attn's `mix_*` variants: H_T teacher heads -> H_S.
 
     A linear map over the head axis, (B, H_T, Lq, Nv) -> (B, H_S, Lq, Nv):
-    mixed[b, s] = sum_h weight[s, h] * teacher[b, h].
+    mixed[b, s] = sum_h mixing[s, h] * teacher[b, h].
+
+    convex=False (`mix_mse`, the paper's form): `mixing` is the weight itself, any sign.
+    convex=True (`mix_kl`): `mixing` is softmax(weight) over the teacher heads, so each mixed
+    head is a convex combination of teacher attention maps, non-negative and a valid input to
+    a KL after renormalisation.
 
     No bias: a bias would add the same constant to every attention probability of a head
     whatever the teacher attends to, a free knob that can fit the student's average attention
-    level without carrying any teacher information. Without it, each mixed head stays a
-    combination of teacher attention maps.
+    level without carrying any teacher information.
 
-    Initialised to the head mean (every weight 1 / H_T): training starts from the target the
-    `mean` variant uses, a proper attention map whose rows keep the teacher's vision mass,
-    instead of from random signed mixtures. The heads tell apart as the student's heads pull
-    their rows of the mixer in different directions.
+    Initialisation (`init`):
+      "mean"   every teacher head weighted 1 / H_T (weight 1 / H_T, or 0 before the softmax
+               when convex): training starts from the target the `mean` variant uses, and the
+               heads tell apart as the student's heads pull their rows apart;
+      "random" uniform in +-1/sqrt(H_T), torch's default for the released code's
+               Conv2d(H_T, H_S, 1): with the mixer frozen (`loss.head_mixer = "frozen"`) this is
+               the fixed random mix the released code effectively ran.
     """
 
-    def __init__(self, teacher_heads: int, student_heads: int) -> None:
+    def __init__(self, teacher_heads: int, student_heads: int, *, convex: bool = False,
+                 init: str = "mean") -> None:
         super().__init__()
         _require(
             teacher_heads >= 1 and student_heads >= 1,
             f"HeadMixer: head counts must be >= 1, got teacher_heads={teacher_heads}, student_heads={student_heads}",
         )
+        _require(init in ("mean", "random"), f"HeadMixer: init must be 'mean' or 'random', got {init!r}")
         self.teacher_heads = teacher_heads
         self.student_heads = student_heads
-        self.weight = nn.Parameter(torch.full((student_heads, teacher_heads), 1.0 / teacher_heads))
+        self.convex = convex
+        if init == "mean":
+            start = torch.full((student_heads, teacher_heads), 0.0 if convex else 1.0 / teacher_heads)
+        else:
+            bound = 1.0 / math.sqrt(teacher_heads)
+            start = torch.empty(student_heads, teacher_heads).uniform_(-bound, bound)
+        self.weight = nn.Parameter(start)
+
+    def mixing(self, dtype: torch.dtype) -> torch.Tensor:
+        """The (H_S, H_T) matrix applied to the teacher's heads."""
+        w = self.weight.to(dtype)
+        return torch.softmax(w, dim=1) if self.convex else w
 
     def forward(self, teacher: torch.Tensor) -> torch.Tensor:
         """(B, H_T, Lq, Nv) -> (B, H_S, Lq, Nv), computed in the input's dtype."""
@@ -271,31 +297,21 @@ class HeadMixer(nn.Module):
             teacher.dim() == 4 and teacher.shape[1] == self.teacher_heads,
             f"teacher: expected (B, H_T={self.teacher_heads}, Lq, Nv), got {_shape(teacher)}",
         )
-        return torch.einsum("sh,bhqv->bsqv", self.weight.to(teacher.dtype), teacher)
+        return torch.einsum("sh,bhqv->bsqv", self.mixing(teacher.dtype), teacher)
 
     def extra_repr(self) -> str:
-        return f"teacher_heads={self.teacher_heads}, student_heads={self.student_heads}"
+        return f"teacher_heads={self.teacher_heads}, student_heads={self.student_heads}, convex={self.convex}"
 
 
 def _check_block(x: torch.Tensor, name: str, heads: str) -> None:
     _require(x.dim() == 4, f"{name}: expected (B, {heads}, Lq, Nv), got {_shape(x)}")
 
 
-def attn_loss_mix(
+def _mixed_rows(
     student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer
-) -> torch.Tensor:
-    """L_attn, `mix` variant: MSE between the student's block and the head-mixed teacher block.
-
-    student    (B, H_S, Lq, Nv)  student layer-0 attention probs, text queries x vision keys
-    teacher    (B, H_T, Lq, Nv)  the teacher's block (detached here)
-    query_mask (B, Lq)           bool, True on real text-query rows (the set Q), False on padding
-    mixer      HeadMixer         H_T -> H_S, trained with the student
-    returns    ()                mean of (student - mixer(teacher))^2 over H_S x real rows x Nv;
-                                 0.0 when the batch has no real row
-
-    Gradient reaches the student block and the mixer's weights, never the teacher. Padded rows
-    are dropped before any arithmetic, so whatever they hold (even NaN) cannot leak in.
-    """
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Checked shapes -> (student rows, mixed teacher rows), each (rows, H_S, Nv) over the real
+    query rows only; None when the batch has no real row."""
     _check_block(student, "student", "H_S")
     _check_block(teacher, "teacher", "H_T")
     b, h_s, lq, nv = student.shape
@@ -310,14 +326,76 @@ def attn_loss_mix(
     )
     _check_mask(query_mask, "query_mask", (b, lq))
     if not bool(query_mask.any()):
-        return _zero(student, mixer.weight)
-
+        return None
     dtype = _compute_dtype(student)
-    # (B, H, Lq, Nv) -> (rows, H, Nv): keep only the real query rows.
+    # (B, H, Lq, Nv) -> (rows, H, Nv): keep only the real query rows, so whatever the padded
+    # rows hold (even NaN) cannot leak in.
     s_rows = student.to(dtype).transpose(1, 2)[query_mask]
     t_rows = teacher.detach().to(dtype).transpose(1, 2)[query_mask]
-    mixed = torch.einsum("sh,rhv->rsv", mixer.weight.to(dtype), t_rows)
+    return s_rows, torch.einsum("sh,rhv->rsv", mixer.mixing(dtype), t_rows)
+
+
+def attn_loss_mix_mse(
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer
+) -> torch.Tensor:
+    """L_attn, `mix_mse` variant (the paper's form): MSE between the student's block and the
+    head-mixed teacher block, on the raw probabilities.
+
+    student    (B, H_S, Lq, Nv)  student layer-0 attention probs, text queries x vision keys
+    teacher    (B, H_T, Lq, Nv)  the teacher's block (detached here)
+    query_mask (B, Lq)           bool, True on real text-query rows (the set Q), False on padding
+    mixer      HeadMixer         H_T -> H_S (convex or not)
+    returns    ()                mean of (student - mixer(teacher))^2 over H_S x real rows x Nv;
+                                 0.0 when the batch has no real row
+
+    Each row spreads its probability over all T keys, so entries are of order 1/T and this
+    value is ~1e-5 at weight 1 (ALIGN_KD.md, "What the released code really optimised"):
+    kept for the paper's ablation, not as the default. Gradient reaches the student block and
+    the mixer's weights, never the teacher.
+    """
+    rows = _mixed_rows(student, teacher, query_mask, mixer)
+    if rows is None:
+        return _zero(student, mixer.weight)
+    s_rows, mixed = rows
     return F.mse_loss(s_rows, mixed, reduction="mean")
+
+
+def attn_loss_mix_kl(
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer, eps: float = 1e-8
+) -> torch.Tensor:
+    """L_attn, `mix_kl` variant: per student head, KL(mixed teacher || student) of the rows
+    renormalised over the vision keys.
+
+    student    (B, H_S, Lq, Nv)  student layer-0 attention probs, text queries x vision keys
+    teacher    (B, H_T, Lq, Nv)  the teacher's block (detached here)
+    query_mask (B, Lq)           bool, True on real text-query rows (Q)
+    mixer      HeadMixer         H_T -> H_S with convex=True (mixed rows stay non-negative)
+    eps        as in `attn_loss_mean`
+    returns    ()                mean over H_S x real rows of
+                                 sum_j p_T[j] (log(p_T[j] + eps) - log(p_S[j] + eps));
+                                 0.0 when the batch has no real row
+
+    Where each student head looks among the image tokens, against the mix of teacher heads
+    its mixer row picks: the `mean` variant's scale-free comparison, kept per head as the
+    `mix` form intends. Values are O(0.1-1) nats whatever the sequence length, so weight 1 is
+    comparable with L_sup, where the raw MSE is ~1e-5.
+    """
+    _require(mixer.convex, "mixer: attn_loss_mix_kl needs a convex HeadMixer (convex=True), whose rows stay >= 0")
+    rows = _mixed_rows(student, teacher, query_mask, mixer)
+    if rows is None:
+        return _zero(student, mixer.weight)
+    s_rows, mixed = rows
+    return _vision_row_kl(mixed, s_rows, eps).mean()
+
+
+def _vision_row_kl(teacher_rows: torch.Tensor, student_rows: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., Nv) unnormalised vision rows of each side -> (...,) KL(teacher || student) after
+    dividing each row by its vision sum (clamped at eps, so an empty row gives zeros, not NaN).
+    eps inside the logs keeps the KL and its gradient finite when the student puts ~0 on a
+    token the teacher looks at (a clamp there would zero that gradient instead)."""
+    p_s = student_rows / student_rows.sum(dim=-1, keepdim=True).clamp_min(eps)
+    p_t = teacher_rows / teacher_rows.sum(dim=-1, keepdim=True).clamp_min(eps)
+    return (p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))).sum(dim=-1)
 
 
 def attn_loss_mean(
@@ -329,16 +407,14 @@ def attn_loss_mean(
     teacher    (B, H_T, Lq, Nv) or (B, Lq, Nv) the teacher's block, or its head mean when the
                                               cache holds only that (detached here)
     query_mask (B, Lq)                        bool, True on real text-query rows (Q)
-    eps        small constant, see below
+    eps        small constant (see `_vision_row_kl`)
     returns    ()                             mean over real rows of
                                               sum_j p_T[j] (log(p_T[j] + eps) - log(p_S[j] + eps));
                                               0.0 when the batch has no real row
 
     The rows are softmax probabilities over ALL keys, so their vision part sums to less than
-    one; each side's head-mean row is divided by its vision sum (clamped at eps, so an empty
-    row gives zeros instead of NaN) to compare where each model looks among the image tokens,
-    not how much. eps inside the logs keeps the KL and its gradient finite when the student
-    puts ~0 on a token the teacher looks at (a clamp there would zero that gradient instead).
+    one; each side's head-mean row is divided by its vision sum to compare where each model
+    looks among the image tokens, not how much.
     """
     _check_block(student, "student", "H_S")
     b, _, lq, nv = student.shape
@@ -355,10 +431,7 @@ def attn_loss_mean(
     s_rows = student.to(dtype).mean(dim=1)[query_mask]  # (rows, Nv)
     t_mean = teacher.detach().to(dtype)
     t_rows = (t_mean.mean(dim=1) if teacher.dim() == 4 else t_mean)[query_mask]
-    p_s = s_rows / s_rows.sum(dim=-1, keepdim=True).clamp_min(eps)
-    p_t = t_rows / t_rows.sum(dim=-1, keepdim=True).clamp_min(eps)
-    kl = (p_t * (torch.log(p_t + eps) - torch.log(p_s + eps))).sum(dim=-1)
-    return kl.mean()
+    return _vision_row_kl(t_rows, s_rows, eps).mean()
 
 
 def focus_scores(teacher_block: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
@@ -386,28 +459,52 @@ def focus_scores(teacher_block: torch.Tensor, query_mask: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------- L_V
 
 
+VISION_PLACEMENTS = ("student", "teacher_frozen", "teacher")
+
+
 class VisionAdapter(nn.Linear):
-    """The L_V adapter: Linear(D_T -> D_S) with bias, mapping the teacher's projector output
-    P^T (B, Nv, D_T) into the student's embedding width (B, Nv, D_S).
+    """The L_V adapter, a Linear with bias on one side of the MSE (`loss.vision_adapter`):
+
+    side="teacher"  Linear(D_T -> D_S) on the teacher's projector output P^T (B, Nv, D_T),
+                    compared with the student's P^S: the figure's Adapter(P^T). Trained with
+                    the student ("teacher") it has a trivial joint minimum (weight 0, a
+                    constant bias, every student token equal to it) that training finds;
+                    frozen at its seeded init ("teacher_frozen", what the released code
+                    effectively ran) its target is a fixed random projection, which cannot move.
+    side="student"  Linear(D_S -> D_T) on the student's P^S, compared with the fixed P^T (a
+                    FitNets regressor): the target never moves, so the loss can only fall by
+                    making the student's tokens carry what the teacher's carry.
 
     The bias is kept (unlike the head mixer's): the two models' embedding spaces can differ by
-    an offset, which a plain linear map could not absorb. nn.Linear's default init.
+    an offset, which a plain linear map could not absorb. nn.Linear's default init, drawn from
+    torch's global generator (the trainer seeds it from run.seed).
     """
 
-    def __init__(self, teacher_width: int, student_width: int) -> None:
+    def __init__(self, teacher_width: int, student_width: int, *, side: str = "teacher") -> None:
         _require(
             teacher_width >= 1 and student_width >= 1,
             f"VisionAdapter: widths must be >= 1, got teacher_width={teacher_width}, student_width={student_width}",
         )
-        super().__init__(teacher_width, student_width, bias=True)
+        _require(side in ("teacher", "student"), f"VisionAdapter: side must be 'teacher' or 'student', got {side!r}")
+        self.side = side
+        self.teacher_width, self.student_width = teacher_width, student_width
+        if side == "teacher":
+            super().__init__(teacher_width, student_width, bias=True)
+        else:
+            super().__init__(student_width, teacher_width, bias=True)
 
-    def forward(self, teacher_feats: torch.Tensor) -> torch.Tensor:
-        """(..., D_T) -> (..., D_S), computed in the input's dtype."""
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features), computed in the input's dtype."""
+        which = "teacher_feats" if self.side == "teacher" else "student_feats"
+        width = "D_T" if self.side == "teacher" else "D_S"
         _require(
-            teacher_feats.shape[-1:] == (self.in_features,),
-            f"teacher_feats: expected (..., D_T={self.in_features}), got {_shape(teacher_feats)}",
+            feats.shape[-1:] == (self.in_features,),
+            f"{which}: expected (..., {width}={self.in_features}), got {_shape(feats)}",
         )
-        return F.linear(teacher_feats, self.weight.to(teacher_feats.dtype), self.bias.to(teacher_feats.dtype))
+        return F.linear(feats, self.weight.to(feats.dtype), self.bias.to(feats.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, side={self.side}"
 
 
 def _check_feats(
@@ -421,12 +518,23 @@ def _check_feats(
         f"got {_shape(teacher_feats)}",
     )
     _require(
-        adapter.in_features == teacher_feats.shape[2] and adapter.out_features == d_s,
-        f"adapter: maps {adapter.in_features} -> {adapter.out_features}, but teacher_feats {_shape(teacher_feats)} "
-        f"and student_feats {_shape(student_feats)}",
+        adapter.teacher_width == teacher_feats.shape[2] and adapter.student_width == d_s,
+        f"adapter: joins D_T={adapter.teacher_width} and D_S={adapter.student_width}, but teacher_feats "
+        f"{_shape(teacher_feats)} and student_feats {_shape(student_feats)}",
     )
     if image_mask is not None:
         _check_mask(image_mask, "image_mask", (b,))
+
+
+def vision_target(teacher_feats: torch.Tensor, adapter: VisionAdapter, normalize: bool = False) -> torch.Tensor:
+    """What the L_V MSE holds the student to, from P^T (B, Nv, D_T): Adapter(P^T) (B, Nv, D_S)
+    for a teacher-side adapter, P^T itself for a student-side regressor; with `normalize`,
+    each token standardised over its channels (zero mean, unit variance, no affine), so the
+    target's scale is fixed whatever the teacher's feature norm. Float32 at least; the
+    teacher is detached, a teacher-side adapter is not."""
+    t = teacher_feats.detach().to(_compute_dtype(teacher_feats))
+    target = adapter(t) if adapter.side == "teacher" else t
+    return F.layer_norm(target, target.shape[-1:]) if normalize else target
 
 
 def vision_all_loss(
@@ -434,20 +542,26 @@ def vision_all_loss(
     teacher_feats: torch.Tensor,
     adapter: VisionAdapter,
     image_mask: torch.Tensor | None = None,
+    *,
+    normalize_target: bool = False,
 ) -> torch.Tensor:
-    """L_V_all: MSE(Adapter(P^T), P^S) over all Nv vision tokens.
+    """L_V_all: the MSE between the two models' vision tokens over all Nv of them,
+    MSE(Adapter(P^T), P^S) or, with a student-side adapter, MSE(Regressor(P^S), P^T).
 
-    student_feats (B, Nv, D_S)  P^S, the student's projector output
-    teacher_feats (B, Nv, D_T)  P^T, the teacher's (detached here)
-    adapter       VisionAdapter D_T -> D_S, trained with the student
-    image_mask    (B,) bool or None: which samples have an image (None = all). Samples
-                  without one are dropped, whatever their rows hold.
-    returns       ()  mean over (samples with image) x Nv x D_S; 0.0 when none has an image
+    student_feats    (B, Nv, D_S)  P^S, the student's projector output
+    teacher_feats    (B, Nv, D_T)  P^T, the teacher's (detached here)
+    adapter          VisionAdapter on either side (see its docstring)
+    image_mask       (B,) bool or None: which samples have an image (None = all). Samples
+                     without one are dropped, whatever their rows hold.
+    normalize_target standardise each target token first (`vision_target`)
+    returns          ()  mean over (samples with image) x Nv x (the compared width: D_S for a
+                     teacher-side adapter, D_T for a student-side one); 0.0 when none has an image
 
-    Gradient reaches the adapter and the student features, never the teacher.
+    Gradient reaches the student features and the adapter (when it requires grad), never the
+    teacher.
     """
     _check_feats(student_feats, teacher_feats, adapter, image_mask)
-    return _vision_mse(student_feats, teacher_feats, adapter, image_mask)
+    return _vision_mse(student_feats, teacher_feats, adapter, image_mask, normalize_target)
 
 
 def vision_focus_loss(
@@ -457,16 +571,18 @@ def vision_focus_loss(
     focus: torch.Tensor,
     k: int,
     image_mask: torch.Tensor | None = None,
+    *,
+    normalize_target: bool = False,
 ) -> torch.Tensor:
     """L_V_focus: the L_V_all MSE over each sample's k vision tokens of highest text focus.
 
-    student_feats (B, Nv, D_S), teacher_feats (B, Nv, D_T), adapter, image_mask: as in
-                  `vision_all_loss`
+    student_feats, teacher_feats, adapter, image_mask, normalize_target: as in `vision_all_loss`
     focus         (B, Nv)  the teacher's focus_j = sum_{i in Q} mean_h A^T[h, i, j]
                   (cached, or from `focus_scores`)
     k             1 <= k <= Nv tokens per sample (the method's default is 16); ties are
                   broken as torch.topk breaks them
-    returns       ()  mean over (samples with image) x k x D_S; 0.0 when none has an image
+    returns       ()  mean over (samples with image) x k x the compared width; 0.0 when none
+                  has an image
     """
     _check_feats(student_feats, teacher_feats, adapter, image_mask)
     b, nv, _ = student_feats.shape
@@ -478,11 +594,12 @@ def vision_focus_loss(
     top = focus.detach().topk(k, dim=-1).indices  # (B, k)
     s_top = student_feats.gather(1, top[..., None].expand(-1, -1, student_feats.shape[2]))
     t_top = teacher_feats.gather(1, top[..., None].expand(-1, -1, teacher_feats.shape[2]))
-    return _vision_mse(s_top, t_top, adapter, image_mask)
+    return _vision_mse(s_top, t_top, adapter, image_mask, normalize_target)
 
 
 def _vision_mse(
-    student_feats: torch.Tensor, teacher_feats: torch.Tensor, adapter: VisionAdapter, image_mask: torch.Tensor | None
+    student_feats: torch.Tensor, teacher_feats: torch.Tensor, adapter: VisionAdapter,
+    image_mask: torch.Tensor | None, normalize_target: bool,
 ) -> torch.Tensor:
     if image_mask is not None:
         if not bool(image_mask.any()):
@@ -491,27 +608,42 @@ def _vision_mse(
     if student_feats.numel() == 0:  # B = 0
         return _zero(student_feats, adapter.weight, adapter.bias)
     dtype = _compute_dtype(student_feats)
-    predicted = adapter(teacher_feats.detach().to(dtype))
-    return F.mse_loss(predicted, student_feats.to(dtype), reduction="mean")
+    target = vision_target(teacher_feats, adapter, normalize_target).to(dtype)
+    student = student_feats.to(dtype)
+    predicted = adapter(student) if adapter.side == "student" else student
+    return F.mse_loss(predicted, target, reduction="mean")
+
+
+def vision_spread(tokens: torch.Tensor) -> float:
+    """How much vision tokens vary across images: the standard deviation over the batch of
+    each (token, channel) entry, averaged. tokens (B, Nv, D), B >= 2; a projector whose output
+    no longer depends on the image has spread 0. A diagnostic, not a loss."""
+    _require(tokens.dim() == 3 and tokens.shape[0] >= 2, f"tokens: expected (B >= 2, Nv, D), got {_shape(tokens)}")
+    return float(tokens.detach().float().std(dim=0).mean())
 
 
 # ----------------------------------------------------------------------------- adapters
 
 
 class AlignKDAdapters(nn.Module):
-    """The learnable parts Align-KD adds beside the student: the L_attn head mixer and the
-    L_V vision adapter.
+    """The parts Align-KD adds beside the student: the L_attn head mixer and the L_V adapter.
 
         adapters = AlignKDAdapters(teacher_heads=32, student_heads=16,     # None: no mixer
-                                   teacher_width=4096, student_width=2048)  # None: no adapter
+                                   teacher_width=4096, student_width=2048,  # None: no adapter
+                                   mixer_convex=True, head_mixer="trained", vision_adapter="student")
 
-    head_mixer      HeadMixer(H_T -> H_S) or None (the `mix` L_attn variant is off)
-    vision_adapter  VisionAdapter(D_T -> D_S) or None (L_V_all and L_V_focus are off)
+    head_mixer      HeadMixer(H_T -> H_S) or None (no `mix_*` L_attn variant is on);
+                    "trained": head-mean init, trained with the student; "frozen": the
+                    released code's seeded random init, never trained
+    vision_adapter  VisionAdapter or None (L_V_all and L_V_focus are off), placed as
+                    `vision_placement` says: "student" (a regressor D_S -> D_T on the student,
+                    trained), "teacher_frozen" (D_T -> D_S on the teacher, never trained) or
+                    "teacher" (D_T -> D_S on the teacher, trained: collapses, see VisionAdapter)
 
-    They train with the student: put their parameters in the student's optimizer (the
-    released code never did, so its adapters stayed at random init), save their state_dict in
-    the student's checkpoints so a resumed run continues them, and drop them when the student
-    is exported: they only exist to compare with the teacher and play no part at inference.
+    Frozen parts have requires_grad False; `trainable()` lists what goes in the optimizer. All
+    of it, frozen or not, lives in the state_dict that the student's checkpoints save, so a
+    resumed run continues with the same adapters (a frozen one is part of the run's target);
+    none of it is exported: the adapters only exist to compare with the teacher.
     """
 
     def __init__(
@@ -521,6 +653,9 @@ class AlignKDAdapters(nn.Module):
         student_heads: int | None = None,
         teacher_width: int | None = None,
         student_width: int | None = None,
+        mixer_convex: bool = False,
+        head_mixer: str = "trained",
+        vision_placement: str = "student",
     ) -> None:
         super().__init__()
         _require(
@@ -533,11 +668,21 @@ class AlignKDAdapters(nn.Module):
             f"AlignKDAdapters: give both widths or neither, got teacher_width={teacher_width}, "
             f"student_width={student_width}",
         )
-        self.head_mixer: HeadMixer | None = (
-            HeadMixer(teacher_heads, student_heads) if teacher_heads is not None and student_heads is not None else None
-        )
-        self.vision_adapter: VisionAdapter | None = (
-            VisionAdapter(teacher_width, student_width)
-            if teacher_width is not None and student_width is not None
-            else None
-        )
+        _require(head_mixer in ("trained", "frozen"),
+                 f"AlignKDAdapters: head_mixer must be 'trained' or 'frozen', got {head_mixer!r}")
+        _require(vision_placement in VISION_PLACEMENTS,
+                 f"AlignKDAdapters: vision_placement must be one of {VISION_PLACEMENTS}, got {vision_placement!r}")
+        self.head_mixer: HeadMixer | None = None
+        if teacher_heads is not None and student_heads is not None:
+            self.head_mixer = HeadMixer(teacher_heads, student_heads, convex=mixer_convex,
+                                        init="mean" if head_mixer == "trained" else "random")
+            self.head_mixer.requires_grad_(head_mixer == "trained")
+        self.vision_adapter: VisionAdapter | None = None
+        if teacher_width is not None and student_width is not None:
+            side = "student" if vision_placement == "student" else "teacher"
+            self.vision_adapter = VisionAdapter(teacher_width, student_width, side=side)
+            self.vision_adapter.requires_grad_(vision_placement != "teacher_frozen")
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters the optimizer must get (frozen parts excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]

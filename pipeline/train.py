@@ -12,7 +12,10 @@ Read top to bottom:
   2. modules   the student (vision tower frozen) and the Align-KD adapters, all in one AdamW
                with parameter groups (LLM, projector, adapters), cosine schedule with warmup;
   3. resume    from the newest readable checkpoint in the run directory, if any;
-  4. loop      step -> evaluate -> log -> save, one visible function (`_train`);
+  4. loop      step -> evaluate -> log -> save, one visible function (`_train`); at step 0
+               and at every evaluation, each term's share of the student's gradient and the
+               spread of the vision tokens (alignkd.diagnostics), with a warning line when a
+               term is as good as off or the vision tokens collapse;
   5. export    the student alone, in its family's layout, loadable by `load_vlm`.
 
 The Align-KD terms are in alignkd.losses; a term with weight 0 is not computed at all.
@@ -54,16 +57,19 @@ from torch.utils.data import DataLoader
 
 from alignkd.config import to_dict
 from alignkd.data import DataArgs
+from alignkd.diagnostics import Watch, gradient_report, spread_report
 from alignkd.distributed import Procs, process_seed
 from alignkd.evaluate import EvalArgs, evaluate_model
 from alignkd.losses import (
     AlignKDAdapters,
     attn_loss_mean,
-    attn_loss_mix,
+    attn_loss_mix_kl,
+    attn_loss_mix_mse,
     logit_kl,
     sup_loss,
     vision_all_loss,
     vision_focus_loss,
+    vision_target,
 )
 from alignkd.models import ModelArgs, load_model
 from alignkd.models.base import VLM, VLMBatch
@@ -89,14 +95,31 @@ class OptimArgs:
 
 @dataclass
 class LossArgs:
-    """Weights of the terms of ALIGN_KD.md (0 switches a term off) and their options."""
+    """Weights of the terms of ALIGN_KD.md (0 switches a term off) and their options.
+
+    attn_variant    "mix_kl": head-mixed teacher rows and student rows, each renormalised over
+                    the vision keys, compared per student head by KL (O(1) values); "mix_mse":
+                    the paper's MSE on the raw probabilities (~1e-5, so almost no gradient at
+                    weight 1); "mean": head means on both sides, renormalised, KL (no mixer)
+    head_mixer      "trained" (head-mean init) or "frozen" (the released code's seeded random
+                    init, never trained); for the mix_* variants
+    vision_adapter  where the L_V adapter sits and whether it trains: "student" (a regressor
+                    D_S -> D_T on the student's tokens against the fixed P^T, FitNets),
+                    "teacher_frozen" (D_T -> D_S on P^T at a seeded init, never trained: what
+                    the released code effectively ran), "teacher" (the same, trained with the
+                    student: collapses, kept for comparison); alignkd.losses.VisionAdapter
+    vision_target_norm  standardise each target token over its channels before the V MSE
+    """
 
     sup: float = 1.0
     logit: float = 1.0
     attn: float = 1.0
     v_all: float = 1.0
     v_focus: float = 1.0
-    attn_variant: Literal["mix", "mean"] = "mix"
+    attn_variant: Literal["mix_kl", "mix_mse", "mean"] = "mix_kl"
+    head_mixer: Literal["trained", "frozen"] = "trained"
+    vision_adapter: Literal["student", "teacher_frozen", "teacher"] = "student"
+    vision_target_norm: bool = False
     attn_layer: int = 0
     focus_k: int = 16
     logit_direction: Literal["forward", "reverse"] = "forward"
@@ -169,8 +192,9 @@ def verify_cache(cache: Any, student: VLM, args: TrainArgs) -> None:
     if loss.attn > 0:
         if loss.attn_layer not in meta.layers:
             problems.append(f"loss.attn_layer {loss.attn_layer}: cache holds layers {list(meta.layers)}")
-        if loss.attn_variant == "mix" and meta.attention_heads != "per_head":
-            problems.append("loss.attn_variant 'mix' needs per-head attention; the cache holds the head mean")
+        if loss.attn_variant != "mean" and meta.attention_heads != "per_head":
+            problems.append(f"loss.attn_variant {loss.attn_variant!r} needs per-head attention; the cache holds "
+                            f"the head mean")
     if loss.v_focus > 0 and not 1 <= loss.focus_k <= meta.num_vision_tokens:
         problems.append(f"loss.focus_k {loss.focus_k}: must be in 1..{meta.num_vision_tokens}")
     if loss.logit > 0 and loss.logit_topk is not None and not 1 <= loss.logit_topk <= meta.topk:
@@ -206,8 +230,10 @@ def _truncate_topk(ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor, k: i
 
 
 def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, teacher: Any,
-                   loss: LossArgs) -> dict[str, torch.Tensor]:
-    """Each enabled term (unweighted) and "total" (weighted sum). Disabled terms are skipped."""
+                   loss: LossArgs, keep: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Each enabled term (unweighted) and "total" (weighted sum). Disabled terms are skipped.
+    `keep`, when given, receives "student_vision" (P^S of the samples with an image) and, with
+    a V term on, "vision_target" (what the V MSE holds them to), for the diagnostics."""
     tap = (loss.attn_layer,) if loss.attn > 0 else ()
     out = student(batch, tap_layers=tap)
     terms: dict[str, torch.Tensor] = {}
@@ -228,31 +254,40 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
         t_block = teacher.attention[loss.attn_layer]
         if t_block.shape[-2] != block.probs.shape[-2] or not torch.equal(teacher.query_mask, block.query_mask):
             raise ValueError(f"batch {batch.keys[:3]}: student and cached teacher query rows do not line up")
-        if loss.attn_variant == "mix":
-            terms["attn"] = attn_loss_mix(block.probs, t_block, block.query_mask, adapters.head_mixer)
+        if loss.attn_variant == "mix_kl":
+            terms["attn"] = attn_loss_mix_kl(block.probs, t_block, block.query_mask, adapters.head_mixer)
+        elif loss.attn_variant == "mix_mse":
+            terms["attn"] = attn_loss_mix_mse(block.probs, t_block, block.query_mask, adapters.head_mixer)
         else:
             terms["attn"] = attn_loss_mean(block.probs, t_block, block.query_mask)
     if loss.v_all > 0 or loss.v_focus > 0:
         mask = teacher.image_mask
         s_feats, t_feats = out.vision_features, teacher.vision_features[mask]
+        norm = loss.vision_target_norm
         if loss.v_all > 0:
-            terms["v_all"] = vision_all_loss(s_feats, t_feats, adapters.vision_adapter)
+            terms["v_all"] = vision_all_loss(s_feats, t_feats, adapters.vision_adapter, normalize_target=norm)
         if loss.v_focus > 0:
             terms["v_focus"] = vision_focus_loss(s_feats, t_feats, adapters.vision_adapter, teacher.focus[mask],
-                                                 loss.focus_k)
+                                                 loss.focus_k, normalize_target=norm)
+        if keep is not None:
+            keep["vision_target"] = vision_target(t_feats, adapters.vision_adapter, norm)
+    if keep is not None and out.vision_features is not None:
+        keep["student_vision"] = out.vision_features
     terms["total"] = sum(getattr(loss, name) * value for name, value in terms.items())
     return terms
 
 
 # --- 2. modules and optimiser -----------------------------------------------------------------
 def _adapters(student: VLM, cache_meta: Any, loss: LossArgs) -> AlignKDAdapters:
-    mix = loss.attn > 0 and loss.attn_variant == "mix"
+    mix = loss.attn > 0 and loss.attn_variant != "mean"
     vis = loss.v_all > 0 or loss.v_focus > 0
     return AlignKDAdapters(
         teacher_heads=cache_meta.teacher.num_heads if mix else None,
         student_heads=student.num_heads if mix else None,
         teacher_width=cache_meta.teacher.hidden_size if vis else None,
         student_width=student.hidden_size if vis else None,
+        mixer_convex=loss.attn_variant == "mix_kl", head_mixer=loss.head_mixer,
+        vision_placement=loss.vision_adapter,
     )
 
 
@@ -267,7 +302,7 @@ def _optimizer(student: VLM, adapters: AlignKDAdapters, optim: OptimArgs) -> tor
          "name": "vision_tower"},
         {"params": [p for p in student.projector.parameters() if p.requires_grad], "lr": optim.projector_lr,
          "name": "projector"},
-        {"params": list(adapters.parameters()), "lr": optim.adapter_lr, "name": "adapters"},
+        {"params": adapters.trainable(), "lr": optim.adapter_lr, "name": "adapters"},  # frozen ones stay out
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
@@ -383,12 +418,27 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     if step >= total and (run_dir / "final.json").is_file():
         return TrainResult(run_dir=str(run_dir), steps=step, final_metrics=json.loads((run_dir / "final.json").read_text()),
                            export=str(run_dir / "export"))
+    watch = Watch()
     if procs.main:
-        _drop_metrics_after(run_dir / "metrics.jsonl", step)  # lines a killed run logged past its checkpoint
+        # Lines a killed run logged past its checkpoint (all of them if it wrote none).
+        _drop_metrics_after(run_dir / "metrics.jsonl", step if step else -1)
+        watch.replay(_read_metrics(run_dir / "metrics.jsonl"))
+        # The diagnostics' fixed batch: the first samples of the training set, every time.
+        probe = dataset.collate([dataset[i] for i in range(min(len(dataset), args.data.batch_size))])
+
+        def diagnose(at: int) -> dict[str, Any]:
+            found = _diagnose(student, adapters, probe, args.loss, autocast)
+            for text in watch.update({"step": at, **found}):
+                echo(text)
+                found.setdefault("warnings", []).append(text)
+            return found
 
     # 4. loop: step -> evaluate -> log -> save
     record: dict[str, Any] = {}
     metrics_file = (run_dir / "metrics.jsonl").open("a") if procs.main else None
+    if metrics_file is not None and step == 0:  # where each term and spread starts
+        metrics_file.write(json.dumps({"step": 0, **diagnose(0)}) + "\n")
+        metrics_file.flush()
     writer = _tensorboard(run_dir) if procs.main else None
     bar = progress_bar(enabled=progress, total=total, initial=step, unit="step")
     loader_iter, loader_epoch = None, None
@@ -428,9 +478,11 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
 
             record = {"step": step, "epoch": epoch, **sums, "grad_norm": grad_norm,
                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started}
-            if procs.main and ((args.run.eval_every and step % args.run.eval_every == 0) or step == total):
+            evaluating = procs.main and ((args.run.eval_every and step % args.run.eval_every == 0) or step == total)
+            if evaluating:
                 record.update(_eval(student, args))
-            if metrics_file is not None and (step % args.run.log_every == 0 or "val_loss" in record):
+                record.update(diagnose(step))
+            if metrics_file is not None and (step % args.run.log_every == 0 or evaluating):
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 if writer is not None:
@@ -468,6 +520,28 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
 
 def _silent(_: str) -> None:
     pass
+
+
+def _diagnose(student: VLM, adapters: AlignKDAdapters, probe: tuple[VLMBatch, Any], loss: LossArgs,
+              autocast: Any) -> dict[str, Any]:
+    """alignkd.diagnostics' gradient shares and spreads on the fixed batch `probe`, under the
+    training step's autocast; no parameter's .grad and no random state is touched, so a run
+    with diagnostics trains exactly as one without."""
+    batch, teacher = probe
+    device = student.device
+    batch = batch.to(device, dtype=student.dtype)
+    params = [p for p in student.parameters() if p.requires_grad]
+    keep: dict[str, torch.Tensor] = {}
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        with autocast:
+            terms = compute_losses(student, adapters, batch, teacher and teacher.to(device), loss, keep)
+        found: dict[str, Any] = gradient_report(terms, {t: getattr(loss, t) for t in TERMS}, params)
+    found.update(spread_report(keep.get("student_vision"), keep.get("vision_target")))
+    return found
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:

@@ -92,10 +92,13 @@ def attention_figure(rows: list[tuple[Image.Image, str, list[tuple[str, np.ndarr
 
 
 def curves_figure(runs: dict[str, list[str | Path]], out: str | Path) -> Path:
-    """Each loss term and validation accuracy over steps; one line per variant (seed mean)."""
+    """Each loss term, validation accuracy, each distillation term's share of the student's
+    gradient and the spread of the student's vision tokens over steps (alignkd.diagnostics);
+    one line per variant (seed mean)."""
     plt = _plt()
-    metrics = ("sup", "logit", "attn", "v_all", "v_focus", "val_accuracy")
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    metrics = ("sup", "logit", "attn", "v_all", "v_focus", "val_accuracy",
+               "grad_share_logit", "grad_share_attn", "grad_share_v_all", "spread_student")
+    fig, axes = plt.subplots(2, 5, figsize=(21, 7))
     for ax, metric in zip(axes.flat, metrics):
         for index, (variant, dirs) in enumerate(runs.items()):  # one colour per variant in every panel
             series: dict[int, list[float]] = {}
@@ -107,12 +110,15 @@ def curves_figure(runs: dict[str, list[str | Path]], out: str | Path) -> Path:
             if series:
                 steps = sorted(series)
                 ax.plot(steps, [np.mean(series[s]) for s in steps], label=variant, color=f"C{index % 10}",
-                        marker="o" if metric == "val_accuracy" else None, ms=3)
+                        marker="o" if metric.startswith(("val_", "grad_share_", "spread_")) else None, ms=3)
         ax.set_title(metric)
         ax.set_xlabel("step")
-        if metric != "val_accuracy":
+        if metric in ("sup", "logit", "attn", "v_all", "v_focus"):
             ax.set_yscale("log")
-    axes.flat[-1].legend(fontsize=8)
+        elif metric.startswith("grad_share_"):
+            ax.axhline(0.01, color="grey", lw=0.8, ls="--")  # under this a term is as good as off
+            ax.set_ylim(0, 1)
+    axes.flat[5].legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)

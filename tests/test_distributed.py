@@ -10,10 +10,12 @@ and then add the two (gloo all-reduce). Step 1 agrees to float64 rounding; from 
 float32 weights differ in their last bits, and each loss follows. Measured on this project's
 2-core machine over 8 steps, one thread per process in both runs (as OMP_NUM_THREADS=1 gives
 torchrun's processes): total loss, L_sup and grad norm within 1e-7 relative, the final weights
-within 1.6e-7 absolute; the small distillation terms, which are differences of near-equal
-quantities (the logit KL is about 0.015), within 6.4e-6 relative. Asserted: 1e-5 relative on
-the total, L_sup and grad norm, 1e-4 on the other terms, weights to 1e-5 relative and 1e-6
-absolute. A wrong split would show: replacing one sample of a 4-sample micro-batch by
+within 1.6e-7 absolute with the paper's raw-MSE attention term and up to 1.3e-6 absolute (one
+element of 11008, a weight of about 0.02) with the default `mix_kl`, whose logs of small
+renormalised probabilities amplify rounding; the small distillation terms, which are
+differences of near-equal quantities (the logit KL is about 0.015), within 6.4e-6 relative.
+Asserted: 1e-5 relative on the total, L_sup and grad norm, 1e-4 on the other terms, weights
+to 1e-5 relative and 5e-6 absolute. A wrong split would show: replacing one sample of a 4-sample micro-batch by
 another moved that micro-batch's loss by 5e-5 to 9e-3 relative (4 swaps, measured at the
 starting weights).
 """
@@ -66,6 +68,8 @@ def recording_save(run_dir, step, **kw):
 
 DistillDataset.collate, alignkd.checkpoint.save_checkpoint = recording_collate, recording_save
 train(load_job(TrainArgs, None, overrides), echo=lambda _: None, progress=False)
+if os.environ["RANK"] == "0":
+    batches = batches[1:]  # rank 0's first collate is the diagnostics' fixed batch, not a training one
 Path(out, f"rank{os.environ['RANK']}.json").write_text(json.dumps({"batches": batches, "saved": saved}))
 '''
 
@@ -97,7 +101,8 @@ def _torchrun(*command: str) -> None:
 
 
 def _metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    # The training steps (step 0 holds the diagnostics measured before training).
+    return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines()) if r["step"] > 0]
 
 
 def _assert_same_trajectory(got, want):
@@ -112,7 +117,7 @@ def _assert_same_weights(run_a, run_b):
     b = load_file(str(Path(run_b) / "export" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=5e-6)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +141,7 @@ def one_process(tiny_models, demo_data, tiny_cache, tmp_path_factory):
                   progress=False)
     finally:
         torch.set_num_threads(threads)
-    return run_dir, batches
+    return run_dir, batches[1:]  # the first collate is the diagnostics' fixed batch, not a training one
 
 
 @pytest.fixture(scope="module")

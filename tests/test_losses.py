@@ -18,12 +18,14 @@ from alignkd.losses import (
     HeadMixer,
     VisionAdapter,
     attn_loss_mean,
-    attn_loss_mix,
+    attn_loss_mix_kl,
+    attn_loss_mix_mse,
     focus_scores,
     logit_kl,
     sup_loss,
     vision_all_loss,
     vision_focus_loss,
+    vision_target,
 )
 
 TOL = dict(rtol=1e-6, atol=1e-9)
@@ -335,7 +337,7 @@ def test_head_mixer_starts_at_the_teacher_head_mean():
 def test_attn_loss_mix_matches_a_loop_over_real_rows():
     student, teacher, mask = attention_rows(B, H_S, LQ, NV, 3), attention_rows(B, H_T, LQ, NV, 4), query_mask()
     mixer = mixer64(2)
-    close(attn_loss_mix(student, teacher, mask, mixer), ref_attn_mix(student, teacher, mask, mixer.weight))
+    close(attn_loss_mix_mse(student, teacher, mask, mixer), ref_attn_mix(student, teacher, mask, mixer.weight))
 
 
 @pytest.mark.parametrize("teacher_heads", [True, False], ids=["per-head-teacher", "head-mean-teacher"])
@@ -358,7 +360,7 @@ def test_attn_losses_send_gradient_to_the_student_block_and_the_mixer_not_the_te
     student = attention_rows(B, H_S, LQ, NV, 8).requires_grad_(True)
     teacher = attention_rows(B, H_T, LQ, NV, 9).requires_grad_(True)
     mixer = mixer64(3)
-    attn_loss_mix(student, teacher, query_mask(), mixer).backward()
+    attn_loss_mix_mse(student, teacher, query_mask(), mixer).backward()
     assert student.grad.abs().sum() > 0 and mixer.weight.grad.abs().sum() > 0
     assert teacher.grad is None
 
@@ -367,13 +369,13 @@ def test_attn_losses_send_gradient_to_the_student_block_and_the_mixer_not_the_te
     assert student.grad.abs().sum() > 0 and teacher.grad is None
 
 
-@pytest.mark.parametrize("variant", ["mix", "mean"])
+@pytest.mark.parametrize("variant", ["mix_mse", "mean"])
 def test_padded_query_rows_do_not_change_the_attention_loss(variant):
     mask = query_mask()
     mixer = mixer64(4)
 
     def loss(s, t, m):
-        return attn_loss_mix(s, t, m, mixer) if variant == "mix" else attn_loss_mean(s, t, m)
+        return attn_loss_mix_mse(s, t, m, mixer) if variant == "mix_mse" else attn_loss_mean(s, t, m)
 
     student, teacher = attention_rows(B, H_S, LQ, NV, 10), attention_rows(B, H_T, LQ, NV, 11)
     value = loss(student, teacher, mask)
@@ -395,13 +397,13 @@ def test_padded_query_rows_do_not_change_the_attention_loss(variant):
     close(value, total / rows.sum().item())
 
 
-@pytest.mark.parametrize("variant", ["mix", "mean"])
+@pytest.mark.parametrize("variant", ["mix_mse", "mean"])
 def test_attention_loss_without_real_rows_is_zero_and_backpropagates(variant):
     student = attention_rows(B, H_S, LQ, NV, 12).requires_grad_(True)
     teacher = attention_rows(B, H_T, LQ, NV, 13)
     mask = torch.zeros(B, LQ, dtype=torch.bool)
     mixer = mixer64(5)
-    loss = attn_loss_mix(student, teacher, mask, mixer) if variant == "mix" else attn_loss_mean(student, teacher, mask)
+    loss = attn_loss_mix_mse(student, teacher, mask, mixer) if variant == "mix_mse" else attn_loss_mean(student, teacher, mask)
     loss.backward()
     assert loss.item() == 0.0 and student.grad is not None and not torch.isnan(student.grad).any()
 
@@ -510,11 +512,11 @@ def _bad_calls():
         "kl tail shape": lambda: logit_kl(logits, ids, lp, tail[:, None]),
         "kl direction": lambda: logit_kl(logits, ids, lp, tail, direction="sideways"),
         "kl temperature": lambda: logit_kl(logits, ids, lp, tail, temperature=0.0),
-        "mix 3-D student": lambda: attn_loss_mix(s_blk[:, 0], t_blk, mask, mixer),
-        "mix Nv differs": lambda: attn_loss_mix(s_blk, t_blk[..., :-1], mask, mixer),
-        "mix mixer heads": lambda: attn_loss_mix(s_blk, t_blk[:, :2], mask, mixer),
-        "mix mask shape": lambda: attn_loss_mix(s_blk, t_blk, mask[:, :-1], mixer),
-        "mix mask dtype": lambda: attn_loss_mix(s_blk, t_blk, mask.float(), mixer),
+        "mix 3-D student": lambda: attn_loss_mix_mse(s_blk[:, 0], t_blk, mask, mixer),
+        "mix Nv differs": lambda: attn_loss_mix_mse(s_blk, t_blk[..., :-1], mask, mixer),
+        "mix mixer heads": lambda: attn_loss_mix_mse(s_blk, t_blk[:, :2], mask, mixer),
+        "mix mask shape": lambda: attn_loss_mix_mse(s_blk, t_blk, mask[:, :-1], mixer),
+        "mix mask dtype": lambda: attn_loss_mix_mse(s_blk, t_blk, mask.float(), mixer),
         "mean Lq differs": lambda: attn_loss_mean(s_blk, t_blk[:, :, :-1], mask),
         "mean 2-D teacher": lambda: attn_loss_mean(s_blk, t_blk[:, 0, 0], mask),
         "focus 2-D block": lambda: focus_scores(t_blk[:, 0, 0], mask),
@@ -561,10 +563,148 @@ def test_an_adamw_step_with_the_adapters_in_the_optimizer_changes_them():
 
     optim = torch.optim.AdamW([*student.parameters(), *adapters.parameters()], lr=1e-2)
     before = {k: v.clone() for k, v in adapters.state_dict().items()}
-    loss = attn_loss_mix(s_block, t_block, query_mask(), adapters.head_mixer) + vision_all_loss(
+    loss = attn_loss_mix_mse(s_block, t_block, query_mask(), adapters.head_mixer) + vision_all_loss(
         s_feats, t_feats, adapters.vision_adapter
     )
     loss.backward()
     optim.step()
     for name, value in adapters.state_dict().items():
         assert not torch.equal(value, before[name]), f"{name} did not move"
+
+
+# ----------------------------------------------------------------------------- placements, mix_kl
+
+
+def ref_attn_mix_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor,
+                    eps: float = 1e-8) -> float:
+    s, t, m = student.tolist(), teacher.tolist(), mask.tolist()
+    mixing = [ref_softmax(row) for row in logits.tolist()]
+    total, count = 0.0, 0
+    for b in range(len(s)):
+        for q in range(len(m[b])):
+            if not m[b][q]:
+                continue
+            for hs in range(len(s[b])):
+                mixed = [sum(mixing[hs][ht] * t[b][ht][q][v] for ht in range(len(t[b]))) for v in range(len(s[b][hs][q]))]
+                s_row = s[b][hs][q]
+                s_sum, t_sum = max(sum(s_row), eps), max(sum(mixed), eps)
+                total += sum((tv / t_sum) * (math.log(tv / t_sum + eps) - math.log(sv / s_sum + eps))
+                             for sv, tv in zip(s_row, mixed))
+                count += 1
+    return total / count
+
+
+def ref_standardise(row: list[float], eps: float = 1e-5) -> list[float]:
+    mean = sum(row) / len(row)
+    var = sum((x - mean) ** 2 for x in row) / len(row)
+    return [(x - mean) / math.sqrt(var + eps) for x in row]
+
+
+def ref_vision_regressor(student: torch.Tensor, teacher: torch.Tensor, regressor: VisionAdapter,
+                         normalize: bool) -> float:
+    """MSE(Regressor(P^S), P^T), one scalar at a time."""
+    s, t = student.tolist(), teacher.tolist()
+    w, bias = regressor.weight.tolist(), regressor.bias.tolist()
+    total, count = 0.0, 0
+    for b in range(len(s)):
+        for j in range(len(s[b])):
+            target = ref_standardise(t[b][j]) if normalize else t[b][j]
+            for d in range(len(target)):
+                pred = bias[d] + sum(w[d][e] * s[b][j][e] for e in range(len(s[b][j])))
+                total += (pred - target[d]) ** 2
+                count += 1
+    return total / count
+
+
+def test_attn_loss_mix_kl_matches_a_loop_over_heads_and_real_rows():
+    student, teacher, mask = attention_rows(B, H_S, LQ, NV, 30), attention_rows(B, H_T, LQ, NV, 31), query_mask()
+    mixer = HeadMixer(H_T, H_S, convex=True).double()
+    with torch.no_grad():
+        mixer.weight.copy_(torch.randn(H_S, H_T, generator=gen(32), dtype=torch.float64))
+    close(attn_loss_mix_kl(student, teacher, mask, mixer), ref_attn_mix_kl(student, teacher, mask, mixer.weight))
+
+
+def test_attn_loss_mix_kl_is_scale_free_where_the_raw_mse_is_not():
+    # Rows spread over many text keys: the vision part is small, as at real sequence lengths.
+    teacher = attention_rows(B, H_T, LQ, NV, 33) * 0.01
+    student = attention_rows(B, H_S, LQ, NV, 34) * 0.01
+    mixer, mask = HeadMixer(H_T, H_S, convex=True).double(), query_mask()
+    kl = attn_loss_mix_kl(student, teacher, mask, mixer)
+    torch.testing.assert_close(kl, attn_loss_mix_kl(student * 100, teacher * 100, mask, mixer))
+    assert kl.item() > 0.01  # O(0.1) nats for unrelated rows
+    assert attn_loss_mix_mse(student, teacher, mask, HeadMixer(H_T, H_S).double()).item() < 1e-4
+
+
+def test_a_convex_head_mixer_starts_at_the_head_mean_and_only_mixes_non_negatively():
+    teacher = attention_rows(B, H_T, LQ, NV, seed=35)
+    mixer = HeadMixer(H_T, H_S, convex=True).double()
+    torch.testing.assert_close(mixer(teacher)[:, 0], teacher.mean(dim=1))
+    with torch.no_grad():
+        mixer.weight.copy_(torch.randn(H_S, H_T, generator=gen(36), dtype=torch.float64) * 5)
+    assert (mixer(teacher) >= 0).all()
+    torch.testing.assert_close(mixer.mixing(torch.float64).sum(dim=1), torch.ones(H_S, dtype=torch.float64))
+    with pytest.raises(ValueError, match="convex"):
+        attn_loss_mix_kl(teacher[:, :H_S], teacher, query_mask(), HeadMixer(H_T, H_S).double())
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["raw-target", "standardised-target"])
+def test_a_student_side_regressor_maps_the_student_onto_the_fixed_teacher_features_like_a_loop(normalize):
+    student, teacher = feats(40)
+    torch.manual_seed(40)
+    regressor = VisionAdapter(D_T, D_S, side="student").double()
+    assert tuple(regressor.weight.shape) == (D_T, D_S)
+    close(vision_all_loss(student, teacher, regressor, normalize_target=normalize),
+          ref_vision_regressor(student, teacher, regressor, normalize))
+    focus = torch.rand(B, NV, generator=gen(41), dtype=torch.float64)  # all Nv tokens: the same as L_V_all
+    torch.testing.assert_close(vision_focus_loss(student, teacher, regressor, focus, NV, normalize_target=normalize),
+                               vision_all_loss(student, teacher, regressor, normalize_target=normalize))
+
+
+@pytest.mark.parametrize("placement", ["student", "teacher_frozen", "teacher"])
+def test_each_vision_placement_trains_only_what_it_says_and_keeps_all_in_the_state_dict(placement):
+    torch.manual_seed(0)
+    adapters = AlignKDAdapters(teacher_heads=H_T, student_heads=H_S, teacher_width=D_T, student_width=D_S,
+                               vision_placement=placement, head_mixer="frozen")
+    assert set(adapters.state_dict()) == {"head_mixer.weight", "vision_adapter.weight", "vision_adapter.bias"}
+    trainable = {id(p) for p in adapters.trainable()}
+    vision = {id(p) for p in adapters.vision_adapter.parameters()}
+    assert vision <= trainable if placement != "teacher_frozen" else not vision & trainable
+    assert id(adapters.head_mixer.weight) not in trainable  # frozen mixer
+    expected_side = "student" if placement == "student" else "teacher"
+    assert adapters.vision_adapter.side == expected_side
+    # The frozen mixer is the released code's random Conv2d-like init, not the head mean.
+    assert not torch.allclose(adapters.head_mixer.weight, torch.full((H_S, H_T), 1 / H_T))
+
+
+@pytest.mark.parametrize("placement", ["student", "teacher_frozen", "teacher"])
+def test_only_the_trained_teacher_side_adapter_lets_constant_student_tokens_reach_zero_loss(placement):
+    """The collapsed solution (every student token the same vector, whatever the image) is a
+    global minimum of the V loss only for the trained teacher-side adapter (weight 0, bias =
+    that vector). For the other placements the best collapsed loss is the target's variance
+    across images, above what a student that reproduces the image-dependent target reaches."""
+    torch.manual_seed(1)
+    _, teacher = feats(50)
+    adapters = AlignKDAdapters(teacher_width=D_T, student_width=D_S, vision_placement=placement)
+    adapter = adapters.vision_adapter.double()
+    constant = torch.randn(1, 1, D_S, dtype=torch.float64).expand(B, NV, D_S)
+    if placement == "teacher":  # what training the adapter can reach: W = 0, b = the constant
+        with torch.no_grad():
+            adapter.weight.zero_()
+            adapter.bias.copy_(constant[0, 0])
+        assert vision_all_loss(constant, teacher, adapter).item() < 1e-20
+        return
+    # Best case for collapse: the adapter side is fitted to the constant by least squares.
+    target = vision_target(teacher, adapter)  # (B, Nv, D): fixed for these placements
+    if placement == "student":  # Regressor(constant) is one vector: best is the target's mean
+        with torch.no_grad():
+            adapter.weight.zero_()
+            adapter.bias.copy_(target.mean(dim=(0, 1)))
+        collapsed = vision_all_loss(constant, teacher, adapter)
+        assert collapsed.item() == pytest.approx(target.var(dim=(0, 1), unbiased=False).mean().item(), rel=1e-9)
+    else:
+        best_constant = target.mean(dim=(0, 1), keepdim=True).expand_as(target)
+        collapsed = vision_all_loss(best_constant, teacher, adapter)
+    assert collapsed.item() > 0.1
+    # A student that reproduces the target (possible here: the target is fixed) reaches ~0.
+    if placement == "teacher_frozen":
+        assert vision_all_loss(target, teacher, adapter).item() < 1e-20

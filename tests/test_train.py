@@ -60,8 +60,10 @@ def test_a_killed_and_resumed_run_ends_with_the_same_weights(tiny_models, demo_d
     assert resumed.steps == 6
     logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged] == list(range(1, 7))  # every step once, the lost ones redone
-    assert [r["total"] for r in logged] == [r["total"] for r in reference]
+    # every step once (0: the diagnostics before training), the lost ones redone
+    assert [r["step"] for r in logged] == list(range(0, 7))
+    assert [r.get("total") for r in logged] == [r.get("total") for r in reference]
+    assert [r.get("grad_share_attn") for r in logged] == [r.get("grad_share_attn") for r in reference]
     a = load_file(str(tmp_path / "straight" / "export" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "export" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -83,7 +85,7 @@ def test_the_adapters_train_are_checkpointed_and_dropped_at_export(tiny_models, 
     student = load_vlm(tmp_path / "run" / "export")
     assert student.num_heads == 4
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {"sup", "logit", "attn", "v_all", "v_focus", "total", "lr", "grad_norm"} <= set(metrics[0])
+    assert {"sup", "logit", "attn", "v_all", "v_focus", "total", "lr", "grad_norm"} <= set(metrics[1])
     assert "val_loss" in metrics[-1] and "val_accuracy" in metrics[-1]
 
 
@@ -91,7 +93,7 @@ def test_switched_off_terms_are_not_computed(tiny_models, demo_data, cache, tmp_
     def boom(*a, **k):
         raise AssertionError("computed a switched-off term")
 
-    for name in ("attn_loss_mix", "vision_all_loss", "vision_focus_loss", "logit_kl"):
+    for name in ("attn_loss_mix_kl", "attn_loss_mix_mse", "vision_all_loss", "vision_focus_loss", "logit_kl"):
         monkeypatch.setattr(train_module, name, boom)
     args = _args(tiny_models, demo_data, cache, tmp_path / "ce", logit=0.0, attn=0.0, v_all=0.0, v_focus=0.0)
     result = _quiet(dataclasses.replace(args, run=dataclasses.replace(args.run, max_steps=1)))
@@ -189,6 +191,10 @@ def test_compare_prints_a_table_of_final_metrics(tiny_models, demo_data, cache, 
     lines = result.output.splitlines()
     assert lines[0].startswith("| run | terms |") and len(lines) == 4
     assert "| ce | sup |" in lines[2] and "| full | sup+logit+attn+v_all+v_focus" in lines[3]
+    assert "attn=mix_kl" in lines[3] and "V adapter=student" in lines[3]
+    header = [c.strip() for c in lines[0].split("|")]
+    full = dict(zip(header, (c.strip() for c in lines[3].split("|"))))
+    assert float(full["grad_share_attn"]) > 0 and float(full["spread_student"]) > 0
     rows = json.loads(CliRunner().invoke(main, ["compare", "--json", str(tmp_path / "full")]).output)
     assert rows[0]["step"] == 2 and rows[0]["val_accuracy"] is not None
 
@@ -230,7 +236,8 @@ def test_gradient_checkpointing_keeps_every_loss_term_and_its_gradients(tiny_mod
                             processor=StudentProcessor.of(student), template="v1", max_length=256)
         batch, teacher = ds.collate([ds[i] for i in range(4)])
         torch.manual_seed(0)
-        adapters = AlignKDAdapters(teacher_heads=8, student_heads=4, teacher_width=128, student_width=64)
+        adapters = AlignKDAdapters(teacher_heads=8, student_heads=4, teacher_width=128, student_width=64,
+                                   mixer_convex=True)
         terms = compute_losses(student, adapters, batch, teacher, LossArgs(focus_k=4))
         terms["total"].backward()
         q = student.language_model.layers[0].self_attn.q_proj.weight.grad.clone()
@@ -291,3 +298,62 @@ def test_items_kept_in_memory_are_the_same_batches_and_later_epochs_read_nothing
     kept.reader, kept.cache = Gone(), Gone()  # a second epoch must come from memory alone
     same(batches(kept, 1), batches(plain, 1))
     same(batches(kept, 2), batches(plain, 2))  # and collating did not alter what is kept
+
+
+@pytest.mark.parametrize("placement", ["student", "teacher_frozen", "teacher"])
+def test_the_vision_adapter_placement_trains_what_it_says_and_is_checkpointed(tiny_models, demo_data, cache,
+                                                                               tmp_path, placement):
+    args = _args(tiny_models, demo_data, cache, tmp_path / "run", vision_adapter=placement, head_mixer="frozen",
+                 attn_variant="mix_mse")
+    torch.manual_seed(args.run.seed)  # the seed the trainer draws the adapters' init from
+    start = train_module._adapters(load_vlm(args.student.path), build_meta(cache), args.loss).state_dict()
+    _quiet(args)
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step_000004" / "adapters.safetensors"))
+    # the student side maps D_S = 64 -> D_T = 128; the teacher side 128 -> 64
+    assert tuple(ckpt["vision_adapter.weight"].shape) == ((128, 64) if placement == "student" else (64, 128))
+    assert torch.equal(ckpt["head_mixer.weight"], start["head_mixer.weight"])  # frozen: never moved
+    moved = not torch.equal(ckpt["vision_adapter.weight"], start["vision_adapter.weight"])
+    assert moved == (placement != "teacher_frozen")
+    exported = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    assert not any("vision_adapter" in k or "head_mixer" in k for k in exported)
+
+
+def build_meta(cache):
+    from alignkd.cache.reader import CacheReader
+
+    return CacheReader(str(cache)).meta
+
+
+def test_metrics_carry_each_terms_gradient_share_and_the_vision_spread_from_step_0(tiny_models, demo_data, cache,
+                                                                                  tmp_path):
+    args = _args(tiny_models, demo_data, cache, tmp_path / "run")
+    args = dataclasses.replace(args, run=dataclasses.replace(args.run, eval_every=2))
+    _quiet(args)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in metrics if "grad_share_sup" in r]
+    assert [r["step"] for r in evaluated] == [0, 2, 4]
+    for r in evaluated:
+        shares = [r[f"grad_share_{t}"] for t in ("sup", "logit", "attn", "v_all", "v_focus")]
+        assert all(0 < s < 1 for s in shares) and sum(shares) == pytest.approx(1.0)
+        assert r["spread_student"] > 0 and r["spread_target"] > 0
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert final["grad_share_attn"] == evaluated[-1]["grad_share_attn"]
+    # Nothing the diagnostics do changes training: the same run with them measured on another
+    # schedule (only at the end) gives the same weights.
+    other = dataclasses.replace(args, run=dataclasses.replace(args.run, dir=str(tmp_path / "other"), eval_every=0))
+    _quiet(other)
+    a = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "other" / "export" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_paper_raw_mse_attention_term_draws_a_warning_that_it_is_off(tiny_models, demo_data, cache, tmp_path):
+    args = _args(tiny_models, demo_data, cache, tmp_path / "run", attn_variant="mix_mse")
+    args = dataclasses.replace(args, run=dataclasses.replace(args.run, eval_every=1))
+    said = []
+    train(args, echo=said.append, progress=False)
+    warnings = [s for s in said if s.startswith("warning: loss term attn")]
+    assert len(warnings) == 1 and "mix_kl" in warnings[0]
+    logged = [w for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              for w in json.loads(line).get("warnings", [])]
+    assert logged == warnings

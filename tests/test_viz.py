@@ -1,6 +1,8 @@
 """Pictures: the key word's rows are found in the token ids, and show-cache writes a PNG of a
 cached sample."""
 
+import json
+
 import numpy as np
 from click.testing import CliRunner
 from PIL import Image
@@ -38,3 +40,16 @@ def test_show_cache_renders_a_cached_sample(tiny_cache, demo_data, tmp_path):
         assert im.format == "PNG" and im.size[0] > 300
     missing = CliRunner().invoke(main, ["show-cache", str(tiny_cache), "nope", "--out", str(out)])
     assert missing.exit_code == 2 and "no sample 'nope'" in missing.output
+
+
+def test_curves_show_the_gradient_shares_and_the_spread_of_each_variant(tmp_path):
+    from alignkd.viz import curves_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 0, "grad_share_attn": 0.2, "grad_share_logit": 0.3, "spread_student": 0.4}]
+    records += [{"step": s, "sup": 1 / s, "attn": 0.1, "val_accuracy": 0.1 * s, "grad_share_attn": 0.2 / s,
+                 "spread_student": 0.4 / s} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = curves_figure({"alignkd": [run]}, tmp_path / "curves.png")
+    assert Image.open(out).size[0] > 1500  # ten panels, two rows of five
