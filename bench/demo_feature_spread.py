@@ -55,8 +55,8 @@ def adapter_stats(run_dir: Path, teacher_tokens: torch.Tensor) -> dict[str, floa
         return None
     state = load_file(checkpoints[-1])
     weight, bias = state.get("vision_adapter.weight"), state.get("vision_adapter.bias")
-    if weight is None:
-        return None
+    if weight is None or weight.shape[1] != teacher_tokens.shape[-1]:
+        return None  # no V term, or a student-side regressor (its target is P^T itself)
     fresh = torch.nn.Linear(weight.shape[1], weight.shape[0])
     target = _spread(teacher_tokens @ weight.float().T + (0 if bias is None else bias.float()))
     at_init = _spread(fresh(teacher_tokens))

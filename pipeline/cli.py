@@ -219,12 +219,15 @@ def _print_probe(rows, skipped, as_json: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Data and model seed.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Student runs trained at once, one thread each; 0 = one per CPU core (at most 4).")
-def demo_cmd(out: str, full: bool, seed: int, workers: int) -> None:
+@click.option("--retrain-teacher", is_flag=True,
+              help="Train the demo teacher here instead of using the committed one (about 25 minutes on 2 cores).")
+def demo_cmd(out: str, full: bool, seed: int, workers: int, retrain_teacher: bool) -> None:
     """The whole pipeline on the embedded default: synthetic data, tiny models, CPU (alignkd.demo)."""
     from alignkd.demo import DemoArgs, run_demo
 
     try:
-        run_demo(out, DemoArgs(seed=seed, full=full, workers=workers), echo=click.echo)
+        run_demo(out, DemoArgs(seed=seed, full=full, workers=workers, retrain_teacher=retrain_teacher),
+                 echo=click.echo)
     except _KNOWN_ERRORS + (RuntimeError,) as e:
         _fail(e)
 

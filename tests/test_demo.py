@@ -14,10 +14,13 @@ from alignkd.demo import QUICK, DemoArgs, run_students, run_demo
 def test_the_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     short = ["run.max_steps=3", "run.eval_every=0", "eval.max_samples=8", "data.batch_size=8"]
-    args = DemoArgs(seeds=[0, 1], n_train=48, n_val=8, n_test=16, attention_samples=2,
-                    overrides={"teacher": short, "student": short,
-                               "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
+    args = DemoArgs(seeds=[0, 1], n_train=48, n_teacher_train=64, n_val=8, n_test=16, attention_samples=2,
+                    retrain_teacher=True, overrides={"teacher": short, "student": short,
+                                                     "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
     report = run_demo(tmp_path, args, echo=lambda _: None)
+    # The teacher trained on its own, larger set, of which the students' set is the start.
+    assert len(list((tmp_path / "teacher-data" / "train").glob("*.tar"))) >= 1
+    assert _tower(tmp_path / "models" / "student") == _tower(tmp_path / "teacher" / "export")
     assert set(report["variants"]) == {name.removeprefix("student_") for name in QUICK}
     for v in report["variants"].values():
         assert v["seeds"] == 2 and 0.0 <= v["accuracy_mean"] <= 1.0
@@ -26,12 +29,44 @@ def test_the_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
     assert on_disk["variants"].keys() == report["variants"].keys()
     table = (tmp_path / "results.md").read_text()
     assert "| teacher |" in table and "| chance (uniform guess) |" in table and "images blanked" in table
+    assert "| alignkd | " in table.split("minus CE only")[1]  # the paired differences
+    for name in report["variants"]:  # each run evaluated the test split in its own process
+        for seed in args.seeds:
+            tested = json.loads((tmp_path / "runs" / f"{name}-s{seed}" / "test.json").read_text())
+            assert tested["accuracy"] == report["variants"][name]["accuracy_by_seed"][seed]
     for picture in ("curves.png", "attention.png"):
         with Image.open(tmp_path / picture) as im:
             assert im.format == "PNG"
     # a second run reuses every stage's output
     again = run_demo(tmp_path, args, echo=lambda _: None)
     assert again["variants"] == report["variants"]
+
+
+def _tower(model):
+    from safetensors.torch import load_file
+
+    return {k: v.tolist() for k, v in load_file(str(model / "model.safetensors")).items() if ".vision_tower." in k}
+
+
+def test_the_demo_uses_the_committed_teacher_unless_asked_to_retrain_it(tmp_path, monkeypatch):
+    import alignkd.demo as demo
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    short = ["run.max_steps=2", "run.eval_every=0", "eval.max_samples=4", "data.batch_size=8"]
+    # A stand-in for the committed checkpoint: a teacher of the same shapes whose tower differs
+    # from the freshly written tiny models' (as the trained one does).
+    from alignkd.models.tiny import write_tiny_models
+
+    asset = write_tiny_models(tmp_path / "asset", family="mobilevlm", tokenizer="word", seed=7)["teacher"]
+    monkeypatch.setattr(demo, "DEMO_TEACHER", asset)
+    monkeypatch.setattr(demo, "QUICK", ("student_ce",))
+    args = DemoArgs(seeds=[0], n_train=16, n_val=4, n_test=8, attention_samples=1,
+                    overrides={"teacher": short, "student": short,
+                               "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
+    run_demo(tmp_path / "out", args, echo=lambda _: None)
+    out = tmp_path / "out"
+    assert not (out / "teacher" / "checkpoints").exists() and not (out / "teacher-data").exists()  # not trained
+    assert _tower(out / "teacher" / "export") == _tower(asset) == _tower(out / "models" / "student")
 
 
 def _finals(out):
@@ -49,8 +84,8 @@ def test_students_trained_in_parallel_equal_those_trained_one_after_another(tmp_
     not depend on how many ran at once."""
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     short = ["run.max_steps=4", "run.eval_every=0", "eval.max_samples=8", "data.batch_size=8"]
-    args = DemoArgs(seeds=[0, 1], n_train=48, n_val=8, n_test=16, attention_samples=1, workers=2,
-                    overrides={"teacher": short, "student": short,
+    args = DemoArgs(seeds=[0, 1], n_train=48, n_teacher_train=48, n_val=8, n_test=16, attention_samples=1, workers=2,
+                    retrain_teacher=True, overrides={"teacher": short, "student": short,
                                "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
     run_demo(tmp_path, args, echo=lambda _: None)
     parallel = _finals(tmp_path)
@@ -73,3 +108,15 @@ def test_a_failing_student_run_stops_the_demo_naming_its_job_and_folder(tmp_path
     with pytest.raises(RuntimeError, match=r"train-student student_(ce|alignkd) -> .*runs.* failed: .*no-cache"):
         list(run_students(todo, workers=2))
     assert not list(tmp_path.glob("runs/*/final.json"))
+
+
+def test_paired_differences_give_the_t_interval_of_the_mean_per_seed_difference():
+    from alignkd.demo import paired_difference
+
+    d = paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.5])  # differences 0.1, 0.2, 0.2
+    sd = (((0.1 - 0.5 / 3) ** 2 + 2 * (0.2 - 0.5 / 3) ** 2) / 2) ** 0.5
+    half = 4.303 * sd / 3**0.5  # t(0.975, 2 degrees of freedom)
+    assert d["mean"] == pytest.approx(0.5 / 3) and d["std"] == pytest.approx(sd)
+    assert (d["ci95_low"], d["ci95_high"]) == pytest.approx((0.5 / 3 - half, 0.5 / 3 + half))
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([0.1], [0.1, 0.2])
