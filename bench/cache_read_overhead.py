@@ -74,9 +74,8 @@ def main() -> None:
 
     from alignkd.cache.reader import CacheReader
     from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
-    from alignkd.losses import AlignKDAdapters
     from alignkd.models import load_vlm
-    from alignkd.train import LossArgs, compute_losses
+    from alignkd.train import LossArgs, build_adapters, compute_losses
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -84,9 +83,8 @@ def main() -> None:
     meta = CacheReader(out / "cache").meta
     memory = _Timed(_Preloaded(CacheReader(out / "cache")))
     loss = LossArgs(focus_k=min(4, meta.num_vision_tokens))
-    adapters = AlignKDAdapters(teacher_heads=meta.teacher.num_heads, student_heads=student.num_heads,
-                               teacher_width=meta.teacher.hidden_size, student_width=student.hidden_size)
-    opt = torch.optim.AdamW(list(student.parameters()) + list(adapters.parameters()), lr=1e-4)
+    adapters = build_adapters(student, meta, loss)
+    opt = torch.optim.AdamW(list(student.parameters()) + adapters.trainable(), lr=1e-4)
 
     def dataset(source) -> DistillDataset:
         return DistillDataset(shards=str(out / "data" / "train"), cache=source, processor=StudentProcessor.of(student),

@@ -219,14 +219,13 @@ def sizes(meta: Any, records: list, caches: dict) -> dict[str, Any]:
 def student_and_adapters(src: Source, meta: Any, device: str):
     import torch
     from alignkd.checkpoint import checkpoint_dirs
-    from alignkd.losses import AlignKDAdapters
+    from alignkd.train import LossArgs, build_adapters
     from alignkd.models import load_vlm
     from safetensors.torch import load_file
 
     student = load_vlm(src.student, device=device).eval()
     torch.manual_seed(0)
-    adapters = AlignKDAdapters(teacher_heads=meta.teacher.num_heads, student_heads=student.num_heads,
-                               teacher_width=meta.teacher.hidden_size, student_width=student.hidden_size)
+    adapters = build_adapters(student, meta, LossArgs())  # every term on, the default placement and variant
     trained = "random (seed 0)"
     if src.run_dir is not None and checkpoint_dirs(src.run_dir):
         last = checkpoint_dirs(src.run_dir)[-1]

@@ -81,9 +81,8 @@ def child(args: argparse.Namespace, work: C.Workdir, mode: str) -> dict:
     import torch
     from alignkd.cache.reader import CacheReader
     from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
-    from alignkd.losses import AlignKDAdapters
     from alignkd.models import load_vlm
-    from alignkd.train import LossArgs, compute_losses
+    from alignkd.train import LossArgs, build_adapters, compute_losses
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(args.threads)
@@ -96,11 +95,10 @@ def child(args: argparse.Namespace, work: C.Workdir, mode: str) -> dict:
     meta = cache.meta
     dataset = DistillDataset(shards=str(work.train), cache=cache if mode == "cached" else None,
                              processor=StudentProcessor.of(student), template="plain", max_length=p.max_length)
-    adapters = AlignKDAdapters(teacher_heads=meta.teacher.num_heads, student_heads=student.num_heads,
-                               teacher_width=meta.teacher.hidden_size, student_width=student.hidden_size).to(device)
-    params = [q for q in student.parameters() if q.requires_grad] + list(adapters.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5)
     loss = LossArgs(focus_k=p.focus_k)
+    adapters = build_adapters(student, meta, loss).to(device)
+    params = [q for q in student.parameters() if q.requires_grad] + adapters.trainable()
+    opt = torch.optim.AdamW(params, lr=1e-5)
     bf16 = args.dtype == "bfloat16"
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     loader = DataLoader(dataset, batch_size=p.batch_size, sampler=EpochSampler(len(dataset), seed=0),

@@ -75,7 +75,8 @@ from alignkd.models import ModelArgs, load_model
 from alignkd.models.base import VLM, VLMBatch
 from alignkd.progress import progress_bar
 
-__all__ = ["OptimArgs", "LossArgs", "RunArgs", "TrainArgs", "train", "compute_losses", "verify_cache", "TERMS"]
+__all__ = ["OptimArgs", "LossArgs", "RunArgs", "TrainArgs", "train", "compute_losses", "build_adapters", "verify_cache",
+           "TERMS"]
 
 TERMS = ("sup", "logit", "attn", "v_all", "v_focus")
 
@@ -278,7 +279,9 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
 
 
 # --- 2. modules and optimiser -----------------------------------------------------------------
-def _adapters(student: VLM, cache_meta: Any, loss: LossArgs) -> AlignKDAdapters:
+def build_adapters(student: VLM, cache_meta: Any, loss: LossArgs) -> AlignKDAdapters:
+    """The Align-KD adapters a job needs for this student and cache, as the trainer builds them
+    (drawn from torch's global generator: seed it first)."""
     mix = loss.attn > 0 and loss.attn_variant != "mean"
     vis = loss.v_all > 0 or loss.v_focus > 0
     return AlignKDAdapters(
@@ -396,7 +399,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
 
     # 2. modules
     device = student.device
-    adapters = (_adapters(student, cache.meta, args.loss) if cache is not None else AlignKDAdapters()).to(device)
+    adapters = (build_adapters(student, cache.meta, args.loss) if cache is not None else AlignKDAdapters()).to(device)
     optimizer = _optimizer(student, adapters, args.optim)
     scheduler = _schedule(optimizer, total, args.optim.warmup_ratio)
     use_bf16 = args.run.autocast == "bf16" or (args.run.autocast == "auto" and device.type == "cuda")

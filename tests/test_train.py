@@ -306,7 +306,7 @@ def test_the_vision_adapter_placement_trains_what_it_says_and_is_checkpointed(ti
     args = _args(tiny_models, demo_data, cache, tmp_path / "run", vision_adapter=placement, head_mixer="frozen",
                  attn_variant="mix_mse")
     torch.manual_seed(args.run.seed)  # the seed the trainer draws the adapters' init from
-    start = train_module._adapters(load_vlm(args.student.path), build_meta(cache), args.loss).state_dict()
+    start = train_module.build_adapters(load_vlm(args.student.path), build_meta(cache), args.loss).state_dict()
     _quiet(args)
     ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step_000004" / "adapters.safetensors"))
     # the student side maps D_S = 64 -> D_T = 128; the teacher side 128 -> 64

@@ -7,7 +7,7 @@ The demo and the tests use them exactly as a user uses real checkpoints: they ar
     teacher = load_vlm(paths["teacher"])
 
 Shapes keep the real pairs' relations at toy scale: the teacher is wider and deeper than the
-student and has twice its heads (so the `mix` attention variant has work to do), and both
+student and has twice its heads (so the head mixer of the `mix_*` attention variants has work to do), and both
 share one CLIP tower, as MobileVLM V2 7B and 1.7B do.
 """
 
