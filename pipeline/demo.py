@@ -308,11 +308,8 @@ def keyword_attention_ratio(model: Path, split_dir: Path, max_questions: int = 2
     of the keyword's rows over the 9 vision tokens, renormalised to sum to 1, at the answer's
     token, times 9. 1.0 is uniform; 9.0 is all on the answer's cell. {"ratio": mean over
     questions, "questions": how many}."""
-    import torch
-
-    from alignkd.data.batching import make_batch
     from alignkd.data.shards import read_samples
-    from alignkd.viz import attention_map, keyword_rows
+    from alignkd.viz import attention_map
 
     vlm = load_vlm(model)
     vlm.eval()
@@ -320,21 +317,33 @@ def keyword_attention_ratio(model: Path, split_dir: Path, max_questions: int = 2
                if s.meta.get("task") in ("colour", "shape") and len(s.meta.get("target_cells", [])) == 1]
     samples = samples[:max_questions]
     ratios = []
-    with torch.no_grad():
-        for lo in range(0, len(samples), 32):
-            chunk = samples[lo : lo + 32]
-            batch, _ = make_batch(vlm, chunk, template="v1", max_length=512)
-            probs = vlm(batch, tap_layers=(0,)).blocks[0].probs.float().numpy()  # (B, H, Lq, Nv)
-            for i, s in enumerate(chunk):
-                vision_end = int(batch.vision_start[i]) + batch.num_vision_tokens
-                rows = keyword_rows(batch.input_ids[i].numpy(), vision_end, s.meta["keyword"], vlm.tokenizer)
-                if not rows:
-                    continue
-                amap = attention_map(probs[i], rows)
-                (row, col), = s.meta["target_cells"]
-                grid = int(round(amap.size ** 0.5))
-                ratios.append(float(amap[row * grid + col] / max(amap.sum(), 1e-12) * amap.size))
+    for lo in range(0, len(samples), 32):
+        chunk = samples[lo : lo + 32]
+        for s, (block, rows) in zip(chunk, _keyword_blocks(vlm, chunk)):
+            if not rows:
+                continue
+            amap = attention_map(block, rows)
+            (row, col), = s.meta["target_cells"]
+            grid = int(round(amap.size ** 0.5))
+            ratios.append(float(amap[row * grid + col] / max(amap.sum(), 1e-12) * amap.size))
     return {"ratio": statistics.fmean(ratios) if ratios else float("nan"), "questions": len(ratios)}
+
+
+def _keyword_blocks(vlm: Any, samples: list) -> list[tuple[Any, list[int]]]:
+    """Per sample, its layer-0 text x vision block (H, Lq, Nv) as numpy and the rows of its
+    question's key word (empty when the record has none or it does not occur), from one
+    batched forward."""
+    import torch
+
+    from alignkd.data.batching import make_batch
+    from alignkd.viz import keyword_rows
+
+    batch, _ = make_batch(vlm, samples, template="v1", max_length=512)
+    with torch.no_grad():
+        probs = vlm(batch, tap_layers=(0,)).blocks[0].probs.float().numpy()
+    return [(probs[i], keyword_rows(batch.input_ids[i].numpy(), int(batch.vision_start[i]) + batch.num_vision_tokens,
+                                    s.meta.get("keyword"), vlm.tokenizer))
+            for i, s in enumerate(samples)]
 
 
 def _report(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoArgs) -> dict[str, Any]:
@@ -346,7 +355,7 @@ def _report(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoArg
     chance = sum(CHANCE.get(k, 0) * v for k, v in per_task_n.items()) / max(1, sum(per_task_n.values()))
     variants = {}
     for variant, dirs in runs.items():
-        accs = [split_result(d / "export", out / "data" / "test", d / "test.json") for d in dirs]
+        accs = [split_result(d / "export", test, d / "test.json") for d in dirs]
         values = [a["accuracy"] for a in accs]
         variants[variant] = {
             "seeds": len(values),
@@ -423,9 +432,8 @@ def _markdown(r: dict[str, Any]) -> str:
 
 
 def _pictures(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoArgs) -> None:
-    from alignkd.data.batching import make_batch
     from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
-    from alignkd.viz import attention_figure, attention_map, curves_figure, keyword_rows
+    from alignkd.viz import attention_figure, attention_map, curves_figure
 
     curves_figure(runs, out / "curves.png")
     models = {"teacher": load_vlm(teacher)}
@@ -446,11 +454,7 @@ def _pictures(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoA
     for s in samples:
         maps = []
         for title, vlm in models.items():
-            batch, _ = make_batch(vlm, [s], template="v1", max_length=512)
-            block = vlm(batch, tap_layers=(0,)).blocks[0].probs[0].detach().numpy()
-            ids = batch.input_ids[0].numpy()
-            picked = keyword_rows(ids, int(batch.vision_start[0]) + batch.num_vision_tokens, s.meta.get("keyword"),
-                                  vlm.tokenizer)
+            (block, picked), = _keyword_blocks(vlm, [s])
             maps.append((title, attention_map(block, picked)))
         question = s.conversations[0]["value"].replace("<image>", "").strip()
         rows.append((s.image, f"{question} ({s.meta.get('answer')})", maps))

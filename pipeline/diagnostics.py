@@ -44,7 +44,7 @@ def gradient_report(terms: dict[str, torch.Tensor], weights: dict[str, float],
     (retain_graph), the parameters' .grad is not touched."""
     norms: dict[str, float] = {}
     names = [n for n in terms if n != "total" and weights.get(n, 0) > 0]
-    for i, name in enumerate(names):
+    for name in names:
         grads = torch.autograd.grad(weights[name] * terms[name], params, retain_graph=True, allow_unused=True)
         squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
         norms[name] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0

@@ -424,8 +424,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     watch = Watch()
     if procs.main:
         # Lines a killed run logged past its checkpoint (all of them if it wrote none).
-        _drop_metrics_after(run_dir / "metrics.jsonl", step if step else -1)
-        watch.replay(_read_metrics(run_dir / "metrics.jsonl"))
+        watch.replay(_drop_metrics_after(run_dir / "metrics.jsonl", step if step else -1))
         # The diagnostics' fixed batch: the first samples of the training set, every time.
         probe = dataset.collate([dataset[i] for i in range(min(len(dataset), args.data.batch_size))])
 
@@ -543,17 +542,15 @@ def _diagnose(student: VLM, adapters: AlignKDAdapters, probe: tuple[VLMBatch, An
     return found
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
+def _drop_metrics_after(path: Path, step: int) -> list[dict[str, Any]]:
+    """Remove the lines logged after `step`; the records kept, in order."""
     if not path.is_file():
-        return
+        return []
     lines = path.read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
+    return [json.loads(line) for line in kept]
 
 
 def _eval(student: VLM, args: TrainArgs) -> dict[str, Any]:

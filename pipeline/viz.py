@@ -95,6 +95,8 @@ def curves_figure(runs: dict[str, list[str | Path]], out: str | Path) -> Path:
     """Each loss term, validation accuracy, each distillation term's share of the student's
     gradient and the spread of the student's vision tokens over steps (alignkd.diagnostics);
     one line per variant (seed mean)."""
+    from alignkd.diagnostics import MIN_SHARE
+
     plt = _plt()
     metrics = ("sup", "logit", "attn", "v_all", "v_focus", "val_accuracy",
                "grad_share_logit", "grad_share_attn", "grad_share_v_all", "spread_student")
@@ -116,7 +118,7 @@ def curves_figure(runs: dict[str, list[str | Path]], out: str | Path) -> Path:
         if metric in ("sup", "logit", "attn", "v_all", "v_focus"):
             ax.set_yscale("log")
         elif metric.startswith("grad_share_"):
-            ax.axhline(0.01, color="grey", lw=0.8, ls="--")  # under this a term is as good as off
+            ax.axhline(MIN_SHARE, color="grey", lw=0.8, ls="--")  # under this a term is as good as off
             ax.set_ylim(0, 1)
     axes.flat[5].legend(fontsize=8)
     fig.tight_layout()
