@@ -19,7 +19,7 @@ import torch
 
 from alignkd.data.batching import make_batch
 from alignkd.data.shards import read_samples
-from alignkd.models.base import VLM, VLMBatch
+from alignkd.models.base import VLM, GenerationSettings, VLMBatch
 
 __all__ = ["EvalArgs", "evaluate_model", "greedy_answers", "normalise_answer"]
 
@@ -44,32 +44,10 @@ def _batch(vlm: VLM, samples: list, *, template: str, max_length: int, for_gener
                       padding_side="left" if for_generation else "right")[0]
 
 
-@torch.no_grad()
 def greedy_answers(vlm: VLM, batch: VLMBatch, max_new_tokens: int) -> list[str]:
-    """Greedy decoding from left-padded prompts (full recompute per token: answers are short)."""
-    eos = vlm.tokenizer.eos_token_id
-    ids, mask = batch.input_ids, batch.attention_mask
-    pixel_values = batch.pixel_values
-    new = []
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        step = VLMBatch(keys=batch.keys, input_ids=ids, attention_mask=mask, response_mask=torch.zeros_like(mask).bool(),
-                        vision_start=batch.vision_start, num_vision_tokens=batch.num_vision_tokens,
-                        pixel_values=pixel_values)
-        hidden = vlm(step).hidden[:, -1]
-        token = vlm.logits(hidden).argmax(-1)
-        token = torch.where(done, torch.full_like(token, eos), token)
-        new.append(token)
-        done |= token == eos
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if bool(done.all()):
-            break
-    out = []
-    for row in torch.stack(new, dim=1).tolist():
-        row = row[: row.index(eos)] if eos in row else row
-        out.append(vlm.tokenizer.decode(row, skip_special_tokens=True))
-    return out
+    """Greedy answers to left-padded prompts, decoded to text (`VLM.generate`, KV cache)."""
+    rows = vlm.generate(batch, GenerationSettings(max_new_tokens=max_new_tokens))
+    return [vlm.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
 @torch.no_grad()

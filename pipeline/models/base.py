@@ -19,6 +19,7 @@ N_v copies by the template, so the block can sit anywhere in the sequence.
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,12 +27,13 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 from torch import nn
+from transformers import DynamicCache
 
 from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
 
 __all__ = [
     "IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "pad_to_square", "preprocess_images",
-    "clip_patch_features",
+    "clip_patch_features", "GenerationSettings",
 ]
 
 IMAGE_TOKEN = -200
@@ -86,6 +88,51 @@ class VLMOutput:
     blocks: dict[int, TextVisionBlock]
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How `VLM.generate` picks tokens. The defaults are greedy decoding.
+
+    do_sample: sample from the softmax of logits / temperature, restricted to the top_k most
+        likely tokens (0: all) and to the smallest set whose probability reaches top_p.
+    stop_strings: a row ends once its decoded text contains any of them (the ids up to and
+        including the token that completed it are kept; cut the text at the string).
+    """
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None  # a torch.Generator seed for sampling; None: the global generator
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids, by argmax or by sampling under `settings`."""
+    if not settings.do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / settings.temperature
+    if settings.top_k:
+        kth = logits.topk(min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= settings.top_p  # the tokens ranked above already hold top_p
+        logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
 def pad_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image.Image:
     """Pad to a centred square with `fill` (the processor's mean colour, 0..1), as MobileVLM's `pad`."""
     w, h = image.size
@@ -108,9 +155,25 @@ def preprocess_images(images: list[Image.Image], image_processor: Any, pad_image
 
 
 def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> torch.Tensor:
-    """CLIP features of one hidden layer (MobileVLM and LLaVA-1.5 both take layer -2), CLS dropped."""
-    out = tower(pixel_values, output_hidden_states=True, return_dict=True)
-    feats = out.hidden_states[layer]
+    """CLIP features of one hidden layer (MobileVLM and LLaVA-1.5 both take layer -2), CLS dropped.
+
+    Only the layers up to `layer` run: the ones after it (and the final norm) would be thrown
+    away. That is one layer of CLIP ViT-L's 24, and half of the demo's 2-layer toy tower.
+    Towers without CLIP's module layout run whole.
+    """
+    vision = getattr(tower, "vision_model", tower)  # transformers 5 flattened CLIPVisionModel
+    parts = [getattr(vision, name, None) for name in ("embeddings", "pre_layrnorm", "encoder")]
+    layers = getattr(parts[2], "layers", None)
+    if None in parts or layers is None:
+        out = tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[layer]
+    else:
+        n = len(layers)
+        if not -(n + 1) <= layer <= n:
+            raise ModelError(f"vision feature layer {layer} is out of range for a {n}-layer tower")
+        feats = parts[1](parts[0](pixel_values))  # hidden_states[0]
+        for block in layers[: layer % (n + 1)]:  # hidden_states[i] is the output of block i-1
+            feats = block(feats, None)
     return feats[:, 1:] if drop_cls else feats
 
 
@@ -225,6 +288,52 @@ class VLM(nn.Module, abc.ABC):
             for layer in tap_layers
         }
         return VLMOutput(hidden=out.last_hidden_state, vision_features=feats, blocks=blocks)
+
+    @torch.no_grad()
+    def generate(self, batch: VLMBatch, settings: GenerationSettings | None = None) -> list[list[int]]:
+        """New token ids per row of a left-padded prompt batch (see `templates.make_batch`'s
+        `for_generation`), without the end-of-sequence token.
+
+        One forward over the prompts (images encoded once), then one token per step against
+        the decoder's key/value cache. Rows stop at the tokenizer's eos, at a stop string, or
+        after settings.max_new_tokens.
+        """
+        settings = settings or GenerationSettings()
+        if batch.attention_mask[:, -1].eq(0).any():
+            raise ModelError(f"batch {batch.keys[:3]}...: generate needs left-padded prompts (a row ends in padding)")
+        generator = None
+        if settings.do_sample and settings.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        eos = self.tokenizer.eos_token_id
+        mask = batch.attention_mask
+        embeds, _ = self.inputs_embeds(batch)
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`
+        name = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
+        cache = {name: DynamicCache(config=self.text_config)}  # filled in place by each forward
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                                  **cache)
+        last = positions[:, -1:]
+        rows: list[list[int]] = [[] for _ in range(mask.shape[0])]
+        live = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+        for step in range(settings.max_new_tokens):
+            tokens = _next_tokens(self.logits(out.last_hidden_state[:, -1]), settings, generator)
+            for i in live.nonzero()[:, 0].tolist():
+                token = int(tokens[i])
+                if token == eos:
+                    live[i] = False
+                    continue
+                rows[i].append(token)
+                if settings.stop_strings:
+                    text = self.tokenizer.decode(rows[i], skip_special_tokens=True)
+                    live[i] = not any(stop in text for stop in settings.stop_strings)
+            if not live.any() or step == settings.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            last = last + 1
+            out = self.language_model(inputs_embeds=self.embed(tokens[:, None]), attention_mask=mask,
+                                      position_ids=last, use_cache=True, **cache)
+        return rows
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for any (..., D) selection of hidden states; never the whole (B, T, V) unless asked."""

@@ -317,6 +317,27 @@ def test_projector_output_is_what_the_first_hidden_state_holds_at_vision_positio
     torch.testing.assert_close(hidden0[text], vlm.language_model.embed_tokens(batch.input_ids[text]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layer", [-1, -2, 0, 1, 2])
+def test_tower_features_stop_at_the_selected_layer_with_the_full_towers_values(layer):
+    """clip_patch_features runs only the layers up to `layer`; what it returns must be
+    exactly the full tower's hidden_states[layer] (the layer the authors' code reads)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from alignkd.models.base import clip_patch_features
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, image_size=32, patch_size=8)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        full = tower(pixels, output_hidden_states=True).hidden_states[layer]
+        torch.testing.assert_close(clip_patch_features(tower, pixels, layer, drop_cls=False), full, rtol=0, atol=0)
+        torch.testing.assert_close(clip_patch_features(tower, pixels, layer, drop_cls=True), full[:, 1:],
+                                   rtol=0, atol=0)
+    with pytest.raises(ModelError, match="out of range"):
+        clip_patch_features(tower, pixels, 3, drop_cls=True)
+
+
 def test_tapped_sdpa_forward_matches_eager_attention(vlm, tmp_path, images):
     vlm.save_pretrained(tmp_path / "m")
     eager = MobileVLM.from_pretrained(tmp_path / "m", attn_implementation="eager")
