@@ -46,7 +46,7 @@ from alignkd.evaluate import EvalArgs, evaluate_model
 from alignkd.models import load_vlm
 from alignkd.models.tiny import write_tiny_models
 
-__all__ = ["JOBS_DIR", "DemoArgs", "paired_difference", "run_demo", "run_students", "split_eval", "split_result"]
+__all__ = ["JOBS_DIR", "DemoArgs", "exit_with_parent", "paired_difference", "run_demo", "run_students", "split_eval", "split_result"]
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "demo"
 # The demo teacher, trained once by `alignkd demo --retrain-teacher` (jobs/demo/teacher.toml on
@@ -175,7 +175,8 @@ def run_students(todo: list[tuple[str, Path, list[str]]], workers: int = 0,
             yield name, run_dir
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads / Ray
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_student, name, run_dir, overrides, evaluate_on): (name, run_dir)
                    for name, run_dir, overrides in todo}
         try:
@@ -186,6 +187,20 @@ def run_students(todo: list[tuple[str, Path, list[str]]], workers: int = 0,
             for future in futures:
                 future.cancel()
             raise
+
+
+def exit_with_parent(parent: int, every_s: float = 0.5) -> None:
+    """A worker process's initializer: end the worker once `parent` is gone (a SIGTERM or
+    SIGKILL to the demo leaves no orphaned student runs training on; Ctrl-C reaches the whole
+    process group anyway). The interrupted run resumes from its last checkpoint."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _distill_terms(name: str, overrides: list[str]) -> int:
@@ -336,7 +351,7 @@ def _keyword_blocks(vlm: Any, samples: list) -> list[tuple[Any, list[int]]]:
     import torch
 
     from alignkd.data.batching import make_batch
-    from alignkd.viz import keyword_rows
+    from alignkd.data.batching import keyword_rows
 
     batch, _ = make_batch(vlm, samples, template="v1", max_length=512)
     with torch.no_grad():

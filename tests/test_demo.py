@@ -120,3 +120,42 @@ def test_paired_differences_give_the_t_interval_of_the_mean_per_seed_difference(
     assert (d["ci95_low"], d["ci95_high"]) == pytest.approx((0.5 / 3 - half, 0.5 / 3 + half))
     with pytest.raises(ValueError, match="equally long"):
         paired_difference([0.1], [0.1, 0.2])
+
+
+@pytest.mark.fault
+def test_student_workers_end_when_the_demo_is_killed(tmp_path):
+    """SIGTERM (or SIGKILL) to the demo process must not leave its worker processes training
+    on: each worker watches its parent (demo.exit_with_parent, the pool's initializer)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from alignkd.demo import exit_with_parent\n"
+        "if __name__ == '__main__':\n"
+        "    ctx = multiprocessing.get_context('spawn')\n"
+        "    with ProcessPoolExecutor(2, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:\n"
+        "        pids = [pool.submit(os.getpid).result() for _ in range(4)]\n"
+        "        pool.submit(time.sleep, 120)\n"
+        "        print(' '.join(map(str, sorted(set(pids)))), flush=True)\n"
+        "        time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert workers
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [p for p in workers if os.path.exists(f"/proc/{p}") and
+                     "zombie" not in open(f"/proc/{p}/status").read().lower()]
+        assert not alive, f"workers {alive} outlived the killed demo"
+    finally:
+        parent.kill()
