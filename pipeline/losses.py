@@ -57,6 +57,7 @@ __all__ = [
     "vision_spread",
     "AlignKDAdapters",
     "focus_scores",
+    "grounding_loss",
 ]
 
 
@@ -432,6 +433,30 @@ def attn_loss_mean(
     t_mean = teacher.detach().to(dtype)
     t_rows = (t_mean.mean(dim=1) if teacher.dim() == 4 else t_mean)[query_mask]
     return _vision_row_kl(t_rows, s_rows, eps).mean()
+
+
+def grounding_loss(block: torch.Tensor, rows: torch.Tensor, cells: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Not an Align-KD term: supervision that teaches a model WHERE to look, used only to train
+    the demo's teacher (whose shallow-layer alignment a 7B teacher gets from scale).
+
+    block  (B, H, Lq, Nv)  attention probs, text x vision, of the tapped layer
+    rows   (B, Lq)         bool, the question's key-word rows
+    cells  (B, Nv)         bool, the vision tokens that answer it
+    returns ()             mean over samples with both of -log(share of the head- and
+                           row-mean vision attention that falls on `cells`); 0.0 if none
+    """
+    _check_block(block, "block", "H")
+    b, _, lq, nv = block.shape
+    _check_mask(rows, "rows", (b, lq))
+    _check_mask(cells, "cells", (b, nv))
+    used = rows.any(1) & cells.any(1)
+    if not bool(used.any()):
+        return _zero(block)
+    dtype = _compute_dtype(block)
+    heads = block.to(dtype).mean(dim=1)  # (B, Lq, Nv)
+    picked = (heads * rows[..., None]).sum(1) / rows.sum(1, keepdim=True).clamp_min(1)  # (B, Nv)
+    share = (picked * cells).sum(-1) / picked.sum(-1).clamp_min(eps)
+    return -torch.log(share[used] + eps).mean()
 
 
 def focus_scores(teacher_block: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:

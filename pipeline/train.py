@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader
 
 from alignkd.config import to_dict
 from alignkd.data import DataArgs
+from alignkd.data.batching import grounding_targets
 from alignkd.diagnostics import Watch, gradient_report, spread_report
 from alignkd.distributed import Procs, process_seed
 from alignkd.evaluate import EvalArgs, evaluate_model
@@ -65,6 +66,7 @@ from alignkd.losses import (
     attn_loss_mean,
     attn_loss_mix_kl,
     attn_loss_mix_mse,
+    grounding_loss,
     logit_kl,
     sup_loss,
     vision_all_loss,
@@ -110,6 +112,11 @@ class LossArgs:
                     the released code effectively ran), "teacher" (the same, trained with the
                     student: collapses, kept for comparison); alignkd.losses.VisionAdapter
     vision_target_norm  standardise each target token over its channels before the V MSE
+    ground          NOT Align-KD, for the demo's teacher only: -log of the tapped layer's
+                    head-mean attention share, from the question's key word, on the cells
+                    that answer it (records' `keyword` / `target_cells`); a toy teacher has
+                    no reason to align its first layer, a 7B one does (ALIGN_KD.md). A
+                    student trained with it would see labels its cache is meant to replace.
     """
 
     sup: float = 1.0
@@ -117,6 +124,7 @@ class LossArgs:
     attn: float = 1.0
     v_all: float = 1.0
     v_focus: float = 1.0
+    ground: float = 0.0
     attn_variant: Literal["mix_kl", "mix_mse", "mean"] = "mix_kl"
     head_mixer: Literal["trained", "frozen"] = "trained"
     vision_adapter: Literal["student", "teacher_frozen", "teacher"] = "student"
@@ -235,7 +243,7 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
     """Each enabled term (unweighted) and "total" (weighted sum). Disabled terms are skipped.
     `keep`, when given, receives "student_vision" (P^S of the samples with an image) and, with
     a V term on, "vision_target" (what the V MSE holds them to), for the diagnostics."""
-    tap = (loss.attn_layer,) if loss.attn > 0 else ()
+    tap = (loss.attn_layer,) if loss.attn > 0 or loss.ground > 0 else ()
     out = student(batch, tap_layers=tap)
     terms: dict[str, torch.Tensor] = {}
     if loss.sup > 0 or loss.logit > 0:
@@ -261,6 +269,11 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
             terms["attn"] = attn_loss_mix_mse(block.probs, t_block, block.query_mask, adapters.head_mixer)
         else:
             terms["attn"] = attn_loss_mean(block.probs, t_block, block.query_mask)
+    if loss.ground > 0:
+        block = out.blocks[loss.attn_layer]
+        rows, cells = grounding_targets(batch, student.tokenizer, block.probs.shape[-2])
+        terms["ground"] = grounding_loss(block.probs, rows.to(block.query_mask.device) & block.query_mask,
+                                         cells.to(block.query_mask.device))
     if loss.v_all > 0 or loss.v_focus > 0:
         mask = teacher.image_mask
         s_feats, t_feats = out.vision_features, teacher.vision_features[mask]

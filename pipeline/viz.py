@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["keyword_rows", "attention_map", "attention_figure", "curves_figure", "show_cache"]
+__all__ = ["attention_map", "attention_figure", "curves_figure", "show_cache"]
 
 
 def _plt():
@@ -29,19 +29,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def keyword_rows(input_ids: np.ndarray, vision_end: int, keyword: str | None, tokenizer: Any) -> list[int]:
-    """Row indices (relative to vision_end) of the keyword's tokens in the text after the image;
-    empty when there is no keyword or it does not occur."""
-    if not keyword:
-        return []
-    target = [i for i in tokenizer(keyword, add_special_tokens=False)["input_ids"]]
-    text = list(input_ids[vision_end:])
-    for start in range(len(text) - len(target), -1, -1):  # the last occurrence: the question's
-        if text[start : start + len(target)] == target:
-            return list(range(start, start + len(target)))
-    return []
 
 
 def attention_map(block: np.ndarray, rows: list[int]) -> np.ndarray:
@@ -145,6 +132,7 @@ def show_cache(cache_path: str | Path, key: str, out: str | Path, *, data: str |
         raise ValueError(f"sample {key} has no image to draw on")
     sig = cache.get(key)
     layer = meta.layers[0]
+    from alignkd.data.batching import keyword_rows
     from alignkd.models import describe_checkpoint
 
     # The keyword's token ids need the teacher's tokenizer; without it, fall back to all text rows.

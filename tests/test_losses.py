@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from alignkd.losses import (
+    grounding_loss,
     AlignKDAdapters,
     HeadMixer,
     VisionAdapter,
@@ -708,3 +709,50 @@ def test_only_the_trained_teacher_side_adapter_lets_constant_student_tokens_reac
     # A student that reproduces the target (possible here: the target is fixed) reaches ~0.
     if placement == "teacher_frozen":
         assert vision_all_loss(target, teacher, adapter).item() < 1e-20
+
+
+# --- the demo teacher's grounding supervision -------------------------------------------------
+def _rows_block(b=3, h=2, lq=5, nv=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, h, lq, nv + 4, generator=g).softmax(-1)[..., :nv]  # rows over more keys than the image
+
+
+def test_grounding_loss_matches_a_loop_over_samples():
+    block = _rows_block()
+    rows = torch.tensor([[0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    cells = torch.zeros(3, 9, dtype=torch.bool)
+    cells[0, [2, 5]] = True
+    cells[1, 0] = True
+    cells[2, 4] = True  # no key-word row: left out
+    expected = []
+    for i in range(2):
+        picked = block[i].mean(0)[rows[i]].mean(0)
+        expected.append(-math.log(float(picked[cells[i]].sum() / picked.sum())))
+    assert float(grounding_loss(block, rows, cells)) == pytest.approx(sum(expected) / 2, rel=1e-6)
+
+
+def test_grounding_loss_is_zero_on_the_answer_and_log_nv_when_uniform():
+    rows = torch.ones(1, 4, dtype=torch.bool)
+    cells = torch.zeros(1, 9, dtype=torch.bool)
+    cells[0, 3] = True
+    on = torch.zeros(1, 2, 4, 9)
+    on[..., 3] = 0.6  # 0.6 of each row on the image, all of it on the answer's cell
+    assert float(grounding_loss(on, rows, cells)) == pytest.approx(0.0, abs=1e-6)
+    uniform = torch.full((1, 2, 4, 9), 0.05)
+    assert float(grounding_loss(uniform, rows, cells)) == pytest.approx(math.log(9), rel=1e-6)
+
+
+def test_grounding_loss_pulls_attention_onto_the_answer_and_is_zero_without_rows():
+    block = _rows_block().requires_grad_(True)
+    rows = torch.zeros(3, 5, dtype=torch.bool)
+    rows[:, 2] = True
+    cells = torch.zeros(3, 9, dtype=torch.bool)
+    cells[:, 1] = True
+    grounding_loss(block, rows, cells).backward()
+    g = block.grad[:, :, 2]  # (B, H, Nv): the key-word row
+    assert bool((g[..., 1] < 0).all()) and bool((g[..., [0, *range(2, 9)]] > 0).all())
+    assert bool((block.grad[:, :, [0, 1, 3, 4]] == 0).all())  # other rows get nothing
+    empty = grounding_loss(block, torch.zeros_like(rows), cells)
+    assert float(empty) == 0.0 and empty.requires_grad
+    with pytest.raises(ValueError, match="cells"):
+        grounding_loss(block, rows, cells[:, :4])

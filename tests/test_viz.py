@@ -9,7 +9,8 @@ from PIL import Image
 
 from alignkd.cache.reader import CacheReader
 from alignkd.cli import main
-from alignkd.viz import attention_map, keyword_rows
+from alignkd.data.batching import keyword_rows
+from alignkd.viz import attention_map
 
 
 class _WordTokenizer:

@@ -8,7 +8,8 @@ Samples the template cannot encode are not fatal: they come back in `skipped` as
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -16,7 +17,7 @@ from alignkd.data.shards import Sample
 from alignkd.data.templates import TemplateError, collate, encode
 from alignkd.models.base import VLM, VLMBatch
 
-__all__ = ["make_batch"]
+__all__ = ["make_batch", "keyword_rows", "grounding_targets"]
 
 
 def make_batch(
@@ -64,3 +65,41 @@ def make_batch(
         extras={"truncated": torch.tensor([e.truncated for e in encoded]), "meta": [s.meta for s in kept]},
     )
     return batch, skipped
+
+
+def keyword_rows(input_ids: Sequence[int], vision_end: int, keyword: str | None, tokenizer: Any) -> list[int]:
+    """Row indices (relative to vision_end) of the keyword's tokens in the text after the image;
+    empty when there is no keyword or it does not occur."""
+    if not keyword:
+        return []
+    target = [i for i in tokenizer(keyword, add_special_tokens=False)["input_ids"]]
+    text = list(input_ids[vision_end:])
+    for start in range(len(text) - len(target), -1, -1):  # the last occurrence: the question's
+        if text[start : start + len(target)] == target:
+            return list(range(start, start + len(target)))
+    return []
+
+
+def grounding_targets(batch: VLMBatch, tokenizer: Any, query_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each sample's question names its answer: (rows (B, query_rows) bool, the key
+    word's rows of the tapped block; cells (B, N_v) bool, the vision tokens of the record's
+    `target_cells`), from the records' `keyword` and `target_cells` (the demo data's; other
+    samples get empty masks). A cell [r, c] is token r * g + c of the g x g token grid, which
+    must be the scene's grid."""
+    nv = batch.num_vision_tokens
+    grid = round(nv**0.5)
+    rows = torch.zeros(len(batch.keys), query_rows, dtype=torch.bool)
+    cells = torch.zeros(len(batch.keys), nv, dtype=torch.bool)
+    for i, meta in enumerate(batch.extras.get("meta") or []):
+        targets, start = meta.get("target_cells") or [], int(batch.vision_start[i])
+        if not targets or start < 0:
+            continue
+        for r, c in targets:
+            if not (0 <= r < grid and 0 <= c < grid) or grid * grid != nv:
+                raise ValueError(f"sample {batch.keys[i]}: target cell {[r, c]} is not on the {nv} vision tokens' "
+                                 f"grid (the grounding loss needs one token per scene cell)")
+            cells[i, r * grid + c] = True
+        picked = [j for j in keyword_rows(batch.input_ids[i].tolist(), start + nv, meta.get("keyword"), tokenizer)
+                  if j < query_rows]
+        rows[i, picked] = True
+    return rows, cells

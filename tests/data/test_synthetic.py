@@ -242,3 +242,22 @@ def test_render_image_puts_the_objects_colour_at_every_cell_centre_across_jitter
         image = np.asarray(render_image(objects, image_size, np.random.default_rng(seed)))
         for obj in objects:
             assert nearest_colour_name(cell_centre(image, obj["row"], obj["col"])) == obj["colour"]
+
+
+def test_grounding_targets_name_the_key_word_rows_and_the_answer_cells(tiny_models, demo_samples):
+    """What the demo teacher's grounding loss is told: each question's key-word rows decode to
+    its keyword, and its cells are its record's target_cells on the 3 x 3 token grid."""
+    from alignkd.data.batching import grounding_targets, make_batch
+    from alignkd.models import load_vlm
+
+    vlm = load_vlm(tiny_models["mobilevlm"]["student"])
+    samples = demo_samples[:24]
+    batch, _ = make_batch(vlm, samples, template="v1", max_length=512)
+    lq = batch.input_ids.shape[1]
+    rows, cells = grounding_targets(batch, vlm.tokenizer, lq)
+    assert rows.any(1).all() and cells.any(1).all()
+    for i, meta in enumerate(batch.extras["meta"]):
+        after = int(batch.vision_start[i]) + batch.num_vision_tokens
+        text = vlm.tokenizer.decode(batch.input_ids[i, after:][rows[i, : lq - after]].tolist())
+        assert text == meta["keyword"]
+        assert sorted(cells[i].nonzero()[:, 0].tolist()) == sorted(r * 3 + c for r, c in meta["target_cells"])
