@@ -28,6 +28,7 @@ paths are pointed at --out with the same dotted overrides a user would pass.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -46,7 +47,8 @@ from alignkd.evaluate import EvalArgs, evaluate_model
 from alignkd.models import load_vlm
 from alignkd.models.tiny import write_tiny_models
 
-__all__ = ["JOBS_DIR", "DemoArgs", "exit_with_parent", "paired_difference", "run_demo", "run_students", "split_eval", "split_result"]
+__all__ = ["JOBS_DIR", "DemoArgs", "exit_with_parent", "paired_difference", "run_demo", "run_students", "split_eval", "split_result",
+           "train_teacher", "weights_sha256"]
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs" / "demo"
 # The demo teacher, trained once by `alignkd demo --retrain-teacher` (jobs/demo/teacher.toml on
@@ -67,7 +69,7 @@ class DemoArgs:
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     n_train: int = 2000  # the students' training set (and the cache's): an eighth of what the teacher saw
-    n_teacher_train: int = 16000  # the teacher's, a superset; only read with retrain_teacher
+    n_teacher_train: int = 32000  # the teacher's, a superset; only read with retrain_teacher
     n_val: int = 500  # about 370 questions to choose settings on
     n_test: int = 2800  # about 2150 questions (a quarter of the samples are captions)
     full: bool = False
@@ -238,22 +240,14 @@ def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[s
     paths = [f"data.shards={json.dumps(str(data / 'train'))}", f"eval.shards={json.dumps(str(data / 'val'))}"]
 
     # 3. the teacher: the committed one, or trained (once) on its own, larger training set
-    teacher_dir = out / "teacher"
-    teacher = teacher_dir / "export"
     committed = DEMO_TEACHER.is_dir() and args.seed == 0 and not args.retrain_teacher
-    stage(f"teacher (L_sup only) -> {teacher_dir}" + (f" (the committed {DEMO_TEACHER.name})" if committed else ""))
+    stage(f"teacher -> {out / 'teacher'}" + (f" (the committed {DEMO_TEACHER.name})" if committed else ""))
+    teacher = out / "teacher" / "export"
     if not (teacher / "config.json").is_file():
         if committed:
             shutil.copytree(DEMO_TEACHER, teacher)
         else:
-            teacher_data = out / "teacher-data"  # a superset of data/train: sample i depends on (seed, split, i) only
-            if not (teacher_data / "demo_data.json").is_file():
-                make_demo_data(teacher_data, seed=args.seed, n_train=args.n_teacher_train, n_val=0, n_test=0)
-            job = load_job(TrainArgs, _job("teacher"), [
-                f"student.path={json.dumps(str(models / 'teacher'))}",
-                f"data.shards={json.dumps(str(teacher_data / 'train'))}", f"eval.shards={json.dumps(str(data / 'val'))}",
-                f"run.dir={json.dumps(str(teacher_dir))}", *args.overrides.get("teacher", [])])
-            _pinned(TEACHER_THREADS, lambda: train(job, echo=echo))
+            echo(_compared_with_committed(train_teacher(out, args, echo=echo)))
     _share_tower(teacher, models / "student")
 
     # 4. one extraction
@@ -292,6 +286,40 @@ def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[s
     _pictures(out, teacher, runs, args)
     echo(_markdown(report))
     return report
+
+
+def train_teacher(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[str], None] = print) -> Path:
+    """Train the demo teacher as `alignkd demo --retrain-teacher` does (jobs/demo/teacher.toml
+    on out/teacher-data, a superset of out/data/train; validated on out/data/val, which must
+    exist; untrained tiny models in out/models) on TEACHER_THREADS threads, and return its
+    export folder. Same arguments, same bytes: this is how the committed teacher was made."""
+    from alignkd.train import TrainArgs, train
+
+    args = args or DemoArgs()
+    out = Path(out)
+    teacher_data = out / "teacher-data"  # sample i depends on (seed, split, i) only
+    if not (teacher_data / "demo_data.json").is_file():
+        make_demo_data(teacher_data, seed=args.seed, n_train=args.n_teacher_train, n_val=0, n_test=0)
+    job = load_job(TrainArgs, _job("teacher"), [
+        f"student.path={json.dumps(str(out / 'models' / 'teacher'))}",
+        f"data.shards={json.dumps(str(teacher_data / 'train'))}", f"eval.shards={json.dumps(str(out / 'data' / 'val'))}",
+        f"run.dir={json.dumps(str(out / 'teacher'))}", *args.overrides.get("teacher", [])])
+    _pinned(TEACHER_THREADS, lambda: train(job, echo=echo))
+    return out / "teacher" / "export"
+
+
+def weights_sha256(model: Path) -> str:
+    """sha256 of a model folder's model.safetensors (how the committed teacher is named)."""
+    return hashlib.sha256((Path(model) / "model.safetensors").read_bytes()).hexdigest()
+
+
+def _compared_with_committed(teacher: Path) -> str:
+    sha = weights_sha256(teacher)
+    if not DEMO_TEACHER.is_dir():
+        return f"teacher weights sha256 {sha}"
+    same = sha == weights_sha256(DEMO_TEACHER)
+    return (f"teacher weights sha256 {sha}: " + ("bit for bit the committed teacher" if same else
+            f"differs from the committed teacher's {weights_sha256(DEMO_TEACHER)} (other settings, seed or torch build)"))
 
 
 def split_eval(model: Path, out: Path, split: str = "test", **kw: Any) -> dict[str, Any]:

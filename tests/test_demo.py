@@ -159,3 +159,33 @@ def test_student_workers_end_when_the_demo_is_killed(tmp_path):
         assert not alive, f"workers {alive} outlived the killed demo"
     finally:
         parent.kill()
+
+
+def test_the_teacher_is_rebuilt_bit_for_bit_and_its_sha256_reported(tmp_path, monkeypatch):
+    """--retrain-teacher is how the committed teacher was made: the same arguments must give
+    the same bytes in a fresh folder (threads pinned, data seeded per sample), whatever this
+    process's own thread count."""
+    import torch
+
+    import alignkd.demo as demo
+    from alignkd.data.synthetic import make_demo_data
+    from alignkd.models.tiny import write_tiny_models
+
+    short = ["run.max_steps=3", "run.eval_every=0", "data.batch_size=8", "run.keep_in_memory=false"]
+
+    def build(out, seed, threads):
+        make_demo_data(out / "data", n_train=0, n_val=4, n_test=0)
+        write_tiny_models(out / "models", family="mobilevlm", tokenizer="word", seed=seed)
+        torch.set_num_threads(threads)
+        return demo.train_teacher(out, DemoArgs(seed=seed, n_teacher_train=24, overrides={"teacher": short}),
+                                  echo=lambda _: None)
+
+    before = torch.get_num_threads()
+    try:
+        first, again, other = build(tmp_path / "a", 0, 1), build(tmp_path / "b", 0, 2), build(tmp_path / "c", 1, 1)
+    finally:
+        torch.set_num_threads(before)
+    assert demo.weights_sha256(first) == demo.weights_sha256(again) != demo.weights_sha256(other)
+    monkeypatch.setattr(demo, "DEMO_TEACHER", first)
+    assert demo._compared_with_committed(again).endswith("bit for bit the committed teacher")
+    assert "differs from the committed teacher's" in demo._compared_with_committed(other)
