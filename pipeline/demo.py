@@ -214,7 +214,6 @@ def _distill_terms(name: str, overrides: list[str]) -> int:
 
 def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     from alignkd.extract import ExtractArgs, extract
-    from alignkd.train import TrainArgs, train
 
     args = args or DemoArgs()
     workers = _workers(args.workers)  # a bad value fails before any work
