@@ -134,6 +134,9 @@ def extract_teacher_cmd(job: str | None, overrides: tuple[str, ...], address: st
     )
     for reason, count in sorted(summary.skipped_by_reason.items()):
         click.echo(f"  skipped {count}: {reason}")
+    if summary.images_mislabelled:
+        click.echo(f"  {summary.images_mislabelled} image(s) decoded by content: their bytes are not in the format "
+                   "their extension names (kept)")
     if summary.removed_partial:
         click.echo(f"  removed {len(summary.removed_partial)} partial shard(s) left by an earlier run")
 

@@ -111,6 +111,16 @@ class ExtractSummary:
     bytes_written: int
     seconds: float
     removed_partial: list[str]
+    images_mislabelled: int = 0  # stored images whose bytes are not in their extension's format (kept)
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    """What a worker hands back for one cache shard: its metadata, and how many of its images
+    were decoded by content because their extension named another format."""
+
+    meta: ShardMeta
+    images_mislabelled: int
 
 
 # --- 1. plan ------------------------------------------------------------------------------
@@ -164,7 +174,7 @@ class TeacherWorker:
             "image_preprocessing": image_preprocessing(vlm),
         }
 
-    def process_shard(self, input_shard: str, shard_name: str, meta: CacheMeta) -> ShardMeta:
+    def process_shard(self, input_shard: str, shard_name: str, meta: CacheMeta) -> ShardDone:
         """Teacher signals of every usable sample of one input shard -> one cache shard."""
         import torch
 
@@ -179,6 +189,7 @@ class TeacherWorker:
         fault = os.environ.get(_FAULT_KILL_ENV) == shard_name and not _fault_done(cache_root, shard_name)
 
         records, skipped, pending = [], [], []
+        mislabelled = 0
 
         def run_batch() -> None:
             batch, not_encoded = make_batch(vlm, pending, template=args.data.template,
@@ -199,15 +210,17 @@ class TeacherWorker:
                 skipped.append((e.key, e.reason))
                 continue
             pending.append(sample)
+            mislabelled += sample.image_mislabelled
             if len(pending) == args.data.batch_size:
                 run_batch()
                 if fault:  # tests: die for real, mid-shard, once
                     _kill_once(cache_root, shard_name)
         if pending:
             run_batch()
-        return write_shard(cache_root, shard_name, records, skipped, meta=meta, input_shard=input_shard,
-                           input_size=os.path.getsize(input_shard), after_array=_write_fault(shard_name),
-                           before_publish=_publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
+        written = write_shard(cache_root, shard_name, records, skipped, meta=meta, input_shard=input_shard,
+                              input_size=os.path.getsize(input_shard), after_array=_write_fault(shard_name),
+                              before_publish=_publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
+        return ShardDone(written, mislabelled)
 
 
 def _cache_root(path: str) -> Path | str:
@@ -353,7 +366,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
         done_before = len(plan) - len(todo)
         echo(f"{len(plan)} shards: {done_before} done before, {len(todo)} to extract -> {cache_root}")
 
-        written, n_samples, n_skipped, nbytes = [], 0, 0, 0
+        written, n_samples, n_skipped, nbytes, mislabelled = [], 0, 0, 0, 0
         by_reason: dict[str, int] = {}
         idle, pending = deque(workers), {}
         bar = progress_bar(enabled=progress, total=len(plan), initial=len(plan) - len(todo), unit="shard")
@@ -366,10 +379,11 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 worker, name = pending.pop(ready[0])
                 try:
-                    shard: ShardMeta = ray.get(ready[0])
+                    done_shard: ShardDone = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - any worker failure stops the job, cleanly
                     raise RuntimeError(f"shard {name} failed: {_one_line(e)}") from None
                 idle.append(worker)
+                shard, mislabelled = done_shard.meta, mislabelled + done_shard.images_mislabelled
                 written.append(name)
                 n_samples += shard.num_samples
                 n_skipped += len(shard.skipped)
@@ -391,6 +405,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
         cache=str(cache_root), shards_total=len(plan), shards_done_before=done_before,
         shards_written=written, samples_written=n_samples, samples_skipped=n_skipped, skipped_by_reason=by_reason,
         bytes_written=nbytes, seconds=time.monotonic() - started, removed_partial=removed,
+        images_mislabelled=mislabelled,
     )
 
 

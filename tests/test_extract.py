@@ -3,6 +3,7 @@ a fresh single-sample teacher computation, resume in every way a run can be inte
 refusal to mix caches, and the dry-run estimate against the real size."""
 
 import dataclasses
+import io
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
 from alignkd.extract import _FAULT_KILL_ENV, CacheArgs, ExtractArgs, RayArgs, estimate_size, extract
 from alignkd.models import ModelArgs, load_vlm
 from alignkd.signals import teacher_signals
-from reliability_report import injected
+from reliability_report import injected, tried
 
 LOSSLESS = CodecSpec(attention="fp32", features="fp32", logprobs="fp32", compressor="zstd")
 
@@ -175,3 +176,27 @@ def test_dry_run_estimate_is_within_ten_percent_of_the_real_size(ray_session, ti
     summary = _run(args)
     assert est["samples"] == summary.samples_written + summary.samples_skipped
     assert abs(est["total"] - summary.bytes_written) <= 0.10 * summary.bytes_written
+
+
+@pytest.mark.bad_input
+def test_pngs_named_jpg_are_decoded_by_content_counted_and_give_the_same_signals(ray_session, reference_cache,
+                                                                                 tiny_models, demo_data, tmp_path):
+    import tarfile
+
+    data = tmp_path / "train"
+    data.mkdir()
+    renamed = 0
+    for shard in sorted((demo_data / "train").glob("*.tar")):
+        with tarfile.open(shard) as src, tarfile.open(data / shard.name, "w", format=tarfile.GNU_FORMAT) as dst:
+            for member in src.getmembers():
+                body = src.extractfile(member).read()
+                if member.name.endswith(".png") and renamed < 3:
+                    member.name, renamed = member.name.removesuffix(".png") + ".jpg", renamed + 1
+                member.size = len(body)
+                dst.addfile(member, io.BytesIO(body))
+    tried(3)  # images whose extension names another format
+    args = _args(tiny_models, demo_data, tmp_path / "cache")
+    args.data.shards = str(data)
+    summary = _run(args)
+    assert renamed == 3 and summary.images_mislabelled == 3 and summary.samples_skipped == 0
+    assert _arrays(tmp_path / "cache") == _arrays(reference_cache)  # the same pixels, the same signals

@@ -2,7 +2,7 @@
 
 A shard is a plain tar file readable by `webdataset`: each sample is a group of members
 `{key}.json` (a UTF-8 JSON object) and optionally `{key}.jpg` or `{key}.png` (the image bytes
-exactly as they were given).
+exactly as they were given; decoded by what they are, whatever the extension says).
 
 Writing::
 
@@ -75,7 +75,13 @@ IMAGE_PLACEHOLDER = "<image>"
 """The LLaVA placeholder that marks where the image's vision tokens go in the first human turn."""
 
 IMAGE_EXTENSIONS = ("jpg", "png")
-"""Member extensions an image may be stored under; the bytes must be in that format."""
+"""Member extensions an image may be stored under. The bytes are decoded by what they are, as
+PIL and webdataset decode them: crawled data sets often hold PNGs named .jpg; such a sample
+is kept and flagged (`Sample.image_mislabelled`)."""
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+"""The PIL formats an image member may hold, whatever its extension: the common raster ones,
+and never a format whose PIL plugin runs another program (EPS starts Ghostscript)."""
 
 MAX_PIXELS = 64_000_000
 """Images with more pixels than this are refused before decoding (decompression bombs)."""
@@ -125,6 +131,7 @@ class Sample:
     conversations: list[dict]
     meta: dict = field(default_factory=dict)
     image_bytes: bytes | None = None
+    image_mislabelled: bool = False  # the image's bytes are not in its extension's format
 
 
 # ---------------------------------------------------------------------------- writing
@@ -467,24 +474,25 @@ def _one_line(err: Exception) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+>", ">", " ".join(f"{type(err).__name__}: {err}".split()))
 
 
-def _decode_image(key: str, ext: str, data: bytes, max_pixels: int) -> Image.Image:
-    """Fully decode image bytes to RGB, refusing wrong formats and oversized images."""
+def _decode_image(key: str, data: bytes, max_pixels: int) -> Image.Image:
+    """Fully decode image bytes (any of IMAGE_FORMATS, by content) to RGB; oversized images are
+    refused before their pixels are decoded. The returned image keeps PIL's `format`."""
     try:
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError:
         raise BadSample(key, "image too large: over PIL's decompression-bomb limit") from None
     except Exception as err:  # PIL raises many types for bad data
         raise BadSample(key, f"image does not decode: {_one_line(err)}") from None
-    if image.format != _PIL_FORMAT[ext]:
-        raise BadSample(key, f"wrong image format: stored as {ext} but is {image.format}")
     width, height = image.size
     if width * height > max_pixels:
         raise BadSample(key, f"image too large: {width}x{height} > {max_pixels} pixels")
     try:
         image.load()  # decode every pixel now: truncated data fails here, not in a worker later
-        return image.convert("RGB")
+        rgb = image.convert("RGB")
     except Exception as err:
         raise BadSample(key, f"image does not decode: {_one_line(err)}") from None
+    rgb.format = image.format
+    return rgb
 
 
 def decode_sample(raw: dict, *, max_pixels: int = MAX_PIXELS) -> Sample:
@@ -519,10 +527,13 @@ def decode_sample(raw: dict, *, max_pixels: int = MAX_PIXELS) -> Sample:
         raise BadSample(key, str(err)) from None
 
     image = image_bytes = None
+    mislabelled = False
     if images:
         image_bytes = bytes(raw[images[0]])
-        image = _decode_image(key, images[0], image_bytes, max_pixels)
-    return Sample(key=key, image=image, conversations=conversations, meta=record, image_bytes=image_bytes)
+        image = _decode_image(key, image_bytes, max_pixels)
+        mislabelled = image.format != _PIL_FORMAT[images[0]]
+    return Sample(key=key, image=image, conversations=conversations, meta=record, image_bytes=image_bytes,
+                  image_mislabelled=mislabelled)
 
 
 def read_samples(spec: str | os.PathLike, limit: int) -> tuple[list[Sample], list[tuple[str, str]]]:

@@ -277,7 +277,7 @@ SAMPLE_DEFECTS = {  # defect -> the BadSample category decode_sample must give (
     "duplicate json key": "duplicate json key",
     "no json member": "no json member",
     "two images": "more than one image member",
-    "wrong image format": "wrong image format",
+    "wrong image format": None,  # decoded by what the bytes are, flagged image_mislabelled
     "corrupt image": "image does not decode",
     "empty image": "image does not decode",
     "huge image": "image too large",
@@ -359,6 +359,7 @@ def _check_decoded(sample_or_error, key: str, defect: str | None, record: dict, 
             assert sample.image is None
         else:
             assert sample.image_bytes == image and np.array_equal(np.asarray(sample.image), _rgb(image))
+        assert sample.image_mislabelled == (defect == "wrong image format")
     else:
         assert isinstance(sample_or_error, BadSample), f"{defect}: decoded"
         err = sample_or_error
@@ -468,7 +469,7 @@ def test_extraction_caches_exactly_the_usable_samples_and_records_every_other_wi
         _write_tar(shard, [m for _, members, _, _, _ in samples for m in members])
         worker.args = dataclasses.replace(worker.args, cache=dataclasses.replace(worker.args.cache, path=str(work / "c")))
         init_cache(work / "c", meta)
-        shard_meta = worker.process_shard(str(shard), "shard-000000", meta)
+        shard_meta = worker.process_shard(str(shard), "shard-000000", meta).meta
 
         reader = CacheReader(work / "c")
         skipped = {k: reason for k, reason, _ in reader.skipped()}

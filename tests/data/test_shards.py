@@ -346,6 +346,8 @@ def test_bad_sample_is_a_value_error_with_key_reason_and_a_one_line_message():
 PNG = encode(pattern_image(1), "PNG")
 JPG = encode(pattern_image(1), "JPEG")
 BIG_JPG = encode(pattern_image(1, size=64), "JPEG")  # big enough that a cut leaves the header whole
+# A valid EPS header: PIL has a plugin for it, which would run Ghostscript to rasterise it.
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n%%EndComments\nshowpage\n%%EOF\n"
 HUMAN_IMAGE = {"from": "human", "value": "<image>\nQ?"}
 GPT = {"from": "gpt", "value": "A."}
 
@@ -370,7 +372,6 @@ BAD_SAMPLES = {
     "corrupt png": (raw_sample({"conversations": conversation(True)}, png=PNG[:-40]), "image does not decode"),
     "truncated jpg": (raw_sample({"conversations": conversation(True)}, jpg=BIG_JPG[: len(BIG_JPG) * 3 // 4]), "image does not decode"),
     "not an image": (raw_sample({"conversations": conversation(True)}, png=b"hello"), "image does not decode"),
-    "png named jpg": (raw_sample({"conversations": conversation(True)}, jpg=PNG), "wrong image format"),
 }
 
 
@@ -383,6 +384,28 @@ def test_a_bad_sample_raises_bad_sample_with_the_reason_for_it(case):
     assert err.value.key == "k"
     assert err.value.reason.split(": ")[0] == category
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("stored_as", "data", "fmt"), [("jpg", "PNG", "PNG"), ("png", "JPEG", "JPEG"),
+                                                      ("png", "WEBP", "WEBP"), ("jpg", "JPEG", "JPEG")])
+@pytest.mark.bad_input
+def test_an_image_is_decoded_by_its_bytes_and_flagged_when_its_extension_names_another_format(stored_as, data, fmt):
+    image = pattern_image(1)
+    stored = encode(image, data)
+    sample = decode_sample(raw_sample({"conversations": conversation(True)}, **{stored_as: stored}))
+    with Image.open(io.BytesIO(stored)) as expected:
+        assert np.array_equal(np.asarray(sample.image), np.asarray(expected.convert("RGB")))
+    assert sample.image.format == fmt and sample.image_bytes == stored
+    assert sample.image_mislabelled == ({"jpg": "JPEG", "png": "PNG"}[stored_as] != fmt)
+
+
+@pytest.mark.bad_input
+def test_an_eps_image_is_never_handed_to_its_pil_plugin():
+    """PIL would open it and, on load, start Ghostscript on the sample's bytes."""
+    with Image.open(io.BytesIO(EPS)) as image:
+        assert image.format == "EPS"  # what an unrestricted open does
+    with pytest.raises(BadSample, match="image does not decode: UnidentifiedImageError"):
+        decode_sample(raw_sample({"conversations": conversation(True)}, png=EPS))
 
 
 @pytest.mark.bad_input
