@@ -47,7 +47,8 @@ from alignkd.data.shards import expand_shards
 from alignkd.models import ModelArgs
 from alignkd.progress import progress_bar
 
-__all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "extract", "estimate_size", "plan_shards"]
+__all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "ShardDone", "extract", "estimate_size",
+           "placeable_workers", "plan_shards"]
 
 # Fault injection for tests (tests/test_extract.py, tests/test_faults.py), read by the workers;
 # never set in real runs. KILL: the worker SIGKILLs itself once, mid-shard, in the named shard.
@@ -294,17 +295,50 @@ def _start_ray(args: RayArgs) -> bool:
     return True
 
 
-def _spawn_workers(args: ExtractArgs) -> list[Any]:
+def placeable_workers(nodes: list[dict[str, Any]], cpus: float, gpus: float) -> int:
+    """How many actors asking for `cpus` CPUs and `gpus` GPUs each the alive nodes of
+    `ray.nodes()` can hold at once (an actor sits on one node)."""
+    fits = 0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        per = [have.get(name, 0.0) / want for name, want in (("CPU", cpus), ("GPU", gpus)) if want > 0]
+        fits += int(min(per, default=0) + 1e-9)  # no request at all places nothing: refused earlier
+    return fits
+
+
+def _node_resources(nodes: list[dict[str, Any]]) -> str:
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    return "; ".join(f"{r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} GPU" for r in alive) or "no alive node"
+
+
+def _spawn_workers(args: ExtractArgs, echo: Callable[[str], None] = print) -> list[Any]:
+    """The teacher actors, as many of ray.num_workers as the cluster can place: none is a
+    one-line error, fewer a warning (an actor that cannot be placed would wait forever)."""
     import ray
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cpus, gpus = args.ray.cpus_per_worker, args.ray.gpus_per_worker if use_gpu else 0
+    if cpus <= 0 and gpus <= 0:
+        raise ValueError("ray.cpus_per_worker is 0 and the cluster has no GPU: a worker must ask for something")
+    nodes = ray.nodes()
+    fits = placeable_workers(nodes, cpus, gpus)
+    asks = f"{cpus:g} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+    if fits == 0:
+        raise RuntimeError(f"the Ray cluster cannot place a teacher worker asking for {asks} (its nodes: "
+                           f"{_node_resources(nodes)}): lower ray.cpus_per_worker / ray.gpus_per_worker or add a node")
+    count = min(fits, args.ray.num_workers)
+    if count < args.ray.num_workers:
+        echo(f"warning: the Ray cluster holds {count} of the {args.ray.num_workers} teacher workers asked for "
+             f"({asks} each; its nodes: {_node_resources(nodes)}); going on with {count}")
     actor = ray.remote(
-        num_cpus=args.ray.cpus_per_worker,
-        num_gpus=args.ray.gpus_per_worker if use_gpu else 0,
+        num_cpus=cpus,
+        num_gpus=gpus,
         max_restarts=args.ray.max_restarts,
         max_task_retries=args.ray.max_restarts,
     )(TeacherWorker)
-    return [actor.remote(args, i) for i in range(args.ray.num_workers)]
+    return [actor.remote(args, i) for i in range(count)]
 
 
 def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
@@ -349,7 +383,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
     owns_ray = _start_ray(args.ray)
     workers = []
     try:
-        workers = _spawn_workers(args)
+        workers = _spawn_workers(args, echo)
         try:
             described = ray.get(workers[0].describe.remote())
         except ray.exceptions.RayError as e:  # e.g. the teacher does not load: the actor died in __init__
@@ -381,7 +415,9 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                 try:
                     done_shard: ShardDone = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - any worker failure stops the job, cleanly
-                    raise RuntimeError(f"shard {name} failed: {_one_line(e)}") from None
+                    died = isinstance(e, ray.exceptions.RayActorError)  # not an error raised by the shard's code
+                    why = f" (its worker died, restarts used up: ray.max_restarts = {args.ray.max_restarts})" if died else ""
+                    raise RuntimeError(f"shard {name} failed{why}: {_one_line(e)}") from None
                 idle.append(worker)
                 shard, mislabelled = done_shard.meta, mislabelled + done_shard.images_mislabelled
                 written.append(name)

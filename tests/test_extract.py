@@ -200,3 +200,54 @@ def test_pngs_named_jpg_are_decoded_by_content_counted_and_give_the_same_signals
     summary = _run(args)
     assert renamed == 3 and summary.images_mislabelled == 3 and summary.samples_skipped == 0
     assert _arrays(tmp_path / "cache") == _arrays(reference_cache)  # the same pixels, the same signals
+
+
+def test_placeable_workers_counts_what_each_alive_node_holds():
+    from alignkd.extract import placeable_workers
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 2.0}},
+             {"Alive": True, "Resources": {"CPU": 3.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    assert placeable_workers(nodes, cpus=1, gpus=1) == 2  # the CPU-only node holds no GPU worker
+    assert placeable_workers(nodes, cpus=2, gpus=0) == 4 + 1
+    assert placeable_workers(nodes, cpus=0.5, gpus=0.5) == 4
+    assert placeable_workers(nodes, cpus=9, gpus=0) == 0
+
+
+@pytest.mark.bad_input
+def test_workers_the_cluster_cannot_place_are_refused_in_one_line_or_fewer_are_used(ray_session, reference_cache,
+                                                                                  tiny_models, demo_data, tmp_path):
+    tried()
+    args = _args(tiny_models, demo_data, tmp_path / "none")
+    args.ray = RayArgs(num_workers=1, cpus_per_worker=3)  # the session has 2 CPUs
+    with pytest.raises(RuntimeError, match=r"cannot place a teacher worker asking for 3 CPU \(its nodes: 2 CPU, 0 GPU\)"):
+        _run(args)
+    assert not (tmp_path / "none").exists()  # refused before anything was written
+    args = _args(tiny_models, demo_data, tmp_path / "two")
+    args.ray = RayArgs(num_workers=3, cpus_per_worker=1)
+    lines = []
+    summary = extract(args, echo=lines.append, progress=False)
+    assert [line for line in lines if line.startswith("warning: the Ray cluster holds 2 of the 3 teacher workers")]
+    assert len(summary.shards_written) == 3 and _arrays(tmp_path / "two") == _arrays(reference_cache)
+
+
+@pytest.mark.fault
+def test_a_worker_that_dies_on_a_shard_with_no_restart_left_names_the_shard(ray_session, reference_cache, tiny_models,
+                                                                             demo_data, tmp_path, monkeypatch):
+    import ray
+
+    victim = list_complete_shards(reference_cache)[0]
+    monkeypatch.setenv(_FAULT_KILL_ENV, victim)
+    injected("SIGKILL of a Ray worker with no restart left")
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # the workers get the env
+    try:
+        args = _args(tiny_models, demo_data, tmp_path / "cache")
+        args.ray = RayArgs(num_workers=1, cpus_per_worker=0.5, max_restarts=0)
+        with pytest.raises(RuntimeError, match=f"shard {victim} failed \\(its worker died, restarts used up"):
+            _run(args)
+        assert victim not in list_complete_shards(tmp_path / "cache")
+    finally:
+        monkeypatch.delenv(_FAULT_KILL_ENV)
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
