@@ -1,5 +1,10 @@
 """Data: webdataset shards (shards.py), LLaVA-format conversion (llava.py), the synthetic
-demo set (synthetic.py), templates and batching for a given model (templates.py, batching.py)."""
+demo set (synthetic.py), templates, images and batching for a given model (templates.py,
+images.py, batching.py), the student's data set (distill.py).
+
+The models import this package, never the other way round: what it needs from a model is
+the small `batching.BatchModel` protocol.
+"""
 
 from __future__ import annotations
 

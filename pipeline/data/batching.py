@@ -4,24 +4,74 @@
 
 Samples the template cannot encode are not fatal: they come back in `skipped` as
 (key, reason) so a stage can record them and go on with the rest.
+
+The model is anything with the few members of `BatchModel`; alignkd.models.VLM has them.
+This package never imports alignkd.models (the models import it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Protocol
 
 import torch
+from PIL import Image
 
 from alignkd.data.shards import Sample
 from alignkd.data.templates import TemplateError, collate, encode
-from alignkd.models.base import VLM, VLMBatch
 
-__all__ = ["make_batch", "keyword_rows", "grounding_targets"]
+__all__ = ["VLMBatch", "BatchModel", "make_batch", "keyword_rows", "grounding_targets"]
+
+
+@dataclass
+class VLMBatch:
+    """A padded batch ready for `VLM.forward`.
+
+    input_ids: (B, T) long; IMAGE_TOKEN at vision positions, pad id at padding.
+    attention_mask: (B, T) long, 1 for real tokens.
+    response_mask: (B, T) bool, True at positions R (tokens the model is trained to produce).
+    vision_start: (B,) long, first vision position; -1 for text-only samples.
+    pixel_values: (B_img, 3, H, W), images of the samples with vision_start >= 0, in batch order.
+    """
+
+    keys: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    vision_start: torch.Tensor
+    num_vision_tokens: int
+    pixel_values: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLMBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if f.name == "pixel_values" and dtype is not None:
+                    v = v.to(device=device, dtype=dtype)
+                else:
+                    v = v.to(device)
+            moved[f.name] = v
+        return VLMBatch(**moved)
+
+
+class BatchModel(Protocol):
+    """What turning samples into a model's inputs needs from the model."""
+
+    tokenizer: Any
+    image_processor: Any
+    pad_images: bool
+
+    @property
+    def num_vision_tokens(self) -> int: ...
+
+    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor: ...
 
 
 def make_batch(
-    vlm: VLM,
+    vlm: BatchModel,
     samples: list[Sample],
     *,
     template: str,

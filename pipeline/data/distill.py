@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from alignkd.cache.records import SampleSignals
+from alignkd.data.batching import BatchModel, VLMBatch
+from alignkd.data.images import preprocess_images
 from alignkd.data.random_access import ShardReader
-from alignkd.data.shards import decode_sample, expand_shards
+from alignkd.data.shards import decode_sample, expand_shards, sample_fingerprint
 from alignkd.data.templates import Encoded, collate, encode
-from alignkd.models.base import VLM, VLMBatch, preprocess_images
 
 __all__ = ["StudentProcessor", "DistillDataset", "TeacherBatch", "EpochSampler", "CacheMismatch"]
 
@@ -45,7 +46,7 @@ class StudentProcessor:
     num_vision_tokens: int
 
     @classmethod
-    def of(cls, vlm: VLM) -> StudentProcessor:
+    def of(cls, vlm: BatchModel) -> StudentProcessor:
         return cls(vlm.tokenizer, vlm.image_processor, vlm.pad_images, vlm.num_vision_tokens)
 
 
@@ -119,8 +120,6 @@ class DistillDataset(Dataset):
         return self.kept[i]
 
     def _prepare(self, i: int) -> dict[str, Any]:
-        from alignkd.signals import sample_fingerprint
-
         key = self.keys[i]
         sample = decode_sample(self.reader.raw(key))
         p = self.processor

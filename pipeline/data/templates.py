@@ -27,9 +27,9 @@ from typing import Any, Literal
 import torch
 
 from alignkd.data.shards import IMAGE_PLACEHOLDER
-from alignkd.models.base import IMAGE_TOKEN
 
 __all__ = [
+    "IMAGE_TOKEN",
     "TEMPLATES",
     "V1_SYSTEM",
     "TemplateError",
@@ -39,6 +39,7 @@ __all__ = [
     "template_words",
 ]
 
+IMAGE_TOKEN = -200  # the id at vision positions of input_ids (as in MobileVLM); never a real token
 Template = Literal["plain", "v1"]
 TEMPLATES = ("plain", "v1")
 V1_SYSTEM = (

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,6 +29,9 @@ from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
+from alignkd.data.batching import VLMBatch
+from alignkd.data.images import pad_to_square, preprocess_images
+from alignkd.data.templates import IMAGE_TOKEN
 from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
 
 __all__ = [
@@ -36,44 +39,8 @@ __all__ = [
     "clip_patch_features", "GenerationSettings",
 ]
 
-IMAGE_TOKEN = -200
-
-
 class ModelError(ValueError):
     """A checkpoint folder or model input that cannot be used (one line, naming the file)."""
-
-
-@dataclass
-class VLMBatch:
-    """A padded batch ready for `VLM.forward`.
-
-    input_ids: (B, T) long; IMAGE_TOKEN at vision positions, pad id at padding.
-    attention_mask: (B, T) long, 1 for real tokens.
-    response_mask: (B, T) bool, True at positions R (tokens the model is trained to produce).
-    vision_start: (B,) long, first vision position; -1 for text-only samples.
-    pixel_values: (B_img, 3, H, W), images of the samples with vision_start >= 0, in batch order.
-    """
-
-    keys: list[str]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    vision_start: torch.Tensor
-    num_vision_tokens: int
-    pixel_values: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLMBatch:
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                if f.name == "pixel_values" and dtype is not None:
-                    v = v.to(device=device, dtype=dtype)
-                else:
-                    v = v.to(device)
-            moved[f.name] = v
-        return VLMBatch(**moved)
 
 
 @dataclass
@@ -131,27 +98,6 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: 
         outside = probs.cumsum(-1) - probs >= settings.top_p  # the tokens ranked above already hold top_p
         logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def pad_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image.Image:
-    """Pad to a centred square with `fill` (the processor's mean colour, 0..1), as MobileVLM's `pad`."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    colour = tuple(int(c * 255) for c in fill)  # truncation, as the authors' expand2square
-    canvas = Image.new(image.mode, (side, side), colour)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas
-
-
-def preprocess_images(images: list[Image.Image], image_processor: Any, pad_images: bool) -> torch.Tensor:
-    """RGB, padded to square with the processor's mean colour when the model was trained so
-    (MobileVLM's image_aspect_ratio "pad"), then the CLIP processor: (N, 3, S, S) float32."""
-    images = [im.convert("RGB") for im in images]  # greyscale / palette / alpha images
-    if pad_images:
-        images = [pad_to_square(im, tuple(image_processor.image_mean)) for im in images]
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> torch.Tensor:
