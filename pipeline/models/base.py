@@ -1,9 +1,14 @@
 """What both stages need from any vision-language model, whatever its family.
 
-A family (LLaVA, MobileVLM V2) subclasses `VLM` and supplies four things: the vision encoder
-plus projector (`encode_images`), the Llama-style decoder without head (`language_model`),
-the head (`lm_head`), and save/load in its own on-disk layout. Everything the method needs
-on top of that is shared and lives here:
+A family (MobileVLM V2, LLaVA) is one module holding one subclass of `VLM`, plus one line in
+alignkd.models.FAMILIES. The subclass supplies what differs between families: loading its
+on-disk layout (`from_pretrained`) and saving it (`save_pretrained`), what a checkpoint is
+from its config files alone (`describe`), a random toy model for tests and the demo
+(`build_tiny`), the vision encoder plus projector (`encode_images`), the Llama-style decoder
+without head (`language_model`) and the head (`lm_head`). It may override the image
+preprocessing (`preprocess_images`), how the vision block enters the sequence
+(`inputs_embeds`) and the positions (`position_ids`). Everything the method needs on top of
+that is shared and lives here:
 
     vlm = load_vlm("path/to/checkpoint")                  # alignkd.models.load_vlm
     batch = vlm.make_batch(samples, template="v1")        # see alignkd.data.templates
@@ -35,12 +40,26 @@ from alignkd.data.templates import IMAGE_TOKEN
 from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
 
 __all__ = [
-    "IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "pad_to_square", "preprocess_images",
-    "clip_patch_features", "GenerationSettings",
+    "IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "CheckpointSummary", "pad_to_square",
+    "preprocess_images", "clip_patch_features", "GenerationSettings",
 ]
+
 
 class ModelError(ValueError):
     """A checkpoint folder or model input that cannot be used (one line, naming the file)."""
+
+
+@dataclass
+class CheckpointSummary:
+    """What a checkpoint's config says, without loading its weights (for size estimates)."""
+
+    family: str
+    num_vision_tokens: int
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    vocab_size: int
+    tokenizer: Any
 
 
 @dataclass
@@ -126,7 +145,7 @@ def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int
 class VLM(nn.Module, abc.ABC):
     """A vision-language model as Align-KD sees it. Subclasses set the attributes below."""
 
-    family: ClassVar[str]
+    family: ClassVar[str]  # config.json's model_type, the family's key in alignkd.models.FAMILIES
     language_model: nn.Module  # Llama-style decoder: inputs_embeds -> last_hidden_state
     lm_head: nn.Module
     vision_tower: nn.Module  # the vision encoder (frozen in MobileVLM V2's recipe)
@@ -134,7 +153,47 @@ class VLM(nn.Module, abc.ABC):
     image_processor: Any
     pad_images: bool = True  # MobileVLM's image_aspect_ratio == "pad"
 
-    # --- family-specific -------------------------------------------------------------
+    # --- family-specific: checkpoints ------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_implementation: str = "tap",
+        **options: Any,
+    ) -> VLM:
+        """Load a checkpoint folder of this family, in eval mode. attn_implementation: "tap"
+        (fused SDPA plus the q/k capture of models/tap.py), "eager" (transformers' eager
+        attention, for tests against its weights) or "sdpa". `options` are the family's own
+        (MobileVLM: vision_tower, the local CLIP folder)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def describe(cls, path: Path) -> CheckpointSummary:
+        """Shapes and tokenizer of a checkpoint folder of this family, from its config and
+        tokenizer files alone (no weights are read)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
+                   image_processor: Any, seed: int) -> VLM:
+        """A randomly initialised toy model, seeded (alignkd.models.tiny saves them for the demo
+        and the tests). `text` is the decoder's shape as LlamaConfig keywords, `vision` the
+        tower's as CLIPVisionConfig keywords, the same for every family; role is "teacher" or
+        "student"."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the family's own layout, loadable by `from_pretrained` (and by the family's code)."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What makes this model this model: family, path, config hash, weights fingerprint."""
+
+    # --- family-specific: the model --------------------------------------------------
     @abc.abstractmethod
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B_img, 3, H, W) -> projector output P (B_img, N_v, D)."""
@@ -152,13 +211,6 @@ class VLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def text_config(self) -> Any:
         """The decoder's config (hidden_size, num_attention_heads, num_hidden_layers, vocab_size)."""
-
-    @abc.abstractmethod
-    def save_pretrained(self, path: str | Path) -> None: ...
-
-    @abc.abstractmethod
-    def identity(self) -> dict[str, Any]:
-        """What makes this model this model: family, path, config hash, weights fingerprint."""
 
     # --- shared ----------------------------------------------------------------------
     @property
@@ -182,7 +234,13 @@ class VLM(nn.Module, abc.ABC):
         self.language_model.config._attn_implementation = TAP_ATTN
 
     def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, 3, S, S) pixel values for `encode_images`."""
         return preprocess_images(images, self.image_processor, self.pad_images)
+
+    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) rotary positions. They count real tokens only, so left padding does not
+        shift rotary phases."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
@@ -208,8 +266,7 @@ class VLM(nn.Module, abc.ABC):
 
     def forward(self, batch: VLMBatch, tap_layers: tuple[int, ...] | list[int] = ()) -> VLMOutput:
         embeds, feats = self.inputs_embeds(batch)
-        # Positions count real tokens only, so left padding does not shift rotary phases.
-        position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = self.position_ids(batch.attention_mask)
         with capture_qk(tap_layers) as cap:
             out = self.language_model(
                 inputs_embeds=embeds,
@@ -253,7 +310,7 @@ class VLM(nn.Module, abc.ABC):
         eos = self.tokenizer.eos_token_id
         mask = batch.attention_mask
         embeds, _ = self.inputs_embeds(batch)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = self.position_ids(mask)
         # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`
         name = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
         cache = {name: DynamicCache(config=self.text_config)}  # filled in place by each forward

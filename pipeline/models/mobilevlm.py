@@ -49,7 +49,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from alignkd.models.base import VLM, ModelError, clip_patch_features
+from alignkd.models.base import VLM, CheckpointSummary, ModelError, clip_patch_features
 from alignkd.models.checkpoint_io import config_hash, load_state_dict, save_safetensors, weights_fingerprint
 from alignkd.models.tap import TAP_ATTN
 
@@ -319,6 +319,26 @@ class MobileVLM(VLM):
             )
         model._set_attention(attn_implementation)
         return model.eval()
+
+    @classmethod
+    def describe(cls, path: Path) -> CheckpointSummary:
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text())
+        text = _llama_config(config, config_file)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=text)  # see from_pretrained
+        grid = config.get("alignkd_projector_grid", DEFAULT_GRID)
+        return CheckpointSummary(cls.family, grid**2, text.hidden_size, text.num_attention_heads,
+                                 text.num_hidden_layers, text.vocab_size, tokenizer)
+
+    @classmethod
+    def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
+                   image_processor: Any, seed: int) -> MobileVLM:
+        """The CLIP patches pooled to 3 x 3 = 9 vision tokens: one token per cell of the demo's
+        3 x 3 scene grid, so "which token to look at" is exactly "which cell"."""
+        return cls.from_configs(LlamaConfig(**text), CLIPVisionConfig(**vision), tokenizer=tokenizer,
+                                image_processor=image_processor, projector_grid=3,
+                                mm_vision_tower="alignkd/clip-tiny",  # a hub-style name, as the real configs carry
+                                seed=seed)
 
     def _load_weights(self, mapped: dict[str, torch.Tensor], origin: dict[str, str], label: str) -> None:
         expected = self.state_dict()
