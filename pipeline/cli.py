@@ -261,7 +261,7 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
 @main.command("evaluate")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
 @click.option("--data", required=True, help="Held-out shards: folder, file, glob or brace pattern.")
-@click.option("--template", type=click.Choice(["plain", "v1"]), default="v1", show_default=True)
+@click.option("--template", default="v1", show_default=True, help="A conversation template of the model's family.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-samples", default=400, show_default=True)
 @click.option("--vision-tower", default=None, help="Local CLIP folder for MobileVLM's mm_vision_tower.")

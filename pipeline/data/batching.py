@@ -1,9 +1,10 @@
-"""Decoded samples -> a `VLMBatch` for one model (its tokenizer, vision-token count, images).
+"""Decoded samples -> a `VLMBatch` for one model (its template, tokenizer, vision-token count, images).
 
     batch, skipped = make_batch(vlm, samples, template="v1", max_length=2048)
 
 Samples the template cannot encode are not fatal: they come back in `skipped` as
-(key, reason) so a stage can record them and go on with the rest.
+(key, reason) so a stage can record them and go on with the rest; a template name the
+model's family does not have raises TemplateError.
 
 The model is anything with the few members of `BatchModel`; alignkd.models.VLM has them.
 This package never imports alignkd.models (the models import it).
@@ -11,7 +12,7 @@ This package never imports alignkd.models (the models import it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 
 from alignkd.data.shards import Sample
-from alignkd.data.templates import TemplateError, collate, encode
+from alignkd.data.templates import ConversationTemplate, TemplateError, collate, encode
 
 __all__ = ["VLMBatch", "BatchModel", "make_batch", "keyword_rows", "grounding_targets"]
 
@@ -60,12 +61,16 @@ class VLMBatch:
 class BatchModel(Protocol):
     """What turning samples into a model's inputs needs from the model."""
 
+    family: str
+    templates: Mapping[str, ConversationTemplate]  # the family's, by name
     tokenizer: Any
     image_processor: Any
     pad_images: bool
 
     @property
     def num_vision_tokens(self) -> int: ...
+
+    def template(self, name: str) -> ConversationTemplate: ...
 
     def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor: ...
 
@@ -81,13 +86,14 @@ def make_batch(
 ) -> tuple[VLMBatch | None, list[tuple[str, str]]]:
     """`for_generation` encodes prompts only (see templates.encode); `extras` carries each
     kept sample's `meta` and whether it was truncated."""
+    chosen = vlm.template(template)
     encoded, kept, skipped = [], [], []
     for s in samples:
         try:
             encoded.append(
                 encode(
                     s.conversations,
-                    template=template,
+                    template=chosen,
                     tokenizer=vlm.tokenizer,
                     num_vision_tokens=vlm.num_vision_tokens,
                     max_length=max_length,

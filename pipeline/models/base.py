@@ -4,14 +4,14 @@ A family (MobileVLM V2, LLaVA) is one module holding one subclass of `VLM`, plus
 alignkd.models.FAMILIES. The subclass supplies what differs between families: loading its
 on-disk layout (`from_pretrained`) and saving it (`save_pretrained`), what a checkpoint is
 from its config files alone (`describe`), a random toy model for tests and the demo
-(`build_tiny`), the vision encoder plus projector (`encode_images`), the Llama-style decoder
-without head (`language_model`) and the head (`lm_head`). It may override the image
-preprocessing (`preprocess_images`), how the vision block enters the sequence
-(`inputs_embeds`) and the positions (`position_ids`). Everything the method needs on top of
-that is shared and lives here:
+(`build_tiny`), its conversation templates (`templates`), the vision encoder plus projector
+(`encode_images`), the Llama-style decoder without head (`language_model`) and the head
+(`lm_head`). It may override the image preprocessing (`preprocess_images`), how the vision
+block enters the sequence (`inputs_embeds`) and the positions (`position_ids`). Everything the
+method needs on top of that is shared and lives here:
 
     vlm = load_vlm("path/to/checkpoint")                  # alignkd.models.load_vlm
-    batch = vlm.make_batch(samples, template="v1")        # see alignkd.data.templates
+    batch, _ = make_batch(vlm, samples, template="v1", max_length=2048)  # alignkd.data.batching
     out = vlm(batch, tap_layers=(0,))
     out.vision_features       # P: (B_img, N_v, D) projector output, spliced into the sequence
     out.blocks[0].probs       # (B, H, Lq, N_v) layer-0 text-query x vision-key attention
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from transformers import DynamicCache
 
 from alignkd.data.batching import VLMBatch
 from alignkd.data.images import pad_to_square, preprocess_images
-from alignkd.data.templates import IMAGE_TOKEN
+from alignkd.data.templates import IMAGE_TOKEN, ConversationTemplate, choose_template
 from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
 
 __all__ = [
@@ -146,6 +147,7 @@ class VLM(nn.Module, abc.ABC):
     """A vision-language model as Align-KD sees it. Subclasses set the attributes below."""
 
     family: ClassVar[str]  # config.json's model_type, the family's key in alignkd.models.FAMILIES
+    templates: ClassVar[Mapping[str, ConversationTemplate]]  # by name (data.template picks one)
     language_model: nn.Module  # Llama-style decoder: inputs_embeds -> last_hidden_state
     lm_head: nn.Module
     vision_tower: nn.Module  # the vision encoder (frozen in MobileVLM V2's recipe)
@@ -192,6 +194,11 @@ class VLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def identity(self) -> dict[str, Any]:
         """What makes this model this model: family, path, config hash, weights fingerprint."""
+
+    @classmethod
+    def template(cls, name: str) -> ConversationTemplate:
+        """The family's conversation template `name`; a TemplateError listing them otherwise."""
+        return choose_template(cls.templates, name, cls.family)
 
     # --- family-specific: the model --------------------------------------------------
     @abc.abstractmethod

@@ -21,12 +21,14 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from alignkd.models.base import VLM, CheckpointSummary, ModelError, clip_patch_features
 from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
+from alignkd.models.vicuna import VICUNA_TEMPLATES
 
 __all__ = ["LlavaVLM"]
 
 
 class LlavaVLM(VLM):
     family = "llava"
+    templates = VICUNA_TEMPLATES
 
     def __init__(self, hf: LlavaForConditionalGeneration, tokenizer: Any, image_processor: Any, *,
                  path: str | Path | None = None, pad_images: bool = True):

@@ -52,6 +52,7 @@ from transformers.initialization import no_init_weights
 from alignkd.models.base import VLM, CheckpointSummary, ModelError, clip_patch_features
 from alignkd.models.checkpoint_io import config_hash, load_state_dict, save_safetensors, weights_fingerprint
 from alignkd.models.tap import TAP_ATTN
+from alignkd.models.vicuna import VICUNA_TEMPLATES
 
 __all__ = ["LDPv2Projector", "MobileVLM"]
 
@@ -140,6 +141,7 @@ class MobileVLM(VLM):
     """A MobileVLM V2 checkpoint; see the module docstring for loading and the layout."""
 
     family = "mobilevlm"
+    templates = VICUNA_TEMPLATES
 
     def __init__(
         self,

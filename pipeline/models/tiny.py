@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from alignkd.data.synthetic import demo_corpus_words
-from alignkd.data.templates import V1_SYSTEM, template_words
+from alignkd.data.templates import template_words
 from alignkd.data.tokenizers import build_sentencepiece_tokenizer, build_word_tokenizer
 from alignkd.models import family_class
 
@@ -44,12 +44,16 @@ def tiny_image_processor() -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def write_tiny_tokenizer(out_dir: str | Path, kind: Literal["word", "sentencepiece"] = "word") -> Path:
-    """The demo's word-level tokenizer, or a SentencePiece one trained on the same words."""
-    words = demo_corpus_words() + template_words()
+def write_tiny_tokenizer(out_dir: str | Path, kind: Literal["word", "sentencepiece"] = "word",
+                         family: str = "mobilevlm") -> Path:
+    """The demo's word-level tokenizer, or a SentencePiece one trained on the same words, both
+    covering the family's templates."""
+    templates = family_class(family).templates.values()
+    words = demo_corpus_words() + template_words(templates)
     if kind == "word":
         return build_word_tokenizer(words, out_dir)
-    lines = [V1_SYSTEM, "USER: ASSISTANT:"] + [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    lines = [line for t in templates for line in t.literals]
+    lines += [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
     return build_sentencepiece_tokenizer(lines * 4, out_dir, vocab_size=400)
 
 
@@ -72,7 +76,7 @@ def write_tiny_models(
     key of alignkd.models.FAMILIES."""
     cls = family_class(family)
     out = Path(out_dir)
-    tok_dir = write_tiny_tokenizer(out / "tokenizer", tokenizer)
+    tok_dir = write_tiny_tokenizer(out / "tokenizer", tokenizer, family)
     tok = AutoTokenizer.from_pretrained(tok_dir)
     paths = {"tokenizer": tok_dir}
     tower = None

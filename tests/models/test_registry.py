@@ -1,6 +1,6 @@
 """The family registry: each model_type names the class that loads it, a family's code is
-imported only when one of its checkpoints is used, and what is not there (a model_type, a
-loading option of the family) is one line naming what is."""
+imported only when one of its checkpoints is used, and what a family does not have (a
+model_type, a loading option, a template) is one line naming what it does have."""
 
 import json
 import subprocess
@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from alignkd.data.batching import make_batch
+from alignkd.data.templates import TemplateError
 from alignkd.models import FAMILIES, VLM, ModelError, family_class, load_vlm
 
 
@@ -43,3 +45,12 @@ def test_a_loading_option_the_family_does_not_take_is_refused_and_an_unset_one_i
     with pytest.raises(ModelError, match="a llava checkpoint takes no option 'vision_tower'"):
         load_vlm(path, vision_tower="/models/clip")
     assert load_vlm(path, vision_tower=None).family == "llava"  # ModelArgs.vision_tower left unset
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_an_unknown_template_is_one_line_listing_the_familys_templates(tiny_models, demo_samples, family):
+    vlm = load_vlm(tiny_models[family]["student"])
+    with pytest.raises(TemplateError) as info:  # raised, not a skipped sample per sample
+        make_batch(vlm, demo_samples[:2], template="chatml", max_length=512)
+    assert str(info.value) == f"'chatml' is not one of the {family} templates (plain, v1)"
