@@ -5,7 +5,13 @@ that family's class, found in FAMILIES and imported only then (loading a MobileV
 imports the LLaVA code). A new family is one module with one `VLM` subclass, plus one line in
 FAMILIES; the loader, the tiny-model builder and `make-tiny-models --family` all read it.
 
-    vlm = load_vlm("/models/MobileVLM_V2-7B", vision_tower="/models/clip-vit-large-patch14-336")
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models", family="llava")
+>>> vlm = load_vlm(paths["student"])      # a family's own options pass through (MobileVLM: vision_tower=)
+>>> type(vlm).__name__, sorted(vlm.templates)
+('LlavaVLM', ['plain', 'v1'])
+>>> describe_checkpoint(paths["teacher"]).num_vision_tokens   # from the config files alone
+36
 """
 
 from __future__ import annotations

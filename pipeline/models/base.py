@@ -8,14 +8,34 @@ from its config files alone (`describe`), a random toy model for tests and the d
 (`encode_images`), the Llama-style decoder without head (`language_model`) and the head
 (`lm_head`). It may override the image preprocessing (`preprocess_images`), how the vision
 block enters the sequence (`inputs_embeds`) and the positions (`position_ids`). Everything the
-method needs on top of that is shared and lives here:
+method needs on top of that is shared and lives here. With tiny random models:
 
-    vlm = load_vlm("path/to/checkpoint")                  # alignkd.models.load_vlm
-    batch, _ = make_batch(vlm, samples, template="v1", max_length=2048)  # alignkd.data.batching
-    out = vlm(batch, tap_layers=(0,))
-    out.vision_features       # P: (B_img, N_v, D) projector output, spliced into the sequence
-    out.blocks[0].probs       # (B, H, Lq, N_v) layer-0 text-query x vision-key attention
-    vlm.logits(out.hidden[batch.response_mask])           # logits only where needed
+>>> from alignkd.data.batching import make_batch
+>>> from alignkd.data.shards import read_samples
+>>> from alignkd.data.synthetic import make_demo_data
+>>> from alignkd.models import load_vlm
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models")                 # teacher and student, MobileVLM layout
+>>> _ = make_demo_data("data", n_train=4, n_val=1, n_test=1)
+>>> samples, _ = read_samples("data/train", limit=2)
+>>> vlm = load_vlm(paths["teacher"])
+>>> batch, skipped = make_batch(vlm, samples, template="v1", max_length=512)
+>>> out = vlm(batch, tap_layers=(0,))
+>>> out.vision_features.shape      # P: (B_img, N_v, D) projector output, spliced into the sequence
+torch.Size([2, 9, 128])
+>>> block = out.blocks[0].probs    # (B, H, Lq, N_v) layer-0 text-query x vision-key attention
+>>> B, H, Lq, N_v = block.shape   # Lq: the text positions after the image (the longest sample's)
+>>> B, H, N_v
+(2, 8, 9)
+
+Logits only where needed: the token at position t is predicted from the hidden state at t - 1,
+so the response tokens' logits come from the positions just before them (as train.py takes them):
+
+>>> b, t = batch.response_mask.nonzero(as_tuple=True)
+>>> logits = vlm.logits(out.hidden[b, t - 1])        # (N_R, V)
+>>> logits.shape == (len(t), vlm.text_config.vocab_size)
+True
+>>> loss = torch.nn.functional.cross_entropy(logits, batch.input_ids[b, t])
 
 Vision positions are marked in `input_ids` by IMAGE_TOKEN (-200, as in MobileVLM), expanded to
 N_v copies by the template, so the block can sit anywhere in the sequence.

@@ -1,11 +1,16 @@
 """The LLaVA family: transformers' `LlavaForConditionalGeneration` (LLaVA-1.5 and relatives)
 from a local folder, seen through the `VLM` interface.
 
-    vlm = LlavaVLM.from_pretrained("/models/llava-1.5-7b-hf")
-
 We reuse transformers' modules and on-disk layout as they are, and only take over the
 splicing of image features (by IMAGE_TOKEN positions, see models/base.py) so that both
-families share one forward with the layer-0 tap.
+families share one forward with the layer-0 tap. `LlavaVLM.from_pretrained("/models/llava-1.5-7b-hf")`
+loads the real model; a tiny one:
+
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models", family="llava")
+>>> vlm = LlavaVLM.from_pretrained(paths["teacher"])
+>>> vlm.num_vision_tokens, vlm.hidden_size             # 6 x 6 CLIP patches, CLS dropped
+(36, 128)
 """
 
 from __future__ import annotations

@@ -2,13 +2,20 @@
 
 Loads the authors' checkpoints as published (`mtgv/MobileVLM_V2-1.7B`, `-7B`: `model_type:
 "mobilevlm"`, which transformers' Auto classes cannot read) and saves in the same layout, so
-a distilled student can be used by the authors' code too:
+a distilled student can be used by the authors' code too. With the real 7B model,
+`MobileVLM.from_pretrained("ckpt/MobileVLM_V2-7B", vision_tower="ckpt/clip-vit-large-patch14-336",
+dtype=torch.bfloat16, device="cuda")` projects an image to (1, 144, 4096); with a tiny one:
 
-    vlm = MobileVLM.from_pretrained("ckpt/MobileVLM_V2-7B", vision_tower="ckpt/clip-vit-large-patch14-336",
-                                    dtype=torch.bfloat16, device="cuda")
-    P = vlm.encode_images(vlm.preprocess_images([image]))   # (1, 144, 4096)
-    vlm.save_pretrained("out/student")                      # config.json, model.safetensors,
-                                                            # tokenizer, vision_tower/ (configs)
+>>> from PIL import Image
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models", family="mobilevlm")
+>>> vlm = MobileVLM.from_pretrained(paths["teacher"])   # CLIP configs: the checkpoint's vision_tower/
+>>> P = vlm.encode_images(vlm.preprocess_images([Image.new("RGB", (64, 48), "red")]))
+>>> tuple(P.shape)                                      # (B_img, grid * grid, D)
+(1, 9, 128)
+>>> vlm.save_pretrained("out/student")                 # the authors' layout, CLIP configs in vision_tower/
+>>> sorted(p.name for p in Path("out/student").iterdir())
+['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'vision_tower']
 
 The checkpoint's `mm_vision_tower` names the CLIP model by its hub name; nothing is fetched,
 so its local folder (config.json + preprocessor_config.json) is found in this order: the

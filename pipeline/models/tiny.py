@@ -3,8 +3,13 @@
 The demo and the tests use them exactly as a user uses real checkpoints: they are saved with
 `save_pretrained` and loaded back through `load_vlm`, never built in place.
 
-    paths = write_tiny_models("models/", family="mobilevlm", tokenizer="word")
-    teacher = load_vlm(paths["teacher"])
+>>> from alignkd.models import load_vlm
+>>> paths = write_tiny_models("models", family="mobilevlm", tokenizer="word")
+>>> sorted(paths)
+['student', 'teacher', 'tokenizer']
+>>> teacher, student = load_vlm(paths["teacher"]), load_vlm(paths["student"])
+>>> (teacher.hidden_size, teacher.num_heads), (student.hidden_size, student.num_heads)
+((128, 8), (64, 4))
 
 Shapes keep the real pairs' relations at toy scale: the teacher is wider and deeper than the
 student and has twice its heads (so the head mixer of the `mix_*` attention variants has work to do), and both
