@@ -67,14 +67,18 @@ def make_demo_data_cmd(out: str, seed: int, n_train: int, n_val: int, n_test: in
 
 @main.command("make-tiny-models")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--family", type=click.Choice(["mobilevlm", "llava"]), default="mobilevlm", show_default=True)
+@click.option("--family", default="mobilevlm", show_default=True,
+              help="A model family: a model_type listed in alignkd.models.FAMILIES.")
 @click.option("--tokenizer", type=click.Choice(["word", "sentencepiece"]), default="word", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 def make_tiny_models_cmd(out: str, family: str, tokenizer: str, seed: int) -> None:
     """Write tiny teacher and student checkpoints in the family's real layout (alignkd.models.tiny)."""
     from alignkd.models.tiny import write_tiny_models
 
-    paths = write_tiny_models(out, family=family, tokenizer=tokenizer, seed=seed)
+    try:
+        paths = write_tiny_models(out, family=family, tokenizer=tokenizer, seed=seed)
+    except _KNOWN_ERRORS as e:
+        _fail(e)
     for role, path in paths.items():
         click.echo(f"{role}: {path}")
 
@@ -260,7 +264,7 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
 @main.command("evaluate")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
 @click.option("--data", required=True, help="Held-out shards: folder, file, glob or brace pattern.")
-@click.option("--template", type=click.Choice(["plain", "v1"]), default="v1", show_default=True)
+@click.option("--template", default="v1", show_default=True, help="A conversation template of the model's family.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-samples", default=400, show_default=True)
 @click.option("--vision-tower", default=None, help="Local CLIP folder for MobileVLM's mm_vision_tower.")

@@ -41,10 +41,11 @@ import numpy as np
 
 from alignkd import __version__
 from alignkd.cache_schemas import SCHEMA_VERSION, CacheMeta, CodecSpec, ShardMeta, TeacherInfo
-from alignkd.config import check_input_paths, to_dict
+from alignkd.config import ConfigError, check_input_paths, to_dict
 from alignkd.data import DataArgs
 from alignkd.data.shards import expand_shards
-from alignkd.models import ModelArgs
+from alignkd.data.templates import ConversationTemplate, TemplateError, encode
+from alignkd.models import ModelArgs, checkpoint_family, describe_checkpoint
 from alignkd.progress import progress_bar
 
 __all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "ShardDone", "extract", "estimate_size",
@@ -341,6 +342,15 @@ def _spawn_workers(args: ExtractArgs, echo: Callable[[str], None] = print) -> li
     return [actor.remote(args, i) for i in range(count)]
 
 
+def _template(args: ExtractArgs) -> ConversationTemplate:
+    """data.template of the teacher's family, from its config.json alone, so that a name the
+    family does not have is a ConfigError naming the key before Ray starts or a model loads."""
+    try:
+        return checkpoint_family(args.teacher.path).template(args.data.template)
+    except TemplateError as e:
+        raise ConfigError(f"data.template: {e}") from None
+
+
 def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
     return CacheMeta(
         schema_version=SCHEMA_VERSION,
@@ -376,6 +386,7 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
             raise ValueError(f"cache.path {args.cache.path}: memory:// lives in one process, the Ray workers "
                              "cannot write to it; use a folder or a shared URL")
         filesystem(args.cache.path)  # a missing client (s3fs, gcsfs) fails now, not once the teacher is loaded
+    _template(args)
     started = time.monotonic()
     plan = plan_shards(args.data.shards)
     cache_root = _cache_root(args.cache.path)
@@ -476,10 +487,9 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     from alignkd.cache.codecs import stored_bytes
     from alignkd.data.random_access import ShardReader
     from alignkd.data.shards import BadSample, decode_sample
-    from alignkd.data.templates import TemplateError, encode
-    from alignkd.models import describe_checkpoint
 
     plan = plan_shards(args.data.shards)
+    template = _template(args)
     ckpt = describe_checkpoint(args.teacher.path)
     nv, heads, hidden, k = ckpt.num_vision_tokens, ckpt.num_heads, ckpt.hidden_size, args.cache.topk
     codecs = args.cache.codecs
@@ -494,7 +504,7 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
         tried += 1
         try:
             s = decode_sample(reader.raw(key))
-            enc = encode(s.conversations, template=args.data.template, tokenizer=ckpt.tokenizer,
+            enc = encode(s.conversations, template=template, tokenizer=ckpt.tokenizer,
                          num_vision_tokens=nv, max_length=args.data.max_length,
                          has_image=s.image is not None, key=s.key)
         except (BadSample, TemplateError):

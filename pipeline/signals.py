@@ -23,19 +23,10 @@ import numpy as np
 import torch
 
 from alignkd.cache.records import SampleSignals
-from alignkd.data.shards import Sample
+from alignkd.data.shards import Sample, sample_fingerprint
 from alignkd.models.base import VLM, VLMBatch, VLMOutput
 
 __all__ = ["teacher_signals", "topk_with_tail", "sample_fingerprint", "tokenizer_hash", "image_preprocessing"]
-
-
-def sample_fingerprint(sample: Sample) -> str:
-    """sha256 of the image bytes and the conversation: what the teacher actually saw."""
-    h = hashlib.sha256()
-    h.update(sample.image_bytes or b"")
-    h.update(b"\0")
-    h.update(json.dumps(sample.conversations, sort_keys=True, ensure_ascii=False).encode())
-    return h.hexdigest()
 
 
 def tokenizer_hash(tokenizer: Any) -> str:

@@ -76,6 +76,15 @@ def test_make_tiny_models_writes_loadable_checkpoints_in_both_layouts(tmp_path):
     assert (tmp_path / "mobilevlm" / "teacher" / "model.safetensors").is_file()
 
 
+@pytest.mark.bad_input
+def test_make_tiny_models_refuses_an_unregistered_family_in_one_line_listing_the_families(tmp_path):
+    result = CliRunner().invoke(main, ["make-tiny-models", "--out", str(tmp_path / "m"), "--family", "qwen2_vl"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines == ["error: family 'qwen2_vl' is not supported (supported: mobilevlm, llava)"]
+    assert not (tmp_path / "m").exists()
+
+
 def test_inspect_cache_prints_a_table_and_json(tiny_cache):
     table = CliRunner().invoke(main, ["inspect-cache", str(tiny_cache)])
     assert table.exit_code == 0, table.output

@@ -1,27 +1,82 @@
-"""Decoded samples -> a `VLMBatch` for one model (its tokenizer, vision-token count, images).
+"""Decoded samples -> a `VLMBatch` for one model (its template, tokenizer, vision-token count, images).
 
     batch, skipped = make_batch(vlm, samples, template="v1", max_length=2048)
 
 Samples the template cannot encode are not fatal: they come back in `skipped` as
-(key, reason) so a stage can record them and go on with the rest.
+(key, reason) so a stage can record them and go on with the rest; a template name the
+model's family does not have raises TemplateError.
+
+The model is anything with the few members of `BatchModel`; alignkd.models.VLM has them.
+This package never imports alignkd.models (the models import it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Protocol
 
 import torch
+from PIL import Image
 
 from alignkd.data.shards import Sample
-from alignkd.data.templates import TemplateError, collate, encode
-from alignkd.models.base import VLM, VLMBatch
+from alignkd.data.templates import ConversationTemplate, TemplateError, collate, encode
 
-__all__ = ["make_batch", "keyword_rows", "grounding_targets"]
+__all__ = ["VLMBatch", "BatchModel", "make_batch", "keyword_rows", "grounding_targets"]
+
+
+@dataclass
+class VLMBatch:
+    """A padded batch ready for `VLM.forward`.
+
+    input_ids: (B, T) long; IMAGE_TOKEN at vision positions, pad id at padding.
+    attention_mask: (B, T) long, 1 for real tokens.
+    response_mask: (B, T) bool, True at positions R (tokens the model is trained to produce).
+    vision_start: (B,) long, first vision position; -1 for text-only samples.
+    pixel_values: (B_img, 3, H, W), images of the samples with vision_start >= 0, in batch order.
+    """
+
+    keys: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    vision_start: torch.Tensor
+    num_vision_tokens: int
+    pixel_values: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLMBatch:
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if f.name == "pixel_values" and dtype is not None:
+                    v = v.to(device=device, dtype=dtype)
+                else:
+                    v = v.to(device)
+            moved[f.name] = v
+        return VLMBatch(**moved)
+
+
+class BatchModel(Protocol):
+    """What turning samples into a model's inputs needs from the model."""
+
+    family: str
+    templates: Mapping[str, ConversationTemplate]  # the family's, by name
+    tokenizer: Any
+    image_processor: Any
+    pad_images: bool
+
+    @property
+    def num_vision_tokens(self) -> int: ...
+
+    def template(self, name: str) -> ConversationTemplate: ...
+
+    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor: ...
 
 
 def make_batch(
-    vlm: VLM,
+    vlm: BatchModel,
     samples: list[Sample],
     *,
     template: str,
@@ -31,13 +86,14 @@ def make_batch(
 ) -> tuple[VLMBatch | None, list[tuple[str, str]]]:
     """`for_generation` encodes prompts only (see templates.encode); `extras` carries each
     kept sample's `meta` and whether it was truncated."""
+    chosen = vlm.template(template)
     encoded, kept, skipped = [], [], []
     for s in samples:
         try:
             encoded.append(
                 encode(
                     s.conversations,
-                    template=template,
+                    template=chosen,
                     tokenizer=vlm.tokenizer,
                     num_vision_tokens=vlm.num_vision_tokens,
                     max_length=max_length,

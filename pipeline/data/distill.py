@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from alignkd.cache.records import SampleSignals
+from alignkd.data.batching import BatchModel, VLMBatch
+from alignkd.data.images import preprocess_images
 from alignkd.data.random_access import ShardReader
-from alignkd.data.shards import decode_sample, expand_shards
-from alignkd.data.templates import Encoded, collate, encode
-from alignkd.models.base import VLM, VLMBatch, preprocess_images
+from alignkd.data.shards import decode_sample, expand_shards, sample_fingerprint
+from alignkd.data.templates import ConversationTemplate, Encoded, choose_template, collate, encode
 
 __all__ = ["StudentProcessor", "DistillDataset", "TeacherBatch", "EpochSampler", "CacheMismatch"]
 
@@ -43,10 +44,13 @@ class StudentProcessor:
     image_processor: Any
     pad_images: bool
     num_vision_tokens: int
+    templates: dict[str, ConversationTemplate]  # the model family's
+    family: str
 
     @classmethod
-    def of(cls, vlm: VLM) -> StudentProcessor:
-        return cls(vlm.tokenizer, vlm.image_processor, vlm.pad_images, vlm.num_vision_tokens)
+    def of(cls, vlm: BatchModel) -> StudentProcessor:
+        return cls(vlm.tokenizer, vlm.image_processor, vlm.pad_images, vlm.num_vision_tokens, dict(vlm.templates),
+                   vlm.family)
 
 
 @dataclass
@@ -92,7 +96,7 @@ class DistillDataset(Dataset):
         self.reader = ShardReader(expand_shards(shards))
         self.cache = cache
         self.processor = processor
-        self.template = template
+        self.template = choose_template(processor.templates, template, processor.family)
         self.max_length = max_length
         self.kept: dict[int, dict[str, Any]] | None = {} if keep_in_memory else None
         if cache is None:  # plain supervised training (the demo teacher): every sample, no signals
@@ -119,8 +123,6 @@ class DistillDataset(Dataset):
         return self.kept[i]
 
     def _prepare(self, i: int) -> dict[str, Any]:
-        from alignkd.signals import sample_fingerprint
-
         key = self.keys[i]
         sample = decode_sample(self.reader.raw(key))
         p = self.processor

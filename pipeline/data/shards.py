@@ -37,6 +37,7 @@ Guarantees:
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -67,6 +68,7 @@ __all__ = [
     "loads_json",
     "duplicate_keys",
     "read_samples",
+    "sample_fingerprint",
     "split_member_name",
     "write_shards",
 ]
@@ -132,6 +134,15 @@ class Sample:
     meta: dict = field(default_factory=dict)
     image_bytes: bytes | None = None
     image_mislabelled: bool = False  # the image's bytes are not in its extension's format
+
+
+def sample_fingerprint(sample: Sample) -> str:
+    """sha256 of the image bytes and the conversation: what the teacher actually saw."""
+    h = hashlib.sha256()
+    h.update(sample.image_bytes or b"")
+    h.update(b"\0")
+    h.update(json.dumps(sample.conversations, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- writing

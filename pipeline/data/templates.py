@@ -1,18 +1,20 @@
 """Conversation templates -> token ids, response mask and vision span.
 
-MobileVLM V2 trains with two templates (ALIGN_KD.md, training setup):
-  plain  (pre-training):  <s> [image] caption \\n
-  v1     (fine-tuning):   <s> SYSTEM USER: [image]\\nquestion ASSISTANT: answer</s>USER: ... ASSISTANT: answer</s>
+What a template says differs by model family, so each family declares its own (`VLM.templates`;
+MobileVLM V2 and LLaVA-1.5 share the two Vicuna ones in alignkd.models.vicuna). A template
+(`ConversationTemplate`) only lays a conversation out as text segments in sequence order, each
+marked as response or not, with `IMAGE` where the vision block goes and `EOS` for the
+end-of-sequence token. Everything after that is the same for every template and lives here:
 
 As in the authors' prompt code, the text around the image placeholder is tokenized chunk by
 chunk, only the first BOS is kept, and the image becomes N_v copies of IMAGE_TOKEN, so the
 vision block lands wherever the placeholder sits (never a fixed offset). The response mask
-marks the tokens the model is trained to produce (positions R): the caption for `plain`, each
-answer and its EOS for `v1`.
+marks the tokens the model is trained to produce (positions R): for MobileVLM's templates,
+the caption for `plain`, each answer and its EOS for `v1`.
 
-    enc = encode(conversations, template="v1", tokenizer=tok, num_vision_tokens=144,
-                 max_length=2048, has_image=True, key="sample-1")
-    batch = collate([enc, ...], pad_id=tok.pad_token_id)
+    enc = encode(conversations, template=vlm.template("v1"), tokenizer=vlm.tokenizer,
+                 num_vision_tokens=vlm.num_vision_tokens, max_length=2048, has_image=True, key="sample-1")
+    batch = collate([enc, ...], pad_id=vlm.tokenizer.pad_token_id)
 
 Truncation policy: a sequence over max_length loses tokens from its end; it is refused
 (TemplateError) if that would cut into the vision block or leave no response token.
@@ -20,37 +22,79 @@ Truncation policy: a sequence over max_length loses tokens from its end; it is r
 
 from __future__ import annotations
 
+import abc
+import enum
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from alignkd.data.shards import IMAGE_PLACEHOLDER
-from alignkd.models.base import IMAGE_TOKEN
-
 __all__ = [
-    "TEMPLATES",
-    "V1_SYSTEM",
+    "IMAGE_TOKEN",
+    "Mark",
+    "Segment",
+    "ConversationTemplate",
     "TemplateError",
     "Encoded",
+    "choose_template",
     "encode",
     "collate",
     "template_words",
 ]
 
-Template = Literal["plain", "v1"]
-TEMPLATES = ("plain", "v1")
-V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-_IMAGE = IMAGE_PLACEHOLDER
-_IMAGE_SEGMENT = object()  # marks where the vision block goes in a segment list
+IMAGE_TOKEN = -200  # the id at vision positions of input_ids (as in MobileVLM); never a real token
 
 
 class TemplateError(ValueError):
-    """A conversation that the template cannot encode (message names the sample key)."""
+    """A conversation that the template cannot encode (message names the sample key), or a
+    template name the model's family does not have."""
+
+
+class Mark(enum.Enum):
+    """Segments that are not text."""
+
+    IMAGE = "image"  # the vision block: N_v copies of IMAGE_TOKEN
+    EOS = "eos"  # the tokenizer's end-of-sequence token
+
+
+Segment = tuple[str | Mark, bool]  # (text or mark, is_response)
+
+
+class ConversationTemplate(abc.ABC):
+    """How one family's model reads a conversation: LLaVA-format turns
+    (`[{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]`)
+    -> segments for `encode`."""
+
+    literals: tuple[str, ...] = ()  # the text the template adds, as lines: what a toy tokenizer must cover
+
+    @abc.abstractmethod
+    def segments(self, conversations: list[dict[str, Any]], *, has_image: bool, key: str) -> list[Segment]:
+        """(text | Mark, is_response) pairs in sequence order, without the leading BOS; a
+        TemplateError naming `key` for a conversation this template cannot take."""
+
+    def prompt(self, conversations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The conversation to encode as a generation prompt (its response segments are then
+        dropped): here, without its final answer."""
+        if conversations and conversations[-1].get("from") == "gpt":
+            return conversations[:-1]
+        return conversations
+
+
+def choose_template(templates: Mapping[str, ConversationTemplate], name: str, family: str) -> ConversationTemplate:
+    """templates[name]; a one-line TemplateError listing the family's templates otherwise."""
+    try:
+        return templates[name]
+    except KeyError:
+        raise TemplateError(f"{name!r} is not one of the {family} templates ({', '.join(templates)})") from None
+
+
+def template_words(templates: Iterable[ConversationTemplate]) -> list[str]:
+    """Every literal word the templates add, split as a word-level tokenizer's whitespace
+    pre-tokenizer splits (runs of word characters, runs of punctuation)."""
+    text = " ".join(line for t in templates for line in t.literals)
+    return sorted(set(re.findall(r"\w+|[^\w\s]+", text)))
 
 
 @dataclass
@@ -64,52 +108,10 @@ class Encoded:
     truncated: bool = False
 
 
-def template_words() -> list[str]:
-    """Every literal word the templates add, split as a word-level tokenizer's whitespace
-    pre-tokenizer splits (runs of word characters, runs of punctuation)."""
-    return sorted(set(re.findall(r"\w+|[^\w\s]+", V1_SYSTEM + " USER: ASSISTANT:")))
-
-
-def _segments(conversations: list[dict[str, Any]], template: str, has_image: bool, key: str) -> list:
-    """(text | _IMAGE_SEGMENT | eos marker, is_response) pairs in sequence order."""
-    if template == "plain":
-        # Pre-training: only the image and the first answer (the caption); the human prompt is unused.
-        if not has_image:
-            raise TemplateError(f"sample {key}: the plain template needs an image")
-        if len(conversations) < 2:
-            raise TemplateError(f"sample {key}: the plain template needs a caption turn")
-        return [(_IMAGE_SEGMENT, False), (conversations[1]["value"].strip() + "\n", True)]
-    if template != "v1":
-        raise TemplateError(f"unknown template {template!r} (known: {', '.join(TEMPLATES)})")
-    segs: list = []
-    prefix = V1_SYSTEM + " "
-    for i, turn in enumerate(conversations):
-        role, value = turn["from"], turn["value"]
-        if (role == "human") != (i % 2 == 0):
-            raise TemplateError(f"sample {key}: turn {i} is from {role!r}, expected alternating human/gpt")
-        if role == "human":
-            text = prefix + "USER: " + value + " ASSISTANT:"
-            prefix = ""
-            if _IMAGE in text:
-                if not has_image:
-                    raise TemplateError(f"sample {key}: <image> placeholder but no image")
-                before, after = text.split(_IMAGE, 1)
-                if _IMAGE in after:
-                    raise TemplateError(f"sample {key}: more than one <image> placeholder")
-                segs += [(before, False), (_IMAGE_SEGMENT, False), (after, False)]
-            else:
-                segs.append((text, False))
-        else:
-            segs += [(" " + value.strip(), True), ("</s>", True)]
-    if has_image and not any(s is _IMAGE_SEGMENT for s, _ in segs):
-        raise TemplateError(f"sample {key}: image given but no <image> placeholder")
-    return segs
-
-
 def encode(
     conversations: list[dict[str, Any]],
     *,
-    template: str,
+    template: ConversationTemplate,
     tokenizer: Any,
     num_vision_tokens: int,
     max_length: int,
@@ -117,25 +119,22 @@ def encode(
     key: str,
     for_generation: bool = False,
 ) -> Encoded:
-    """Encode one conversation. `for_generation` drops the final answer and ends the
-    sequence where the model should start answering (after "ASSISTANT:" for v1, after the
-    image for plain); the response mask is then empty."""
+    """Encode one conversation. `for_generation` encodes the template's `prompt` without its
+    response segments, so the sequence ends where the model should start answering (after
+    "ASSISTANT:" for v1, after the image for plain); the response mask is then empty."""
     if for_generation:
-        if conversations and conversations[-1].get("from") == "gpt":
-            conversations = conversations[:-1]
-        if template == "plain":
-            conversations = [*conversations[:1], {"from": "gpt", "value": ""}]
+        conversations = template.prompt(conversations)
     ids: list[int] = [tokenizer.bos_token_id]
     resp: list[bool] = [False]
     vision_start = -1
-    segments = _segments(conversations, template, has_image, key)
+    segments = template.segments(conversations, has_image=has_image, key=key)
     if for_generation:
         segments = [(seg, False) for seg, is_resp in segments if not is_resp]
     for seg, is_resp in segments:
-        if seg is _IMAGE_SEGMENT:
+        if seg is Mark.IMAGE:
             vision_start = len(ids)
             piece = [IMAGE_TOKEN] * num_vision_tokens
-        elif seg == "</s>":
+        elif seg is Mark.EOS:
             piece = [tokenizer.eos_token_id]
         elif seg.strip() == "" and seg != "\n":
             continue

@@ -1,14 +1,23 @@
 """Vision-language model families behind one interface (`VLM`, see models/base.py).
 
-    from alignkd.models import load_vlm
-    vlm = load_vlm("/models/MobileVLM_V2-7B", vision_tower="/models/clip-vit-large-patch14-336")
+`load_vlm` reads `model_type` from a checkpoint folder's config.json and hands the folder to
+that family's class, found in FAMILIES and imported only then (loading a MobileVLM never
+imports the LLaVA code). A new family is one module with one `VLM` subclass, plus one line in
+FAMILIES; the loader, the tiny-model builder and `make-tiny-models --family` all read it.
 
-`load_vlm` reads `model_type` from the folder's config.json: "mobilevlm" (MobileVLM V2, the
-paper's models, in the authors' release layout) or "llava" (transformers' LLaVA).
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models", family="llava")
+>>> vlm = load_vlm(paths["student"])      # a family's own options pass through (MobileVLM: vision_tower=)
+>>> type(vlm).__name__, sorted(vlm.templates)
+('LlavaVLM', ['plain', 'v1'])
+>>> describe_checkpoint(paths["teacher"]).num_vision_tokens   # from the config files alone
+36
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +25,19 @@ from typing import Any, Literal
 
 import torch
 
-from alignkd.models.base import IMAGE_TOKEN, VLM, ModelError, VLMBatch, VLMOutput
+from alignkd.models.base import IMAGE_TOKEN, VLM, CheckpointSummary, ModelError, VLMBatch, VLMOutput
 
 __all__ = [
     "IMAGE_TOKEN", "VLM", "VLMBatch", "VLMOutput", "ModelError", "ModelArgs", "CheckpointSummary",
-    "load_vlm", "load_model", "describe_checkpoint", "checkpoint_identity", "FAMILIES",
+    "load_vlm", "load_model", "describe_checkpoint", "checkpoint_identity", "family_class", "checkpoint_family",
+    "FAMILIES",
 ]
 
-FAMILIES = ("mobilevlm", "llava")
+# config.json's model_type -> "module:Class" of the family's VLM subclass.
+FAMILIES = {
+    "mobilevlm": "alignkd.models.mobilevlm:MobileVLM",  # MobileVLM V2, the paper's models (authors' layout)
+    "llava": "alignkd.models.llava:LlavaVLM",  # transformers' LLaVA (LLaVA-1.5 and relatives)
+}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,25 +56,28 @@ class ModelArgs:
         return self.device
 
 
+def family_class(model_type: Any, source: str | Path | None = None) -> type[VLM]:
+    """The VLM subclass of a family, imported on first use; a ModelError listing the
+    supported families (naming `source`, the config file it came from) otherwise."""
+    if model_type not in FAMILIES:
+        where = f"{source}: model_type" if source is not None else "family"
+        raise ModelError(f"{where} {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    module, name = FAMILIES[model_type].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def checkpoint_family(path: str | Path) -> type[VLM]:
+    """The family class of a checkpoint folder, from its config.json's model_type."""
+    config_file = Path(path) / "config.json"
+    return family_class(_read_config(path).get("model_type"), config_file)
+
+
 def load_model(args: ModelArgs, *, attn_implementation: str = "tap") -> VLM:
     """`load_vlm` from a ModelArgs section of a job."""
     if not args.path:
         raise ModelError("model.path is not set: point it at a checkpoint folder")
     return load_vlm(args.path, vision_tower=args.vision_tower, dtype=_DTYPES[args.dtype],
                     device=args.resolved_device(), attn_implementation=attn_implementation)
-
-
-@dataclass
-class CheckpointSummary:
-    """What a checkpoint's config says, without loading its weights (for size estimates)."""
-
-    family: str
-    num_vision_tokens: int
-    hidden_size: int
-    num_heads: int
-    num_layers: int
-    vocab_size: int
-    tokenizer: Any
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:
@@ -75,27 +92,7 @@ def _read_config(path: str | Path) -> dict[str, Any]:
 
 def describe_checkpoint(path: str | Path) -> CheckpointSummary:
     """Shapes and tokenizer of a checkpoint folder from its config files alone."""
-    from transformers import AutoTokenizer
-
-    config = _read_config(path)
-    family = config.get("model_type")
-    if family == "mobilevlm":
-        from alignkd.models.mobilevlm import DEFAULT_GRID, _llama_config
-
-        text = _llama_config(config, Path(path) / "config.json")
-        nv = config.get("alignkd_projector_grid", DEFAULT_GRID) ** 2
-        tokenizer = AutoTokenizer.from_pretrained(path, config=text)
-    elif family == "llava":
-        from transformers import LlavaConfig
-
-        llava = LlavaConfig.from_pretrained(path)
-        text, vc = llava.text_config, llava.vision_config
-        nv = (vc.image_size // vc.patch_size) ** 2 + (llava.vision_feature_select_strategy != "default")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    else:
-        raise ModelError(f"{Path(path) / 'config.json'}: model_type {family!r} is not supported")
-    return CheckpointSummary(family, nv, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
-                             text.vocab_size, tokenizer)
+    return checkpoint_family(path).describe(Path(path))
 
 
 def checkpoint_identity(path: str | Path) -> dict[str, str]:
@@ -109,23 +106,19 @@ def checkpoint_identity(path: str | Path) -> dict[str, str]:
 def load_vlm(
     path: str | Path,
     *,
-    vision_tower: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     attn_implementation: str = "tap",
+    **options: Any,
 ) -> VLM:
-    """Load a checkpoint folder of either family; `vision_tower` maps MobileVLM's CLIP hub name
-    to a local folder. attn_implementation: "tap" (SDPA + layer q/k capture) or "eager"."""
-    config_file = Path(path) / "config.json"
-    model_type = _read_config(path).get("model_type")
-    if model_type == "mobilevlm":
-        from alignkd.models.mobilevlm import MobileVLM
-
-        return MobileVLM.from_pretrained(
-            path, vision_tower=vision_tower, dtype=dtype, device=device, attn_implementation=attn_implementation
-        )
-    if model_type == "llava":
-        from alignkd.models.llava import LlavaVLM
-
-        return LlavaVLM.from_pretrained(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    raise ModelError(f"{config_file}: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    """Load a checkpoint folder of any family (`VLM.from_pretrained`). attn_implementation:
+    "tap" (SDPA + layer q/k capture) or "eager". `options` go to the family's loader; one
+    left at None is not passed (ModelArgs.vision_tower of a LLaVA job), one the family does
+    not take is a ModelError."""
+    cls = checkpoint_family(path)
+    options = {k: v for k, v in options.items() if v is not None}
+    takes = inspect.signature(cls.from_pretrained).parameters
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ModelError(f"{Path(path) / 'config.json'}: a {cls.family} checkpoint takes no option {unknown[0]!r}")
+    return cls.from_pretrained(path, dtype=dtype, device=device, attn_implementation=attn_implementation, **options)

@@ -1,16 +1,41 @@
 """What both stages need from any vision-language model, whatever its family.
 
-A family (LLaVA, MobileVLM V2) subclasses `VLM` and supplies four things: the vision encoder
-plus projector (`encode_images`), the Llama-style decoder without head (`language_model`),
-the head (`lm_head`), and save/load in its own on-disk layout. Everything the method needs
-on top of that is shared and lives here:
+A family (MobileVLM V2, LLaVA) is one module holding one subclass of `VLM`, plus one line in
+alignkd.models.FAMILIES. The subclass supplies what differs between families: loading its
+on-disk layout (`from_pretrained`) and saving it (`save_pretrained`), what a checkpoint is
+from its config files alone (`describe`), a random toy model for tests and the demo
+(`build_tiny`), its conversation templates (`templates`), the vision encoder plus projector
+(`encode_images`), the Llama-style decoder without head (`language_model`) and the head
+(`lm_head`). It may override the image preprocessing (`preprocess_images`), how the vision
+block enters the sequence (`inputs_embeds`) and the positions (`position_ids`). Everything the
+method needs on top of that is shared and lives here. With tiny random models:
 
-    vlm = load_vlm("path/to/checkpoint")                  # alignkd.models.load_vlm
-    batch = vlm.make_batch(samples, template="v1")        # see alignkd.data.templates
-    out = vlm(batch, tap_layers=(0,))
-    out.vision_features       # P: (B_img, N_v, D) projector output, spliced into the sequence
-    out.blocks[0].probs       # (B, H, Lq, N_v) layer-0 text-query x vision-key attention
-    vlm.logits(out.hidden[batch.response_mask])           # logits only where needed
+>>> from alignkd.data.batching import make_batch
+>>> from alignkd.data.shards import read_samples
+>>> from alignkd.data.synthetic import make_demo_data
+>>> from alignkd.models import load_vlm
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models")                 # teacher and student, MobileVLM layout
+>>> _ = make_demo_data("data", n_train=4, n_val=1, n_test=1)
+>>> samples, _ = read_samples("data/train", limit=2)
+>>> vlm = load_vlm(paths["teacher"])
+>>> batch, skipped = make_batch(vlm, samples, template="v1", max_length=512)
+>>> out = vlm(batch, tap_layers=(0,))
+>>> out.vision_features.shape      # P: (B_img, N_v, D) projector output, spliced into the sequence
+torch.Size([2, 9, 128])
+>>> block = out.blocks[0].probs    # (B, H, Lq, N_v) layer-0 text-query x vision-key attention
+>>> B, H, Lq, N_v = block.shape   # Lq: the text positions after the image (the longest sample's)
+>>> B, H, N_v
+(2, 8, 9)
+
+Logits only where needed: the token at position t is predicted from the hidden state at t - 1,
+so the response tokens' logits come from the positions just before them (as train.py takes them):
+
+>>> b, t = batch.response_mask.nonzero(as_tuple=True)
+>>> logits = vlm.logits(out.hidden[b, t - 1])        # (N_R, V)
+>>> logits.shape == (len(t), vlm.text_config.vocab_size)
+True
+>>> loss = torch.nn.functional.cross_entropy(logits, batch.input_ids[b, t])
 
 Vision positions are marked in `input_ids` by IMAGE_TOKEN (-200, as in MobileVLM), expanded to
 N_v copies by the template, so the block can sit anywhere in the sequence.
@@ -20,7 +45,8 @@ from __future__ import annotations
 
 import abc
 import inspect
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,14 +55,15 @@ from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
+from alignkd.data.batching import VLMBatch
+from alignkd.data.images import pad_to_square, preprocess_images
+from alignkd.data.templates import IMAGE_TOKEN, ConversationTemplate, choose_template
 from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
 
 __all__ = [
-    "IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "pad_to_square", "preprocess_images",
-    "clip_patch_features", "GenerationSettings",
+    "IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "CheckpointSummary", "pad_to_square",
+    "preprocess_images", "clip_patch_features", "GenerationSettings",
 ]
-
-IMAGE_TOKEN = -200
 
 
 class ModelError(ValueError):
@@ -44,36 +71,16 @@ class ModelError(ValueError):
 
 
 @dataclass
-class VLMBatch:
-    """A padded batch ready for `VLM.forward`.
+class CheckpointSummary:
+    """What a checkpoint's config says, without loading its weights (for size estimates)."""
 
-    input_ids: (B, T) long; IMAGE_TOKEN at vision positions, pad id at padding.
-    attention_mask: (B, T) long, 1 for real tokens.
-    response_mask: (B, T) bool, True at positions R (tokens the model is trained to produce).
-    vision_start: (B,) long, first vision position; -1 for text-only samples.
-    pixel_values: (B_img, 3, H, W), images of the samples with vision_start >= 0, in batch order.
-    """
-
-    keys: list[str]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    vision_start: torch.Tensor
+    family: str
     num_vision_tokens: int
-    pixel_values: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLMBatch:
-        moved = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                if f.name == "pixel_values" and dtype is not None:
-                    v = v.to(device=device, dtype=dtype)
-                else:
-                    v = v.to(device)
-            moved[f.name] = v
-        return VLMBatch(**moved)
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    vocab_size: int
+    tokenizer: Any
 
 
 @dataclass
@@ -133,27 +140,6 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def pad_to_square(image: Image.Image, fill: tuple[float, float, float]) -> Image.Image:
-    """Pad to a centred square with `fill` (the processor's mean colour, 0..1), as MobileVLM's `pad`."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    colour = tuple(int(c * 255) for c in fill)  # truncation, as the authors' expand2square
-    canvas = Image.new(image.mode, (side, side), colour)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas
-
-
-def preprocess_images(images: list[Image.Image], image_processor: Any, pad_images: bool) -> torch.Tensor:
-    """RGB, padded to square with the processor's mean colour when the model was trained so
-    (MobileVLM's image_aspect_ratio "pad"), then the CLIP processor: (N, 3, S, S) float32."""
-    images = [im.convert("RGB") for im in images]  # greyscale / palette / alpha images
-    if pad_images:
-        images = [pad_to_square(im, tuple(image_processor.image_mean)) for im in images]
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-
 def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> torch.Tensor:
     """CLIP features of one hidden layer (MobileVLM and LLaVA-1.5 both take layer -2), CLS dropped.
 
@@ -180,7 +166,8 @@ def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int
 class VLM(nn.Module, abc.ABC):
     """A vision-language model as Align-KD sees it. Subclasses set the attributes below."""
 
-    family: ClassVar[str]
+    family: ClassVar[str]  # config.json's model_type, the family's key in alignkd.models.FAMILIES
+    templates: ClassVar[Mapping[str, ConversationTemplate]]  # by name (data.template picks one)
     language_model: nn.Module  # Llama-style decoder: inputs_embeds -> last_hidden_state
     lm_head: nn.Module
     vision_tower: nn.Module  # the vision encoder (frozen in MobileVLM V2's recipe)
@@ -188,7 +175,52 @@ class VLM(nn.Module, abc.ABC):
     image_processor: Any
     pad_images: bool = True  # MobileVLM's image_aspect_ratio == "pad"
 
-    # --- family-specific -------------------------------------------------------------
+    # --- family-specific: checkpoints ------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_implementation: str = "tap",
+        **options: Any,
+    ) -> VLM:
+        """Load a checkpoint folder of this family, in eval mode. attn_implementation: "tap"
+        (fused SDPA plus the q/k capture of models/tap.py), "eager" (transformers' eager
+        attention, for tests against its weights) or "sdpa". `options` are the family's own
+        (MobileVLM: vision_tower, the local CLIP folder)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def describe(cls, path: Path) -> CheckpointSummary:
+        """Shapes and tokenizer of a checkpoint folder of this family, from its config and
+        tokenizer files alone (no weights are read)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
+                   image_processor: Any, seed: int) -> VLM:
+        """A randomly initialised toy model, seeded (alignkd.models.tiny saves them for the demo
+        and the tests). `text` is the decoder's shape as LlamaConfig keywords, `vision` the
+        tower's as CLIPVisionConfig keywords, the same for every family; role is "teacher" or
+        "student"."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the family's own layout, loadable by `from_pretrained` (and by the family's code)."""
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """What makes this model this model: family, path, config hash, weights fingerprint."""
+
+    @classmethod
+    def template(cls, name: str) -> ConversationTemplate:
+        """The family's conversation template `name`; a TemplateError listing them otherwise."""
+        return choose_template(cls.templates, name, cls.family)
+
+    # --- family-specific: the model --------------------------------------------------
     @abc.abstractmethod
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B_img, 3, H, W) -> projector output P (B_img, N_v, D)."""
@@ -206,13 +238,6 @@ class VLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def text_config(self) -> Any:
         """The decoder's config (hidden_size, num_attention_heads, num_hidden_layers, vocab_size)."""
-
-    @abc.abstractmethod
-    def save_pretrained(self, path: str | Path) -> None: ...
-
-    @abc.abstractmethod
-    def identity(self) -> dict[str, Any]:
-        """What makes this model this model: family, path, config hash, weights fingerprint."""
 
     # --- shared ----------------------------------------------------------------------
     @property
@@ -236,7 +261,13 @@ class VLM(nn.Module, abc.ABC):
         self.language_model.config._attn_implementation = TAP_ATTN
 
     def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """(N, 3, S, S) pixel values for `encode_images`."""
         return preprocess_images(images, self.image_processor, self.pad_images)
+
+    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) rotary positions. They count real tokens only, so left padding does not
+        shift rotary phases."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
@@ -262,8 +293,7 @@ class VLM(nn.Module, abc.ABC):
 
     def forward(self, batch: VLMBatch, tap_layers: tuple[int, ...] | list[int] = ()) -> VLMOutput:
         embeds, feats = self.inputs_embeds(batch)
-        # Positions count real tokens only, so left padding does not shift rotary phases.
-        position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = self.position_ids(batch.attention_mask)
         with capture_qk(tap_layers) as cap:
             out = self.language_model(
                 inputs_embeds=embeds,
@@ -307,7 +337,7 @@ class VLM(nn.Module, abc.ABC):
         eos = self.tokenizer.eos_token_id
         mask = batch.attention_mask
         embeds, _ = self.inputs_embeds(batch)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = self.position_ids(mask)
         # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`
         name = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
         cache = {name: DynamicCache(config=self.text_config)}  # filled in place by each forward

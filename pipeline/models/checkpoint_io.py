@@ -1,12 +1,19 @@
 """Reading and writing checkpoint weights, and the hashes that identify a checkpoint.
 
-Shared by the model families. Reads the four layouts a Hugging Face style folder can hold,
+Shared by the model families. Reads the four layouts a Hugging Face style folder can hold
+(`load_state_dict("checkpoints/MobileVLM_V2-1.7B")` reads the authors' `pytorch_model.bin`),
 preferring safetensors, and never runs a full unpickle on a `.bin` file:
 
-    state, files = load_state_dict("checkpoints/MobileVLM_V2-1.7B")  # {name: tensor}, files read
-    save_safetensors(state, "out/", max_shard_bytes=5 * 2**30)      # shards + index when asked
-    config_hash(config_dict)          # sha256 of the canonical JSON
-    weights_fingerprint(files)        # sha256 over every file's name, size and content
+>>> state = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
+>>> [p.name for p in save_safetensors(state, "ckpt", max_shard_bytes=24)]   # shards + index when asked
+['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+>>> loaded, files = load_state_dict("ckpt")          # {name: tensor}, the files read
+>>> sorted(loaded), len(files)
+(['b', 'w'], 2)
+>>> len(config_hash({"model_type": "llava"}))        # sha256 of the canonical JSON
+64
+>>> len(weights_fingerprint(files))                  # sha256 over every file's name, size and content
+64
 
 A folder that holds no weights, an index that names a missing shard, or a `.bin` that is not a
 plain tensor checkpoint raises `ModelError` (one line, naming the file).

@@ -1,11 +1,16 @@
 """The LLaVA family: transformers' `LlavaForConditionalGeneration` (LLaVA-1.5 and relatives)
 from a local folder, seen through the `VLM` interface.
 
-    vlm = LlavaVLM.from_pretrained("/models/llava-1.5-7b-hf")
-
 We reuse transformers' modules and on-disk layout as they are, and only take over the
 splicing of image features (by IMAGE_TOKEN positions, see models/base.py) so that both
-families share one forward with the layer-0 tap.
+families share one forward with the layer-0 tap. `LlavaVLM.from_pretrained("/models/llava-1.5-7b-hf")`
+loads the real model; a tiny one:
+
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models", family="llava")
+>>> vlm = LlavaVLM.from_pretrained(paths["teacher"])
+>>> vlm.num_vision_tokens, vlm.hidden_size             # 6 x 6 CLIP patches, CLS dropped
+(36, 128)
 """
 
 from __future__ import annotations
@@ -16,17 +21,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from alignkd.models.base import VLM, ModelError, clip_patch_features
+from alignkd.models.base import VLM, CheckpointSummary, ModelError, clip_patch_features
 from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
+from alignkd.models.vicuna import VICUNA_TEMPLATES
 
 __all__ = ["LlavaVLM"]
 
 
 class LlavaVLM(VLM):
     family = "llava"
+    templates = VICUNA_TEMPLATES
 
     def __init__(self, hf: LlavaForConditionalGeneration, tokenizer: Any, image_processor: Any, *,
                  path: str | Path | None = None, pad_images: bool = True):
@@ -100,6 +107,27 @@ class LlavaVLM(VLM):
         vlm = cls(LlavaForConditionalGeneration(config), tokenizer, image_processor)
         vlm.use_tap_attention()
         return vlm
+
+    @classmethod
+    def describe(cls, path: Path) -> CheckpointSummary:
+        llava = LlavaConfig.from_pretrained(path)
+        text, vc = llava.text_config, llava.vision_config
+        nv = (vc.image_size // vc.patch_size) ** 2 + (llava.vision_feature_select_strategy != "default")
+        return CheckpointSummary(cls.family, nv, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
+                                 text.vocab_size, AutoTokenizer.from_pretrained(path))
+
+    @classmethod
+    def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
+                   image_processor: Any, seed: int) -> LlavaVLM:
+        """8-pixel patches: LLaVA has no pooling layer, so 4-pixel ones would give 144 vision
+        tokens and slow the tests that use these models. The teacher uses grouped-query
+        attention so the tap's K/V head expansion is exercised."""
+        kv = text["num_attention_heads"] // (2 if role == "teacher" else 1)
+        config = LlavaConfig(vision_config=CLIPVisionConfig(**{**vision, "patch_size": 8}),
+                             text_config=LlamaConfig(**{**text, "num_key_value_heads": kv}),
+                             image_token_index=tokenizer.unk_token_id, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default")
+        return cls.from_configs(config, tokenizer=tokenizer, image_processor=image_processor, seed=seed)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)

@@ -2,13 +2,20 @@
 
 Loads the authors' checkpoints as published (`mtgv/MobileVLM_V2-1.7B`, `-7B`: `model_type:
 "mobilevlm"`, which transformers' Auto classes cannot read) and saves in the same layout, so
-a distilled student can be used by the authors' code too:
+a distilled student can be used by the authors' code too. With the real 7B model,
+`MobileVLM.from_pretrained("ckpt/MobileVLM_V2-7B", vision_tower="ckpt/clip-vit-large-patch14-336",
+dtype=torch.bfloat16, device="cuda")` projects an image to (1, 144, 4096); with a tiny one:
 
-    vlm = MobileVLM.from_pretrained("ckpt/MobileVLM_V2-7B", vision_tower="ckpt/clip-vit-large-patch14-336",
-                                    dtype=torch.bfloat16, device="cuda")
-    P = vlm.encode_images(vlm.preprocess_images([image]))   # (1, 144, 4096)
-    vlm.save_pretrained("out/student")                      # config.json, model.safetensors,
-                                                            # tokenizer, vision_tower/ (configs)
+>>> from PIL import Image
+>>> from alignkd.models.tiny import write_tiny_models
+>>> paths = write_tiny_models("models", family="mobilevlm")
+>>> vlm = MobileVLM.from_pretrained(paths["teacher"])   # CLIP configs: the checkpoint's vision_tower/
+>>> P = vlm.encode_images(vlm.preprocess_images([Image.new("RGB", (64, 48), "red")]))
+>>> tuple(P.shape)                                      # (B_img, grid * grid, D)
+(1, 9, 128)
+>>> vlm.save_pretrained("out/student")                 # the authors' layout, CLIP configs in vision_tower/
+>>> sorted(p.name for p in Path("out/student").iterdir())
+['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'vision_tower']
 
 The checkpoint's `mm_vision_tower` names the CLIP model by its hub name; nothing is fetched,
 so its local folder (config.json + preprocessor_config.json) is found in this order: the
@@ -49,9 +56,10 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from alignkd.models.base import VLM, ModelError, clip_patch_features
+from alignkd.models.base import VLM, CheckpointSummary, ModelError, clip_patch_features
 from alignkd.models.checkpoint_io import config_hash, load_state_dict, save_safetensors, weights_fingerprint
 from alignkd.models.tap import TAP_ATTN
+from alignkd.models.vicuna import VICUNA_TEMPLATES
 
 __all__ = ["LDPv2Projector", "MobileVLM"]
 
@@ -140,6 +148,7 @@ class MobileVLM(VLM):
     """A MobileVLM V2 checkpoint; see the module docstring for loading and the layout."""
 
     family = "mobilevlm"
+    templates = VICUNA_TEMPLATES
 
     def __init__(
         self,
@@ -319,6 +328,26 @@ class MobileVLM(VLM):
             )
         model._set_attention(attn_implementation)
         return model.eval()
+
+    @classmethod
+    def describe(cls, path: Path) -> CheckpointSummary:
+        config_file = path / "config.json"
+        config = json.loads(config_file.read_text())
+        text = _llama_config(config, config_file)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=text)  # see from_pretrained
+        grid = config.get("alignkd_projector_grid", DEFAULT_GRID)
+        return CheckpointSummary(cls.family, grid**2, text.hidden_size, text.num_attention_heads,
+                                 text.num_hidden_layers, text.vocab_size, tokenizer)
+
+    @classmethod
+    def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
+                   image_processor: Any, seed: int) -> MobileVLM:
+        """The CLIP patches pooled to 3 x 3 = 9 vision tokens: one token per cell of the demo's
+        3 x 3 scene grid, so "which token to look at" is exactly "which cell"."""
+        return cls.from_configs(LlamaConfig(**text), CLIPVisionConfig(**vision), tokenizer=tokenizer,
+                                image_processor=image_processor, projector_grid=3,
+                                mm_vision_tower="alignkd/clip-tiny",  # a hub-style name, as the real configs carry
+                                seed=seed)
 
     def _load_weights(self, mapped: dict[str, torch.Tensor], origin: dict[str, str], label: str) -> None:
         expected = self.state_dict()

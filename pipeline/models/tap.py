@@ -5,12 +5,21 @@ probabilities (ALIGN_KD.md, L_attn). transformers returns no attention weights u
 attention (SDPA, flash), and eager attention materialises every layer's full T x T map. So we
 keep SDPA for the forward itself and, for the few layers asked for, record that layer's
 queries and keys (after rotary embedding, exactly what the kernel sees) and rebuild only the
-rows we need:
+rows we need. The model adapters switch their decoder to TAP_ATTN (`VLM.use_tap_attention`)
+and `VLM.forward` does the rest; by hand, with positions 1..3 of a tiny decoder's input taken
+as the vision block:
 
-    model.set_attn_implementation(TAP_ATTN)        # done once by the model adapters
-    with capture_qk(layers=(0,)) as cap:
-        lm(inputs_embeds=..., attention_mask=..., position_ids=...)
-    block = text_vision_block(cap.queries[0], cap.keys[0], cap.scaling[0], ...)
+>>> from alignkd.models import load_vlm
+>>> from alignkd.models.tiny import write_tiny_models
+>>> lm = load_vlm(write_tiny_models("models")["teacher"]).language_model
+>>> lm.config._attn_implementation == TAP_ATTN
+True
+>>> ids, mask = torch.tensor([[1, 5, 6, 7, 8, 9]]), torch.ones(1, 6, dtype=torch.long)
+>>> with capture_qk(layers=(0,)) as cap:
+...     _ = lm(inputs_embeds=lm.embed_tokens(ids), attention_mask=mask, position_ids=torch.arange(6)[None])
+>>> block = text_vision_block(cap.queries[0], cap.keys[0], cap.scaling[0], mask, torch.tensor([1]), num_vision=3)
+>>> block.probs.shape          # (B, H, Lq, Nv): the queries at positions 4 and 5, onto keys 1..3
+torch.Size([1, 8, 2, 3])
 
 The captured tensors are the live ones, so the block carries gradients to the layer's
 q_proj / k_proj weights (needed for the student side of L_attn).

@@ -481,8 +481,8 @@ def test_extraction_caches_exactly_the_usable_samples_and_records_every_other_wi
                 assert skipped[decoded.key] == decoded.reason
                 continue
             try:
-                enc = encode(decoded.conversations, template="v1", tokenizer=worker.vlm.tokenizer,
-                             num_vision_tokens=meta.num_vision_tokens, max_length=80,
+                enc = encode(decoded.conversations, template=worker.vlm.template("v1"),
+                             tokenizer=worker.vlm.tokenizer, num_vision_tokens=meta.num_vision_tokens, max_length=80,
                              has_image=decoded.image is not None, key=decoded.key)
             except TemplateError as err:
                 assert skipped[decoded.key] == str(err) and "\n" not in str(err)
