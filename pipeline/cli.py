@@ -227,7 +227,7 @@ def _print_probe(rows, skipped, as_json: bool) -> None:
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
               help="Student runs trained at once, one thread each; 0 = one per CPU core (at most 4).")
 @click.option("--retrain-teacher", is_flag=True,
-              help="Train the demo teacher here instead of using the committed one (about 25 minutes on 2 cores).")
+              help="Train the demo teacher here instead of using the committed one (about 30 minutes alone on 2 cores).")
 def demo_cmd(out: str, full: bool, seed: int, workers: int, retrain_teacher: bool) -> None:
     """The whole pipeline on the embedded default: synthetic data, tiny models, CPU (alignkd.demo)."""
     from alignkd.demo import DemoArgs, run_demo

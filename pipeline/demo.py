@@ -68,7 +68,7 @@ class DemoArgs:
 
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    n_train: int = 2000  # the students' training set (and the cache's): an eighth of what the teacher saw
+    n_train: int = 2000  # the students' training set (and the cache's): a sixteenth of what the teacher saw
     n_teacher_train: int = 32000  # the teacher's, a superset; only read with retrain_teacher
     n_val: int = 500  # about 370 questions to choose settings on
     n_test: int = 2800  # about 2150 questions (a quarter of the samples are captions)
@@ -412,15 +412,26 @@ def _report(out: Path, teacher: Path, runs: dict[str, list[Path]], args: DemoArg
             "test_loss_mean": statistics.fmean(a["loss"] for a in accs),
             "attention_ratio_mean": statistics.fmean(a["attention_ratio"] for a in accs),
         }
-    if "ce" in variants:  # every variant against CE-only, seed by seed (same start and data order)
-        for variant, v in variants.items():
-            if variant != "ce":
-                v["vs_ce"] = paired_difference(v["accuracy_by_seed"], variants["ce"]["accuracy_by_seed"])
+    _pair(variants)
     return {"teacher": {"accuracy": t["accuracy"], "by_task": t["accuracy_by_task"], "test_loss": t["loss"],
                         "attention_ratio": t["attention_ratio"]},
             "teacher_image_blind": {"accuracy": blind["accuracy"], "by_task": blind["accuracy_by_task"]},
             "chance": chance, "test_questions": t["answered"], "variants": variants,
             "seeds": args.seeds, "n_train": args.n_train}
+
+
+def _pair(variants: dict[str, dict[str, Any]]) -> None:
+    """Add each variant's paired differences (seed by seed: same start and data order): "vs_ce"
+    against CE only, and for the --full variants "vs_alignkd" against Align-KD with the defaults
+    (what removing or changing a term costs)."""
+    if "ce" in variants:  # every variant against CE-only, seed by seed (same start and data order)
+        for variant, v in variants.items():
+            if variant != "ce":
+                v["vs_ce"] = paired_difference(v["accuracy_by_seed"], variants["ce"]["accuracy_by_seed"])
+    if "alignkd" in variants:  # each --full variant against Align-KD with the defaults: what removing a term costs
+        for variant, v in variants.items():
+            if variant not in ("ce", "logit", "alignkd"):
+                v["vs_alignkd"] = paired_difference(v["accuracy_by_seed"], variants["alignkd"]["accuracy_by_seed"])
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (standard tables).
@@ -469,6 +480,13 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += ["", "Paired by seed (same student start and data order), each variant minus CE only:", "",
                   "| variant | mean difference | 95% interval | seeds |", "|---|---|---|---|"]
         for name, d in paired.items():
+            lines.append(f"| {name} | {d['mean']:+.3f} | [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] | {d['n']} |")
+    against = {name: v["vs_alignkd"] for name, v in r["variants"].items() if "vs_alignkd" in v}
+    if against:
+        lines += ["", "Paired by seed, each `--full` variant minus Align-KD with the defaults (below zero: the "
+                  "term it removes or changes helps):", "",
+                  "| variant | mean difference | 95% interval | seeds |", "|---|---|---|---|"]
+        for name, d in against.items():
             lines.append(f"| {name} | {d['mean']:+.3f} | [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}] | {d['n']} |")
     if "seconds" in r:
         lines += ["", f"Measured run time: {r['seconds']:.0f} s."]

@@ -189,3 +189,25 @@ def test_the_teacher_is_rebuilt_bit_for_bit_and_its_sha256_reported(tmp_path, mo
     monkeypatch.setattr(demo, "DEMO_TEACHER", first)
     assert demo._compared_with_committed(again).endswith("bit for bit the committed teacher")
     assert "differs from the committed teacher's" in demo._compared_with_committed(other)
+
+
+def test_full_variants_are_paired_against_alignkd_and_the_baselines_against_ce_only():
+    import alignkd.demo as demo
+
+    def variant(accs):
+        return {"accuracy_by_seed": accs, "accuracy_mean": sum(accs) / len(accs), "accuracy_std": 0.0,
+                "by_task_mean": {"colour": 0.5}, "attention_ratio_mean": 1.0}
+
+    variants = {"ce": variant([0.2, 0.3, 0.25]), "logit": variant([0.25, 0.3, 0.3]),
+                "alignkd": variant([0.5, 0.6, 0.55]), "ablate_no_attn": variant([0.4, 0.6, 0.5])}
+    demo._pair(variants)
+    assert "vs_ce" not in variants["ce"] and "vs_alignkd" not in variants["logit"]
+    assert variants["alignkd"]["vs_ce"]["mean"] == pytest.approx(0.3)
+    no_attn = variants["ablate_no_attn"]["vs_alignkd"]  # differences -0.1, 0, -0.05
+    assert no_attn["mean"] == pytest.approx(-0.05) and no_attn["std"] == pytest.approx(0.05)
+    assert no_attn["ci95_low"] == pytest.approx(-0.05 - 4.303 * 0.05 / 3 ** 0.5)
+    report = {"teacher": {"accuracy": 0.9, "by_task": {"colour": 1.0}, "attention_ratio": 7.0},
+              "teacher_image_blind": {"accuracy": 0.2, "by_task": {"colour": 0.2}}, "chance": 0.2,
+              "test_questions": 3, "variants": variants, "seeds": [0, 1, 2], "n_train": 8}
+    table = demo._markdown(report).split("minus Align-KD with the defaults")[1]
+    assert "| ablate_no_attn | -0.050 | [-0.174, +0.074] | 3 |" in table and "| logit |" not in table
