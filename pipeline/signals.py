@@ -26,7 +26,8 @@ from alignkd.cache.records import SampleSignals
 from alignkd.data.shards import Sample, sample_fingerprint
 from alignkd.models.base import VLM, VLMBatch, VLMOutput
 
-__all__ = ["teacher_signals", "topk_with_tail", "sample_fingerprint", "tokenizer_hash", "image_preprocessing"]
+__all__ = ["teacher_signals", "topk_with_tail", "sample_fingerprint", "tokenizer_hash", "image_preprocessing",
+           "image_view"]
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -48,6 +49,22 @@ def image_preprocessing(vlm: VLM) -> dict[str, Any]:
         "size": dict(proc.size) if proc.size else None,
         "crop_size": dict(proc.crop_size) if getattr(proc, "crop_size", None) else None,
     }
+
+
+def image_view(preprocessing: dict[str, Any]) -> dict[str, Any]:
+    """What part of an image the vision tokens cover, from an `image_preprocessing` record:
+    padded to a square or not, and the fraction of the resized image a centre crop keeps
+    (height, width; 1.0 without a crop). Teacher and student must agree on it for their
+    vision tokens to mean the same regions; mean, std and resolution may differ."""
+    size, crop = preprocessing.get("size") or {}, preprocessing.get("crop_size") or {}
+    edge = size.get("shortest_edge")
+    if crop and edge:
+        fraction = [crop["height"] / edge, crop["width"] / edge]
+    elif crop and {"height", "width"} <= size.keys():
+        fraction = [crop["height"] / size["height"], crop["width"] / size["width"]]
+    else:
+        fraction = [1.0, 1.0]
+    return {"pad_to_square": preprocessing.get("pad_to_square"), "crop_fraction": [round(f, 6) for f in fraction]}
 
 
 def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

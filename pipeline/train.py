@@ -178,7 +178,7 @@ class TrainArgs:
 def verify_cache(cache: Any, student: VLM, args: TrainArgs) -> None:
     """Every reason this cache cannot serve this job and student, as one ValueError."""
     from alignkd.data.shards import expand_shards
-    from alignkd.signals import tokenizer_hash
+    from alignkd.signals import image_preprocessing, image_view, tokenizer_hash
 
     meta, loss = cache.meta, args.loss
     problems = []
@@ -195,9 +195,17 @@ def verify_cache(cache: Any, student: VLM, args: TrainArgs) -> None:
     if meta.max_length != args.data.max_length:
         problems.append(f"max_length: cache {meta.max_length}, job {args.data.max_length}")
     if meta.tokenizer_hash != tokenizer_hash(student.tokenizer):
-        problems.append("tokenizer: the student's tokenizer is not the one the teacher's ids were made with")
+        vocab = (meta.teacher.vocab_size, student.text_config.vocab_size)
+        sizes = f" (vocabulary {vocab[0]} in the teacher, {vocab[1]} in the student)" if vocab[0] != vocab[1] else ""
+        problems.append(f"tokenizer: the student's tokenizer is not the one the teacher's ids were made with{sizes}; "
+                        "the token ids and the logit term need one tokenizer")
     if meta.num_vision_tokens != student.num_vision_tokens:
         problems.append(f"vision tokens: cache {meta.num_vision_tokens}, student {student.num_vision_tokens}")
+    teacher_view, student_view = image_view(meta.image_preprocessing), image_view(image_preprocessing(student))
+    if teacher_view != student_view:
+        differ = ", ".join(f"{k} {teacher_view[k]} (teacher) vs {student_view[k]} (student)"
+                           for k in teacher_view if teacher_view[k] != student_view[k])
+        problems.append(f"image geometry: {differ}; the vision tokens would not cover the same image regions")
     if loss.attn > 0:
         if loss.attn_layer not in meta.layers:
             problems.append(f"loss.attn_layer {loss.attn_layer}: cache holds layers {list(meta.layers)}")

@@ -19,7 +19,7 @@ from alignkd.losses import logit_kl
 from alignkd.models import ModelArgs, load_vlm
 from alignkd.train import LossArgs, OptimArgs, RunArgs, TrainArgs, train
 from conftest import build_cache
-from reliability_report import injected
+from reliability_report import injected, tried
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +357,31 @@ def test_the_paper_raw_mse_attention_term_draws_a_warning_that_it_is_off(tiny_mo
     logged = [w for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               for w in json.loads(line).get("warnings", [])]
     assert logged == warnings
+
+
+def test_image_view_is_what_part_of_the_image_the_vision_tokens_cover():
+    from alignkd.signals import image_view
+
+    clip = {"pad_to_square": True, "size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
+    assert image_view(clip) == {"pad_to_square": True, "crop_fraction": [1.0, 1.0]}
+    # another resolution, the same view: only the regions must match, not the pixels
+    assert image_view({**clip, "size": {"shortest_edge": 384}, "crop_size": {"height": 384, "width": 384}}) == \
+        image_view(clip)
+    assert image_view({**clip, "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}) == \
+        {"pad_to_square": True, "crop_fraction": [0.875, 0.875]}
+    assert image_view({"pad_to_square": False, "size": {"height": 48, "width": 48}, "crop_size": None}) == \
+        {"pad_to_square": False, "crop_fraction": [1.0, 1.0]}
+
+
+@pytest.mark.bad_input
+def test_a_student_that_sees_other_image_regions_than_the_teacher_is_refused(tiny_models, demo_data, cache, tmp_path):
+    tried()
+    student = tmp_path / "student"
+    shutil.copytree(tiny_models["mobilevlm"]["student"], student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "image_aspect_ratio": "square"}))  # not padded
+    args = dataclasses.replace(_args(tiny_models, demo_data, cache, tmp_path / "r"),
+                               student=ModelArgs(path=str(student), device="cpu"))
+    with pytest.raises(ValueError, match=r"image geometry: pad_to_square True \(teacher\) vs False \(student\)"):
+        _quiet(args)
+    assert not (tmp_path / "r" / "checkpoints").exists()
