@@ -44,6 +44,7 @@ from typing import Any
 from PIL import Image
 
 from alignkd.data.shards import (
+    IMAGE_FORMATS,
     MAX_PIXELS,
     BadSample,
     check_conversations,
@@ -134,13 +135,14 @@ def _image_file(image_root: pathlib.Path, name: Any) -> pathlib.Path:
 
 
 def _image_member(path: pathlib.Path) -> tuple[str, bytes]:
-    """(extension, bytes) for an image file: JPEG and PNG as-is, other formats as PNG."""
+    """(extension, bytes) for an image file: JPEG and PNG as-is, the other IMAGE_FORMATS as PNG;
+    anything else (EPS, whose PIL plugin would start Ghostscript on the file) does not decode."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise _Skip(f"image file unreadable: {err.strerror}") from None
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         if image.format == "JPEG":
             return "jpg", data
         if image.format == "PNG":

@@ -183,3 +183,19 @@ def test_a_file_that_is_not_a_json_list_raises_a_one_line_error_naming_the_file(
 def test_safe_keys_replace_every_character_outside_letters_digits_dash_and_underscore():
     assert safe_key("000000033471") == "000000033471"
     assert safe_key("a/b.c d:é-_") == "a_b_c_d__-_"
+
+
+@pytest.mark.bad_input
+def test_an_eps_image_file_is_skipped_without_reaching_its_pil_plugin(tmp_path):
+    """PIL opens EPS and would start Ghostscript on it to read the pixels."""
+    tried()
+    root = tmp_path / "images"
+    save(root / "a.png", pixels(1), "PNG")
+    (root / "page.eps").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n%%EndComments\nshowpage\n%%EOF\n")
+    records = [{"id": "good", "image": "a.png", "conversations": turns(ASK)},
+               {"id": "eps", "image": "page.eps", "conversations": turns(ASK)}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    report = make_shards(tmp_path / "data.json", root, tmp_path / "out")
+    assert report.written == 1 and report.skipped_by_reason == {"image does not decode": 1}
+    skipped = [json.loads(line) for line in report.skipped_file.read_text().splitlines()]
+    assert "UnidentifiedImageError" in skipped[0]["reason"]
