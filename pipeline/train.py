@@ -77,8 +77,8 @@ from alignkd.models import ModelArgs, load_model
 from alignkd.models.base import VLM, VLMBatch
 from alignkd.progress import progress_bar
 
-__all__ = ["OptimArgs", "LossArgs", "RunArgs", "TrainArgs", "train", "compute_losses", "build_adapters", "verify_cache",
-           "TERMS"]
+__all__ = ["OptimArgs", "LossArgs", "RunArgs", "TrainArgs", "train", "compute_losses", "build_adapters",
+           "check_cache_serves", "TERMS"]
 
 TERMS = ("sup", "logit", "attn", "v_all", "v_focus")
 
@@ -175,7 +175,7 @@ class TrainArgs:
 
 
 # --- 1. verification --------------------------------------------------------------------------
-def verify_cache(cache: Any, student: VLM, args: TrainArgs) -> None:
+def check_cache_serves(cache: Any, student: VLM, args: TrainArgs) -> None:
     """Every reason this cache cannot serve this job and student, as one ValueError."""
     from alignkd.data.shards import expand_shards
     from alignkd.signals import image_preprocessing, image_view, tokenizer_hash
@@ -227,9 +227,9 @@ def verify_cache(cache: Any, student: VLM, args: TrainArgs) -> None:
             problems.append(f"data: {Path(shard.input_shard).name} is {here} bytes, the cache saw {shard.input_size} (changed)")
     # Damage, cheaply: each shard's files listed and sized against the list it wrote, no
     # hashing (a paper-scale cache is terabytes); the reader hashes each chunk as it reads it.
-    from alignkd.cache.verify import verify_cache as verify_cache_files
+    from alignkd.cache.verify import verify_cache
 
-    damaged = sorted(verify_cache_files(cache.path, hashes=False).damaged.items())
+    damaged = sorted(verify_cache(cache.path, hashes=False).damaged.items())
     problems += [f"damaged shard {name}: {found[0]}" for name, found in damaged[:3]]
     if damaged:
         problems.append(f"{len(damaged)} damaged shard(s) in all (alignkd verify-cache {cache.path} lists them)")
@@ -397,7 +397,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     if args.run.gradient_checkpointing:
         student.language_model.activation_checkpointing_enable()
     if cache is not None:
-        verify_cache(cache, student, args)
+        check_cache_serves(cache, student, args)
         if procs.main:
             where = args.cache if "://" in args.cache else str(Path(args.cache).resolve())  # a URL stays one
             (run_dir / "cache.json").write_text(json.dumps(
