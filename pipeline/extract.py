@@ -28,7 +28,6 @@ sample of the data, without loading any teacher weights.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import os
 import time
 from collections import deque
@@ -39,7 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from alignkd import __version__
+from alignkd import __version__, faults
 from alignkd.cache_schemas import SCHEMA_VERSION, CacheMeta, CodecSpec, ShardMeta, TeacherInfo
 from alignkd.config import ConfigError, check_input_paths, to_dict
 from alignkd.data import DataArgs
@@ -51,16 +50,6 @@ from alignkd.progress import progress_bar
 __all__ = ["CacheArgs", "RayArgs", "ExtractArgs", "ExtractSummary", "ShardDone", "extract", "estimate_size",
            "placeable_workers", "plan_shards"]
 
-# Fault injection for tests (tests/test_extract.py, tests/test_faults.py), read by the workers;
-# never set in real runs. KILL: the worker SIGKILLs itself once, mid-shard, in the named shard.
-# WRITE, "{shard}:{fault}": once the shard's first arrays are on disk, its write fails as a full
-# disk ("enospc") or a permission error ("eacces") would, or hangs ("stall") so that a test can
-# SIGKILL the whole job while a half-written shard is on disk.
-# PUBLISH: the worker SIGKILLs itself once in the named shard, when the whole shard is written
-# (for a cache at a URL: uploaded) but not yet published (renamed in, or marked complete).
-_FAULT_KILL_ENV = "ALIGNKD_FAULT_KILL_WORKER_IN_SHARD"
-_FAULT_WRITE_ENV = "ALIGNKD_FAULT_WRITE"
-_FAULT_PUBLISH_ENV = "ALIGNKD_FAULT_KILL_BEFORE_PUBLISH"
 
 
 @dataclass
@@ -188,7 +177,7 @@ class TeacherWorker:
         args, vlm = self.args, self.vlm
         cache_root = _cache_root(args.cache.path)
         remove_partial_shard(cache_root, shard_name)  # an earlier, killed attempt at this shard
-        fault = os.environ.get(_FAULT_KILL_ENV) == shard_name and not _fault_done(cache_root, shard_name)
+        fault = faults.kill_armed(cache_root, shard_name)
 
         records, skipped, pending = [], [], []
         mislabelled = 0
@@ -216,69 +205,18 @@ class TeacherWorker:
             if len(pending) == args.data.batch_size:
                 run_batch()
                 if fault:  # tests: die for real, mid-shard, once
-                    _kill_once(cache_root, shard_name)
+                    faults.kill_once(cache_root, shard_name)
         if pending:
             run_batch()
         written = write_shard(cache_root, shard_name, records, skipped, meta=meta, input_shard=input_shard,
-                              input_size=os.path.getsize(input_shard), after_array=_write_fault(shard_name),
-                              before_publish=_publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
+                              input_size=os.path.getsize(input_shard), after_array=faults.write_fault(shard_name),
+                              before_publish=faults.publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
         return ShardDone(written, mislabelled)
 
 
 def _cache_root(path: str) -> Path | str:
     """A local cache as a Path; a URL stays a string (Path would fold its "//")."""
     return path.rstrip("/") if "://" in path else Path(path)
-
-
-# A fault marker `.fault-{shard}` in the cache root says the fault has fired: a restarted
-# worker must not fire it again.
-def _fault_done(cache_root: Path | str, shard_name: str) -> bool:
-    if isinstance(cache_root, Path):
-        return (cache_root / f".fault-{shard_name}").exists()
-    from alignkd.cache.remote import filesystem
-
-    fs, root = filesystem(cache_root)
-    fs.invalidate_cache(root)
-    return fs.exists(f"{root}/.fault-{shard_name}")
-
-
-def _kill_once(cache_root: Path | str, shard_name: str) -> None:
-    if isinstance(cache_root, Path):
-        (cache_root / f".fault-{shard_name}").touch()
-    else:
-        from alignkd.cache.remote import filesystem
-
-        fs, root = filesystem(cache_root)
-        fs.pipe_file(f"{root}/.fault-{shard_name}", b"")
-    os.kill(os.getpid(), 9)
-
-
-def _publish_fault(cache_root: Path | str, shard_name: str) -> Callable[[], None] | None:
-    """The _FAULT_PUBLISH_ENV fault for this shard, as a write_shard `before_publish` hook."""
-    if os.environ.get(_FAULT_PUBLISH_ENV) != shard_name or _fault_done(cache_root, shard_name):
-        return None
-    return lambda: _kill_once(cache_root, shard_name)
-
-
-def _write_fault(shard_name: str) -> Callable[[str], None] | None:
-    """The _FAULT_WRITE_ENV fault for this shard, as a write_shard `after_array` hook."""
-    target, _, fault = os.environ.get(_FAULT_WRITE_ENV, "").rpartition(":")
-    if target != shard_name:
-        return None
-    if fault not in ("enospc", "eacces", "stall"):
-        raise ValueError(f"{_FAULT_WRITE_ENV}: unknown fault {fault!r}")
-    written: list[str] = []
-
-    def inject(array: str) -> None:
-        written.append(array)
-        if len(written) < 3:  # a few arrays on disk first: a half-written shard
-            return
-        if fault == "stall":
-            time.sleep(600)
-        code = errno.ENOSPC if fault == "enospc" else errno.EACCES
-        raise OSError(code, f"{os.strerror(code)} (injected by {_FAULT_WRITE_ENV})")
-
-    return inject
 
 
 def _start_ray(args: RayArgs) -> bool:

@@ -17,7 +17,8 @@ from alignkd.cache_schemas import CacheSchemaError, CodecSpec
 from alignkd.data import DataArgs
 from alignkd.data.batching import make_batch
 from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
-from alignkd.extract import _FAULT_KILL_ENV, CacheArgs, ExtractArgs, RayArgs, estimate_size, extract
+from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, estimate_size, extract
+from alignkd.faults import KILL_ENV
 from alignkd.models import ModelArgs, load_vlm
 from alignkd.signals import teacher_signals
 from reliability_report import injected, tried
@@ -139,7 +140,7 @@ def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(ray_session, ref
     cache = tmp_path / "cache"
     victim = list_complete_shards(reference_cache)[1]
     # The environment reaches the workers: the local Ray was started by this process.
-    monkeypatch.setenv(_FAULT_KILL_ENV, victim)
+    monkeypatch.setenv(KILL_ENV, victim)
     injected("SIGKILL of one Ray worker mid-shard")
     import ray
 
@@ -237,7 +238,7 @@ def test_a_worker_that_dies_on_a_shard_with_no_restart_left_names_the_shard(ray_
     import ray
 
     victim = list_complete_shards(reference_cache)[0]
-    monkeypatch.setenv(_FAULT_KILL_ENV, victim)
+    monkeypatch.setenv(KILL_ENV, victim)
     injected("SIGKILL of a Ray worker with no restart left")
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # the workers get the env
@@ -248,6 +249,6 @@ def test_a_worker_that_dies_on_a_shard_with_no_restart_left_names_the_shard(ray_
             _run(args)
         assert victim not in list_complete_shards(tmp_path / "cache")
     finally:
-        monkeypatch.delenv(_FAULT_KILL_ENV)
+        monkeypatch.delenv(KILL_ENV)
         ray.shutdown()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -42,7 +42,8 @@ from alignkd.cache.reader import CacheReader
 from alignkd.cache.writer import init_cache, list_complete_shards, read_cache_meta, read_shard_meta
 from alignkd.cli import main
 from alignkd.config import load_job
-from alignkd.extract import _FAULT_WRITE_ENV, ExtractArgs, TeacherWorker, _cache_meta, plan_shards
+from alignkd.extract import ExtractArgs, TeacherWorker, _cache_meta, plan_shards
+from alignkd.faults import WRITE_ENV
 from reliability_report import injected
 
 CLI = [sys.executable, "-c", "from alignkd.cli import main; main()"]
@@ -194,19 +195,19 @@ def test_a_full_disk_then_a_sigkill_of_the_whole_extract_job_then_a_rerun_give_t
     shards = cache / "shards"
 
     # 1. ENOSPC, set before the job starts its local Ray, whose workers inherit it
-    monkeypatch.setenv(_FAULT_WRITE_ENV, "shard-000001:enospc")
+    monkeypatch.setenv(WRITE_ENV, "shard-000001:enospc")
     injected("disk full (ENOSPC) while a shard is written")
     result = CliRunner().invoke(main, ["extract-teacher", "--job", str(job), "--no-progress"])
     assert result.exit_code == 2
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "shard shard-000001 failed" in errors[0] and "No space left on device" in errors[0]
     assert sorted(p.name for p in shards.iterdir()) == ["shard-000000", "zarr.json"]  # no half shard
-    monkeypatch.delenv(_FAULT_WRITE_ENV)
+    monkeypatch.delenv(WRITE_ENV)
 
     # 2. the worker stalls once shard-000002's first arrays are on disk; then kill -9 the command
     log = tmp_path / "killed.log"
     proc, marker = _spawn(["extract-teacher", "--job", str(job), "--no-progress"], log,
-                          **{_FAULT_WRITE_ENV: "shard-000002:stall"})
+                          **{WRITE_ENV: "shard-000002:stall"})
 
     def half_written() -> list[Path]:
         return [p for p in shards.iterdir() if p.name.startswith(".shard-000002.tmp-")]
@@ -248,7 +249,7 @@ def test_a_permission_error_while_a_shard_is_written_leaves_no_half_shard_and_a_
         plan = plan_shards(args.data.shards)
         worker.process_shard(*plan[0], meta)
         if when == "while writing":
-            monkeypatch.setenv(_FAULT_WRITE_ENV, "shard-000001:eacces")
+            monkeypatch.setenv(WRITE_ENV, "shard-000001:eacces")
         else:
             rename = os.rename
 

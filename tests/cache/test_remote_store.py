@@ -391,12 +391,12 @@ def test_a_worker_killed_between_upload_and_marker_leaves_a_partial_shard_that_t
         url_cache, tiny_models, demo_data, tmp_path, monkeypatch):
     import ray
 
-    from alignkd.extract import _FAULT_PUBLISH_ENV
+    from alignkd.faults import PUBLISH_ENV
 
     url = f"file://{tmp_path}/cache"
     victim = list_complete_shards(url_cache)[1]
     # The environment reaches the workers only through a Ray started after it is set.
-    monkeypatch.setenv(_FAULT_PUBLISH_ENV, victim)
+    monkeypatch.setenv(PUBLISH_ENV, victim)
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     injected("SIGKILL of a Ray worker between a shard's upload and its marker")
