@@ -122,7 +122,8 @@ BOOKKEEPING_FIELDS = ("created", "job", "alignkd_version", "teacher.path")
 """CacheMeta fields that may differ between two runs writing into the same cache (see above)."""
 
 IMAGE_TOKEN = -200
-"""The id at vision positions of the stored input_ids (the same as alignkd.models.IMAGE_TOKEN)."""
+"""The id at vision positions of input_ids, in the cache and in every batch (as in MobileVLM;
+never a real token). alignkd.data.templates and alignkd.models take it from here."""
 
 SHARDS_GROUP = "shards"
 SCALE_SUFFIX = "_scale"

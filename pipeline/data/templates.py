@@ -31,6 +31,8 @@ from typing import Any, Literal
 
 import torch
 
+from alignkd.cache_schemas import IMAGE_TOKEN  # the id at vision positions; the cache layout defines it
+
 __all__ = [
     "IMAGE_TOKEN",
     "Mark",
@@ -43,8 +45,6 @@ __all__ = [
     "collate",
     "template_words",
 ]
-
-IMAGE_TOKEN = -200  # the id at vision positions of input_ids (as in MobileVLM); never a real token
 
 
 class TemplateError(ValueError):
