@@ -247,6 +247,9 @@ def run_demo(out: str | Path, args: DemoArgs | None = None, *, echo: Callable[[s
             shutil.copytree(DEMO_TEACHER, teacher)
         else:
             echo(_compared_with_committed(train_teacher(out, args, echo=echo)))
+    elif committed and weights_sha256(teacher) != weights_sha256(DEMO_TEACHER):
+        echo(f"warning: {teacher} is not the committed teacher (left by an earlier version or by --retrain-teacher); "
+             f"its cache and students are reused as they are: delete {out} to run against the committed one")
     _share_tower(teacher, models / "student")
 
     # 4. one extraction

@@ -67,6 +67,12 @@ def test_the_demo_uses_the_committed_teacher_unless_asked_to_retrain_it(tmp_path
     out = tmp_path / "out"
     assert not (out / "teacher" / "checkpoints").exists() and not (out / "teacher-data").exists()  # not trained
     assert _tower(out / "teacher" / "export") == _tower(asset) == _tower(out / "models" / "student")
+    # A later committed teacher (a new version) does not silently replace the one this folder used.
+    other = write_tiny_models(tmp_path / "asset2", family="mobilevlm", tokenizer="word", seed=8)["teacher"]
+    monkeypatch.setattr(demo, "DEMO_TEACHER", other)
+    lines = []
+    run_demo(out, args, echo=lines.append)
+    assert [line for line in lines if line.startswith("warning:") and "is not the committed teacher" in line]
 
 
 def _finals(out):
