@@ -38,6 +38,7 @@ VARIANTS = {  # name -> (demo job, overrides)
     "alignkd, teacher_frozen adapter": ("student_alignkd", ["loss.vision_adapter=teacher_frozen"]),
     "alignkd, trained teacher adapter": ("student_alignkd", ["loss.vision_adapter=teacher"]),
     "alignkd, attention mean": ("student_alignkd", ["loss.attn_variant=mean"]),
+    "alignkd without the logit term": ("student_alignkd", ["loss.logit=0.0"]),
     "alignkd as the paper's code ran": ("student_alignkd_paper", []),
 }
 
