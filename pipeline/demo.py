@@ -319,9 +319,9 @@ def _compared_with_committed(teacher: Path) -> str:
     sha = weights_sha256(teacher)
     if not DEMO_TEACHER.is_dir():
         return f"teacher weights sha256 {sha}"
-    same = sha == weights_sha256(DEMO_TEACHER)
-    return (f"teacher weights sha256 {sha}: " + ("bit for bit the committed teacher" if same else
-            f"differs from the committed teacher's {weights_sha256(DEMO_TEACHER)} (other settings, seed or torch build)"))
+    committed = weights_sha256(DEMO_TEACHER)
+    return (f"teacher weights sha256 {sha}: " + ("bit for bit the committed teacher" if sha == committed else
+            f"differs from the committed teacher's {committed} (other settings, seed or torch build)"))
 
 
 def split_eval(model: Path, out: Path, split: str = "test", **kw: Any) -> dict[str, Any]:

@@ -368,7 +368,8 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                     why = f" (its worker died, restarts used up: ray.max_restarts = {args.ray.max_restarts})" if died else ""
                     raise RuntimeError(f"shard {name} failed{why}: {_one_line(e)}") from None
                 idle.append(worker)
-                shard, mislabelled = done_shard.meta, mislabelled + done_shard.images_mislabelled
+                shard = done_shard.meta
+                mislabelled += done_shard.images_mislabelled
                 written.append(name)
                 n_samples += shard.num_samples
                 n_skipped += len(shard.skipped)
