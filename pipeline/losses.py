@@ -308,11 +308,22 @@ def _check_block(x: torch.Tensor, name: str, heads: str) -> None:
     _require(x.dim() == 4, f"{name}: expected (B, {heads}, Lq, Nv), got {_shape(x)}")
 
 
+def _vision_columns(vision_mask: torch.Tensor | None, query_mask: torch.Tensor, nv: int) -> torch.Tensor | None:
+    """(B, Nv) column mask -> (rows, Nv), one per real query row (None: every column is real)."""
+    if vision_mask is None:
+        return None
+    b, lq = query_mask.shape
+    _check_mask(vision_mask, "vision_mask", (b, nv))
+    return vision_mask[:, None, :].expand(b, lq, nv)[query_mask]
+
+
 def _mixed_rows(
-    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer,
+    vision_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """Checked shapes -> (student rows, mixed teacher rows), each (rows, H_S, Nv) over the real
-    query rows only; None when the batch has no real row."""
+    query rows only, with their (rows, Nv) real columns (None: all); None when the batch has
+    no real row. Padded columns are zeroed on both sides."""
     _check_block(student, "student", "H_S")
     _check_block(teacher, "teacher", "H_T")
     b, h_s, lq, nv = student.shape
@@ -333,11 +344,16 @@ def _mixed_rows(
     # rows hold (even NaN) cannot leak in.
     s_rows = student.to(dtype).transpose(1, 2)[query_mask]
     t_rows = teacher.detach().to(dtype).transpose(1, 2)[query_mask]
-    return s_rows, torch.einsum("sh,rhv->rsv", mixer.mixing(dtype), t_rows)
+    cols = _vision_columns(vision_mask, query_mask, nv)
+    if cols is not None:  # where, not a multiply: padding may hold anything
+        s_rows = torch.where(cols[:, None, :], s_rows, torch.zeros_like(s_rows))
+        t_rows = torch.where(cols[:, None, :], t_rows, torch.zeros_like(t_rows))
+    return s_rows, torch.einsum("sh,rhv->rsv", mixer.mixing(dtype), t_rows), cols
 
 
 def attn_loss_mix_mse(
-    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer,
+    vision_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_attn, `mix_mse` variant (the paper's form): MSE between the student's block and the
     head-mixed teacher block, on the raw probabilities.
@@ -346,23 +362,29 @@ def attn_loss_mix_mse(
     teacher    (B, H_T, Lq, Nv)  the teacher's block (detached here)
     query_mask (B, Lq)           bool, True on real text-query rows (the set Q), False on padding
     mixer      HeadMixer         H_T -> H_S (convex or not)
-    returns    ()                mean of (student - mixer(teacher))^2 over H_S x real rows x Nv;
-                                 0.0 when the batch has no real row
+    vision_mask (B, Nv) bool or None: each sample's real vision columns when counts differ per
+                                 image (padded to the batch's largest); None: all are real
+    returns    ()                mean of (student - mixer(teacher))^2 over H_S x real rows x
+                                 real columns; 0.0 when the batch has no real row
 
     Each row spreads its probability over all T keys, so entries are of order 1/T and this
     value is ~1e-5 at weight 1 (ALIGN_KD.md, "What the released code really optimised"):
     kept for the paper's ablation, not as the default. Gradient reaches the student block and
     the mixer's weights, never the teacher.
     """
-    rows = _mixed_rows(student, teacher, query_mask, mixer)
+    rows = _mixed_rows(student, teacher, query_mask, mixer, vision_mask)
     if rows is None:
         return _zero(student, mixer.weight)
-    s_rows, mixed = rows
-    return F.mse_loss(s_rows, mixed, reduction="mean")
+    s_rows, mixed, cols = rows
+    if cols is None:
+        return F.mse_loss(s_rows, mixed, reduction="mean")
+    # padded columns are zero on both sides: they add nothing to the sum, and are not counted
+    return (s_rows - mixed).square().sum() / (cols.sum() * s_rows.shape[1]).clamp_min(1)
 
 
 def attn_loss_mix_kl(
-    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer, eps: float = 1e-8
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, mixer: HeadMixer, eps: float = 1e-8,
+    vision_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_attn, `mix_kl` variant: per student head, KL(mixed teacher || student) of the rows
     renormalised over the vision keys.
@@ -372,6 +394,8 @@ def attn_loss_mix_kl(
     query_mask (B, Lq)           bool, True on real text-query rows (Q)
     mixer      HeadMixer         H_T -> H_S with convex=True (mixed rows stay non-negative)
     eps        as in `attn_loss_mean`
+    vision_mask (B, Nv) bool or None: real vision columns (as in `attn_loss_mix_mse`); padded
+               ones are zeroed on both sides, so they carry no probability and add 0
     returns    ()                mean over H_S x real rows of
                                  sum_j p_T[j] (log(p_T[j] + eps) - log(p_S[j] + eps));
                                  0.0 when the batch has no real row
@@ -382,10 +406,10 @@ def attn_loss_mix_kl(
     comparable with L_sup, where the raw MSE is ~1e-5.
     """
     _require(mixer.convex, "mixer: attn_loss_mix_kl needs a convex HeadMixer (convex=True), whose rows stay >= 0")
-    rows = _mixed_rows(student, teacher, query_mask, mixer)
+    rows = _mixed_rows(student, teacher, query_mask, mixer, vision_mask)
     if rows is None:
         return _zero(student, mixer.weight)
-    s_rows, mixed = rows
+    s_rows, mixed, _ = rows
     return _vision_row_kl(mixed, s_rows, eps).mean()
 
 
@@ -400,7 +424,8 @@ def _vision_row_kl(teacher_rows: torch.Tensor, student_rows: torch.Tensor, eps: 
 
 
 def attn_loss_mean(
-    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, eps: float = 1e-8
+    student: torch.Tensor, teacher: torch.Tensor, query_mask: torch.Tensor, eps: float = 1e-8,
+    vision_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_attn, `mean` variant: KL(teacher || student) of head-mean rows renormalised over V.
 
@@ -409,6 +434,7 @@ def attn_loss_mean(
                                               cache holds only that (detached here)
     query_mask (B, Lq)                        bool, True on real text-query rows (Q)
     eps        small constant (see `_vision_row_kl`)
+    vision_mask (B, Nv) bool or None           real vision columns (as in `attn_loss_mix_kl`)
     returns    ()                             mean over real rows of
                                               sum_j p_T[j] (log(p_T[j] + eps) - log(p_S[j] + eps));
                                               0.0 when the batch has no real row
@@ -432,6 +458,10 @@ def attn_loss_mean(
     s_rows = student.to(dtype).mean(dim=1)[query_mask]  # (rows, Nv)
     t_mean = teacher.detach().to(dtype)
     t_rows = (t_mean.mean(dim=1) if teacher.dim() == 4 else t_mean)[query_mask]
+    cols = _vision_columns(vision_mask, query_mask, nv)
+    if cols is not None:
+        s_rows = torch.where(cols, s_rows, torch.zeros_like(s_rows))
+        t_rows = torch.where(cols, t_rows, torch.zeros_like(t_rows))
     return _vision_row_kl(t_rows, s_rows, eps).mean()
 
 
@@ -533,7 +563,8 @@ class VisionAdapter(nn.Linear):
 
 
 def _check_feats(
-    student_feats: torch.Tensor, teacher_feats: torch.Tensor, adapter: VisionAdapter, image_mask: torch.Tensor | None
+    student_feats: torch.Tensor, teacher_feats: torch.Tensor, adapter: VisionAdapter, image_mask: torch.Tensor | None,
+    token_mask: torch.Tensor | None = None,
 ) -> None:
     _require(student_feats.dim() == 3, f"student_feats: expected (B, Nv, D_S), got {_shape(student_feats)}")
     b, nv, d_s = student_feats.shape
@@ -549,6 +580,8 @@ def _check_feats(
     )
     if image_mask is not None:
         _check_mask(image_mask, "image_mask", (b,))
+    if token_mask is not None:
+        _check_mask(token_mask, "token_mask", (b, nv))
 
 
 def vision_target(teacher_feats: torch.Tensor, adapter: VisionAdapter, normalize: bool = False) -> torch.Tensor:
@@ -569,6 +602,7 @@ def vision_all_loss(
     image_mask: torch.Tensor | None = None,
     *,
     normalize_target: bool = False,
+    token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_V_all: the MSE between the two models' vision tokens over all Nv of them,
     MSE(Adapter(P^T), P^S) or, with a student-side adapter, MSE(Regressor(P^S), P^T).
@@ -579,14 +613,17 @@ def vision_all_loss(
     image_mask       (B,) bool or None: which samples have an image (None = all). Samples
                      without one are dropped, whatever their rows hold.
     normalize_target standardise each target token first (`vision_target`)
-    returns          ()  mean over (samples with image) x Nv x (the compared width: D_S for a
-                     teacher-side adapter, D_T for a student-side one); 0.0 when none has an image
+    token_mask       (B, Nv) bool or None: each sample's real tokens when counts differ per
+                     image (dynamic resolution, padded to the batch's largest); None: all real
+    returns          ()  mean over the real tokens of the samples with image x (the compared
+                     width: D_S for a teacher-side adapter, D_T for a student-side one); 0.0
+                     when none has an image
 
     Gradient reaches the student features and the adapter (when it requires grad), never the
     teacher.
     """
-    _check_feats(student_feats, teacher_feats, adapter, image_mask)
-    return _vision_mse(student_feats, teacher_feats, adapter, image_mask, normalize_target)
+    _check_feats(student_feats, teacher_feats, adapter, image_mask, token_mask)
+    return _vision_mse(student_feats, teacher_feats, adapter, image_mask, normalize_target, token_mask)
 
 
 def vision_focus_loss(
@@ -598,38 +635,48 @@ def vision_focus_loss(
     image_mask: torch.Tensor | None = None,
     *,
     normalize_target: bool = False,
+    token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_V_focus: the L_V_all MSE over each sample's k vision tokens of highest text focus.
 
-    student_feats, teacher_feats, adapter, image_mask, normalize_target: as in `vision_all_loss`
+    student_feats, teacher_feats, adapter, image_mask, normalize_target, token_mask: as in
+                  `vision_all_loss`
     focus         (B, Nv)  the teacher's focus_j = sum_{i in Q} mean_h A^T[h, i, j]
                   (cached, or from `focus_scores`)
     k             1 <= k <= Nv tokens per sample (the method's default is 16); ties are
-                  broken as torch.topk breaks them
+                  broken as torch.topk breaks them; a sample with fewer than k real tokens
+                  (token_mask) takes all of its own
     returns       ()  mean over (samples with image) x k x the compared width; 0.0 when none
                   has an image
     """
-    _check_feats(student_feats, teacher_feats, adapter, image_mask)
+    _check_feats(student_feats, teacher_feats, adapter, image_mask, token_mask)
     b, nv, _ = student_feats.shape
     _require(_shape(focus) == (b, nv), f"focus: expected (B, Nv) = ({b}, {nv}), got {_shape(focus)}")
     _require(
         isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= nv,
         f"k: expected an int in [1, Nv={nv}], got {k!r}",
     )
-    top = focus.detach().topk(k, dim=-1).indices  # (B, k)
+    scores = focus.detach()
+    if token_mask is not None:  # padded tokens rank last; picked anyway, they are masked out below
+        scores = scores.masked_fill(~token_mask, float("-inf"))
+    top = scores.topk(k, dim=-1).indices  # (B, k)
     s_top = student_feats.gather(1, top[..., None].expand(-1, -1, student_feats.shape[2]))
     t_top = teacher_feats.gather(1, top[..., None].expand(-1, -1, teacher_feats.shape[2]))
-    return _vision_mse(s_top, t_top, adapter, image_mask, normalize_target)
+    picked = token_mask.gather(1, top) if token_mask is not None else None
+    return _vision_mse(s_top, t_top, adapter, image_mask, normalize_target, picked)
 
 
 def _vision_mse(
     student_feats: torch.Tensor, teacher_feats: torch.Tensor, adapter: VisionAdapter,
-    image_mask: torch.Tensor | None, normalize_target: bool,
+    image_mask: torch.Tensor | None, normalize_target: bool, token_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if image_mask is not None:
         if not bool(image_mask.any()):
             return _zero(student_feats, adapter.weight, adapter.bias)
         student_feats, teacher_feats = student_feats[image_mask], teacher_feats[image_mask]
+        token_mask = token_mask[image_mask] if token_mask is not None else None
+    if token_mask is not None:  # (B, Nv, D) -> (real tokens, D)
+        student_feats, teacher_feats = student_feats[token_mask], teacher_feats[token_mask]
     if student_feats.numel() == 0:  # B = 0
         return _zero(student_feats, adapter.weight, adapter.bias)
     dtype = _compute_dtype(student_feats)

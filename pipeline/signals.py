@@ -40,6 +40,9 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 
 def image_preprocessing(vlm: VLM) -> dict[str, Any]:
+    """The image processor's settings, as the cache records them; a dynamic-resolution family
+    adds its token-grid settings (`VLM.images.settings()`, Qwen2.5-VL: "grid" with min/max
+    pixels, patch, merge and temporal patch sizes)."""
     proc = vlm.image_processor
     return {
         "pad_to_square": bool(vlm.pad_images),
@@ -48,14 +51,18 @@ def image_preprocessing(vlm: VLM) -> dict[str, Any]:
         "image_std": list(proc.image_std),
         "size": dict(proc.size) if proc.size else None,
         "crop_size": dict(proc.crop_size) if getattr(proc, "crop_size", None) else None,
+        **vlm.images.settings(),
     }
 
 
 def image_view(preprocessing: dict[str, Any]) -> dict[str, Any]:
     """What part of an image the vision tokens cover, from an `image_preprocessing` record:
     padded to a square or not, and the fraction of the resized image a centre crop keeps
-    (height, width; 1.0 without a crop). Teacher and student must agree on it for their
-    vision tokens to mean the same regions; mean, std and resolution may differ."""
+    (height, width; 1.0 without a crop), and for a dynamic-resolution processor its "grid"
+    (the image's resized size and so its token grid follow from min/max pixels, patch and
+    merge sizes: equal settings give both models the same grid for the same image). Teacher
+    and student must agree on it for their vision tokens to mean the same regions; mean, std
+    and (fixed) resolution may differ."""
     size, crop = preprocessing.get("size") or {}, preprocessing.get("crop_size") or {}
     edge = size.get("shortest_edge")
     if crop and edge:
@@ -64,7 +71,10 @@ def image_view(preprocessing: dict[str, Any]) -> dict[str, Any]:
         fraction = [crop["height"] / size["height"], crop["width"] / size["width"]]
     else:
         fraction = [1.0, 1.0]
-    return {"pad_to_square": preprocessing.get("pad_to_square"), "crop_fraction": [round(f, 6) for f in fraction]}
+    view = {"pad_to_square": preprocessing.get("pad_to_square"), "crop_fraction": [round(f, 6) for f in fraction]}
+    if preprocessing.get("grid") is not None:
+        view["grid"] = preprocessing["grid"]
+    return view
 
 
 def topk_with_tail(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,9 +103,11 @@ def teacher_signals(
     attention_heads: str = "per_head",
     logit_chunk: int = 1024,
 ) -> list[SampleSignals]:
-    """Split one batch's teacher outputs into per-sample records (float32 numpy)."""
+    """Split one batch's teacher outputs into per-sample records (float32 numpy), each with
+    its own image's vision-token count (the padded columns of a ragged batch dropped)."""
     by_key = {s.key: s for s in samples}
-    nv = batch.num_vision_tokens
+    nv = batch.num_vision_tokens  # None: per image; a text-only sample then stores 0 tokens
+    empty = nv if nv is not None else 0
     first = out.blocks[layers[0]]
     focus = first.probs.mean(dim=1).sum(dim=1)  # (B, Nv): sum over text queries of the head mean
 
@@ -126,17 +138,18 @@ def teacher_signals(
         start = int(batch.vision_start[b])
         has_image = start >= 0
         n_rows = int(first.query_mask[b].sum())
+        n_vis = int(batch.vision_lengths[b]) if has_image else empty
         attention = {}
         for layer in layers:
-            rows = out.blocks[layer].probs[b, :, :n_rows]  # (H, Lq, Nv)
+            rows = out.blocks[layer].probs[b, :, :n_rows, :n_vis]  # (H, Lq, Nv)
             if attention_heads == "mean":
                 rows = rows.mean(dim=0)
             attention[layer] = rows.float().cpu().numpy()
         if has_image:
-            feats = out.vision_features[img].float().cpu().numpy()
+            feats = out.vision_features[img, :n_vis].float().cpu().numpy()
             img += 1
         else:
-            feats = np.zeros((nv, vlm.hidden_size), dtype=np.float32)
+            feats = np.zeros((empty, vlm.hidden_size), dtype=np.float32)
         r0, r1 = r_offsets[b], r_offsets[b + 1]
         records.append(
             SampleSignals(
@@ -145,10 +158,10 @@ def teacher_signals(
                 input_ids=batch.input_ids[b, lo:hi].cpu().numpy().astype(np.int32),
                 response_positions=(t_idx[r0:r1] - lo).cpu().numpy().astype(np.int32),
                 vision_start=start - lo if has_image else -1,
-                vision_length=nv if has_image else 0,
+                vision_length=n_vis if has_image else 0,
                 attention=attention,
                 vision_features=feats,
-                focus=focus[b].float().cpu().numpy() if has_image else np.zeros(nv, dtype=np.float32),
+                focus=focus[b, :n_vis].float().cpu().numpy() if has_image else np.zeros(empty, dtype=np.float32),
                 topk_ids=top_ids[r0:r1],
                 topk_logprobs=top_lp[r0:r1],
                 tail_logmass=tails[r0:r1],

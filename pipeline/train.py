@@ -212,7 +212,7 @@ def check_cache_serves(cache: Any, student: VLM, args: TrainArgs) -> None:
         if loss.attn_variant != "mean" and meta.attention_heads != "per_head":
             problems.append(f"loss.attn_variant {loss.attn_variant!r} needs per-head attention; the cache holds "
                             f"the head mean")
-    if loss.v_focus > 0 and not 1 <= loss.focus_k <= meta.num_vision_tokens:
+    if loss.v_focus > 0 and meta.num_vision_tokens is not None and not 1 <= loss.focus_k <= meta.num_vision_tokens:
         problems.append(f"loss.focus_k {loss.focus_k}: must be in 1..{meta.num_vision_tokens}")
     if loss.logit > 0 and loss.logit_topk is not None and not 1 <= loss.logit_topk <= meta.topk:
         problems.append(f"loss.logit_topk {loss.logit_topk}: the cache holds top-{meta.topk}")
@@ -271,12 +271,16 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
         t_block = teacher.attention[loss.attn_layer]
         if t_block.shape[-2] != block.probs.shape[-2] or not torch.equal(teacher.query_mask, block.query_mask):
             raise ValueError(f"batch {batch.keys[:3]}: student and cached teacher query rows do not line up")
+        # per-image vision counts (dynamic resolution): columns past a sample's own count are padding
+        cols = block.vision_mask if batch.num_vision_tokens is None else None
         if loss.attn_variant == "mix_kl":
-            terms["attn"] = attn_loss_mix_kl(block.probs, t_block, block.query_mask, adapters.head_mixer)
+            terms["attn"] = attn_loss_mix_kl(block.probs, t_block, block.query_mask, adapters.head_mixer,
+                                             vision_mask=cols)
         elif loss.attn_variant == "mix_mse":
-            terms["attn"] = attn_loss_mix_mse(block.probs, t_block, block.query_mask, adapters.head_mixer)
+            terms["attn"] = attn_loss_mix_mse(block.probs, t_block, block.query_mask, adapters.head_mixer,
+                                              vision_mask=cols)
         else:
-            terms["attn"] = attn_loss_mean(block.probs, t_block, block.query_mask)
+            terms["attn"] = attn_loss_mean(block.probs, t_block, block.query_mask, vision_mask=cols)
     if loss.ground > 0:
         block = out.blocks[loss.attn_layer]
         rows, cells = grounding_targets(batch, student.tokenizer, block.probs.shape[-2])
@@ -285,12 +289,13 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
     if loss.v_all > 0 or loss.v_focus > 0:
         mask = teacher.image_mask
         s_feats, t_feats = out.vision_features, teacher.vision_features[mask]
-        norm = loss.vision_target_norm
+        norm, tokens = loss.vision_target_norm, out.vision_mask  # tokens: None unless counts differ per image
         if loss.v_all > 0:
-            terms["v_all"] = vision_all_loss(s_feats, t_feats, adapters.vision_adapter, normalize_target=norm)
+            terms["v_all"] = vision_all_loss(s_feats, t_feats, adapters.vision_adapter, normalize_target=norm,
+                                             token_mask=tokens)
         if loss.v_focus > 0:
             terms["v_focus"] = vision_focus_loss(s_feats, t_feats, adapters.vision_adapter, teacher.focus[mask],
-                                                 loss.focus_k, normalize_target=norm)
+                                                 loss.focus_k, normalize_target=norm, token_mask=tokens)
         if keep is not None:
             keep["vision_target"] = vision_target(t_feats, adapters.vision_adapter, norm)
     if keep is not None and out.vision_features is not None:

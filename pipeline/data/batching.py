@@ -1,4 +1,4 @@
-"""Decoded samples -> a `VLMBatch` for one model (its template, tokenizer, vision-token count, images).
+"""Decoded samples -> a `VLMBatch` for one model (its template, tokenizer, image preparation).
 
     batch, skipped = make_batch(vlm, samples, template="v1", max_length=2048)
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 import torch
-from PIL import Image
 
+from alignkd.data.images import ImagePreprocessor
 from alignkd.data.shards import Sample
 from alignkd.data.templates import ConversationTemplate, TemplateError, collate, encode
 
@@ -33,7 +33,14 @@ class VLMBatch:
     attention_mask: (B, T) long, 1 for real tokens.
     response_mask: (B, T) bool, True at positions R (tokens the model is trained to produce).
     vision_start: (B,) long, first vision position; -1 for text-only samples.
-    pixel_values: (B_img, 3, H, W), images of the samples with vision_start >= 0, in batch order.
+    num_vision_tokens: N_v when every image of the model has the same count (MobileVLM,
+        LLaVA), None for a dynamic-resolution model (Qwen2.5-VL), whose counts differ per image.
+    vision_lengths: (B,) long, each sample's N_v (0 for text-only samples); filled from
+        num_vision_tokens when not given.
+    pixel_values: the images of the samples with vision_start >= 0, in batch order, in the
+        family's layout (CLIP: (B_img, 3, H, W); see data.images.PreparedImages).
+    image_inputs: the family's other image tensors, first axis over those images (Qwen2.5-VL:
+        image_grid_thw (B_img, 3)), passed to `VLM.encode_images` as keywords.
     """
 
     keys: list[str]
@@ -41,9 +48,26 @@ class VLMBatch:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     vision_start: torch.Tensor
-    num_vision_tokens: int
+    num_vision_tokens: int | None
     pixel_values: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    vision_lengths: torch.Tensor | None = None
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.vision_lengths is None:
+            if self.num_vision_tokens is None:
+                raise ValueError("VLMBatch: vision_lengths is needed when num_vision_tokens is None")
+            has_image = self.vision_start >= 0
+            self.vision_lengths = has_image.long() * self.num_vision_tokens
+
+    def image_token_mask(self) -> torch.Tensor | None:
+        """(B_img, N_v max) bool, True at each image's real vision tokens, for outputs padded to
+        the batch's longest image; None when every image has the same count (nothing padded)."""
+        lengths = self.vision_lengths[self.vision_start >= 0]
+        if lengths.numel() == 0 or bool((lengths == lengths.max()).all()):
+            return None
+        return torch.arange(int(lengths.max()), device=lengths.device)[None, :] < lengths[:, None]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> VLMBatch:
         moved = {}
@@ -54,6 +78,8 @@ class VLMBatch:
                     v = v.to(device=device, dtype=dtype)
                 else:
                     v = v.to(device)
+            elif f.name == "image_inputs":
+                v = {k: t.to(device) for k, t in v.items()}
             moved[f.name] = v
         return VLMBatch(**moved)
 
@@ -68,11 +94,12 @@ class BatchModel(Protocol):
     pad_images: bool
 
     @property
-    def num_vision_tokens(self) -> int: ...
+    def num_vision_tokens(self) -> int | None: ...
+
+    @property
+    def images(self) -> ImagePreprocessor: ...
 
     def template(self, name: str) -> ConversationTemplate: ...
-
-    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor: ...
 
 
 def make_batch(
@@ -87,6 +114,7 @@ def make_batch(
     """`for_generation` encodes prompts only (see templates.encode); `extras` carries each
     kept sample's `meta` and whether it was truncated."""
     chosen = vlm.template(template)
+    prep = vlm.images
     encoded, kept, skipped = [], [], []
     for s in samples:
         try:
@@ -95,7 +123,7 @@ def make_batch(
                     s.conversations,
                     template=chosen,
                     tokenizer=vlm.tokenizer,
-                    num_vision_tokens=vlm.num_vision_tokens,
+                    num_vision_tokens=prep.count(s.image) if s.image is not None else 0,
                     max_length=max_length,
                     has_image=s.image is not None,
                     key=s.key,
@@ -109,7 +137,7 @@ def make_batch(
         return None, skipped
     text = collate(encoded, pad_id=vlm.tokenizer.pad_token_id, padding_side=padding_side)
     images = [s.image for s in kept if s.image is not None]
-    pixel_values = vlm.preprocess_images(images) if images else None
+    prepared = prep(images) if images else None
     batch = VLMBatch(
         keys=text["keys"],
         input_ids=text["input_ids"],
@@ -117,8 +145,10 @@ def make_batch(
         response_mask=text["response_mask"],
         vision_start=text["vision_start"],
         num_vision_tokens=vlm.num_vision_tokens,
-        pixel_values=pixel_values,
+        pixel_values=prepared.pixel_values if prepared else None,
         extras={"truncated": torch.tensor([e.truncated for e in encoded]), "meta": [s.meta for s in kept]},
+        vision_lengths=text["vision_lengths"],
+        image_inputs=prepared.extras if prepared else {},
     )
     return batch, skipped
 
@@ -143,6 +173,8 @@ def grounding_targets(batch: VLMBatch, tokenizer: Any, query_rows: int) -> tuple
     samples get empty masks). A cell [r, c] is token r * g + c of the g x g token grid, which
     must be the scene's grid."""
     nv = batch.num_vision_tokens
+    if nv is None:
+        raise ValueError("grounding targets need one fixed vision-token grid (the demo's); this model's varies per image")
     grid = round(nv**0.5)
     rows = torch.zeros(len(batch.keys), query_rows, dtype=torch.bool)
     cells = torch.zeros(len(batch.keys), nv, dtype=torch.bool)

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, Sampler
 
 from alignkd.cache.records import SampleSignals
 from alignkd.data.batching import BatchModel, VLMBatch
-from alignkd.data.images import preprocess_images
+from alignkd.data.images import ImagePreprocessor, PreparedImages
 from alignkd.data.random_access import ShardReader
 from alignkd.data.shards import decode_sample, expand_shards, sample_fingerprint
 from alignkd.data.templates import ConversationTemplate, Encoded, choose_template, collate, encode
@@ -38,19 +38,21 @@ class CacheMismatch(ValueError):
 
 @dataclass
 class StudentProcessor:
-    """What turns a sample into student inputs: picklable, so DataLoader workers get a copy."""
+    """What turns a sample into student inputs: picklable, so DataLoader workers get a copy.
+    `images` is the family's own image preparation (`VLM.images`), the one extraction used."""
 
     tokenizer: Any
     image_processor: Any
     pad_images: bool
-    num_vision_tokens: int
+    num_vision_tokens: int | None  # None: per image (dynamic resolution)
     templates: dict[str, ConversationTemplate]  # the model family's
     family: str
+    images: ImagePreprocessor
 
     @classmethod
     def of(cls, vlm: BatchModel) -> StudentProcessor:
         return cls(vlm.tokenizer, vlm.image_processor, vlm.pad_images, vlm.num_vision_tokens, dict(vlm.templates),
-                   vlm.family)
+                   vlm.family, vlm.images)
 
 
 @dataclass
@@ -60,6 +62,8 @@ class TeacherBatch:
     attention: {layer: (B, H_T, Lq, Nv) or (B, Lq, Nv)}; row i of sample b is the text query
         at vision_end + i, `query_mask` (B, Lq) marks real rows.
     vision_features: (B, Nv, D_T); focus: (B, Nv); image_mask: (B,) bool.
+    vision_mask: (B, Nv) bool, True at each sample's own vision tokens: with per-image counts
+        (dynamic resolution) Nv is the batch's largest and the rest is zero padding.
     topk_ids, topk_logprobs: (N_R, k); tail_logmass: (N_R,) in the order of the student's
         response positions (batch-major, then position).
     """
@@ -72,12 +76,13 @@ class TeacherBatch:
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     tail_logmass: torch.Tensor
+    vision_mask: torch.Tensor
 
     def to(self, device: torch.device | str) -> TeacherBatch:
         return TeacherBatch(
             attention={k: v.to(device) for k, v in self.attention.items()},
             **{f: getattr(self, f).to(device) for f in ("query_mask", "vision_features", "focus", "image_mask",
-                                                         "topk_ids", "topk_logprobs", "tail_logmass")},
+                                                         "topk_ids", "topk_logprobs", "tail_logmass", "vision_mask")},
         )
 
 
@@ -127,9 +132,9 @@ class DistillDataset(Dataset):
         sample = decode_sample(self.reader.raw(key))
         p = self.processor
         enc = encode(sample.conversations, template=self.template, tokenizer=p.tokenizer,
-                     num_vision_tokens=p.num_vision_tokens, max_length=self.max_length,
-                     has_image=sample.image is not None, key=key)
-        pixels = preprocess_images([sample.image], p.image_processor, p.pad_images)[0] if sample.image else None
+                     num_vision_tokens=p.images.count(sample.image) if sample.image else 0,
+                     max_length=self.max_length, has_image=sample.image is not None, key=key)
+        pixels = p.images([sample.image]) if sample.image else None
         item = {"encoded": enc, "pixels": pixels, "signals": None, "meta": sample.meta}
         if self.cache is None:
             return item
@@ -150,13 +155,14 @@ class DistillDataset(Dataset):
     def collate(self, items: list[dict[str, Any]]) -> tuple[VLMBatch, TeacherBatch | None]:
         encoded: list[Encoded] = [it["encoded"] for it in items]
         text = collate(encoded, pad_id=self.processor.tokenizer.pad_token_id, padding_side="right")
-        pixels = [it["pixels"] for it in items if it["pixels"] is not None]
+        images = PreparedImages.cat([it["pixels"] for it in items if it["pixels"] is not None])
         batch = VLMBatch(
             keys=text["keys"], input_ids=text["input_ids"], attention_mask=text["attention_mask"],
             response_mask=text["response_mask"], vision_start=text["vision_start"],
             num_vision_tokens=self.processor.num_vision_tokens,
-            pixel_values=torch.stack(pixels) if pixels else None,
+            pixel_values=images.pixel_values if images else None,
             extras={"meta": [it["meta"] for it in items]},
+            vision_lengths=text["vision_lengths"], image_inputs=images.extras if images else {},
         )
         if self.cache is None:
             return batch, None
@@ -165,27 +171,36 @@ class DistillDataset(Dataset):
 
 def _teacher_batch(signals: list[SampleSignals], seq_len: int) -> TeacherBatch:
     # The student's tapped block has rows vision_end .. seq_len - 1 of the padded batch; pad the
-    # teacher's rows to the same count so the two line up row for row.
-    nv = signals[0].vision_features.shape[0]
-    lq = max([seq_len - (s.vision_start + nv) for s in signals if s.vision_start >= 0] or [0])
+    # teacher's rows to the same count so the two line up row for row. Vision columns and
+    # tokens are padded to the batch's largest count (a fixed-count cache: all the same).
+    bsz = len(signals)
+    nv = max(s.vision_features.shape[0] for s in signals)
+    lq = max([seq_len - (s.vision_start + s.vision_length) for s in signals if s.vision_start >= 0] or [0])
     attention = {}
     for layer in signals[0].attention:
         first = signals[0].attention[layer]
-        shape = (len(signals), *first.shape[:-2], lq, nv)
+        shape = (bsz, *first.shape[:-2], lq, nv)
         out = np.zeros(shape, dtype=np.float32)
         for b, s in enumerate(signals):
             rows = s.attention[layer]
-            out[b, ..., : rows.shape[-2], :] = rows
+            out[b, ..., : rows.shape[-2], : rows.shape[-1]] = rows
         attention[layer] = torch.from_numpy(out)
-    query_mask = torch.zeros(len(signals), lq, dtype=torch.bool)
+    query_mask = torch.zeros(bsz, lq, dtype=torch.bool)
     for b, s in enumerate(signals):
         n = next(iter(s.attention.values())).shape[-2]
         query_mask[b, :n] = True
+    features = np.zeros((bsz, nv, signals[0].vision_features.shape[1]), dtype=np.float32)
+    focus = np.zeros((bsz, nv), dtype=np.float32)
+    for b, s in enumerate(signals):
+        features[b, : s.vision_features.shape[0]] = s.vision_features
+        focus[b, : s.focus.shape[0]] = s.focus
+    lengths = torch.tensor([s.vision_length for s in signals], dtype=torch.long)
     return TeacherBatch(
         attention=attention,
         query_mask=query_mask,
-        vision_features=torch.from_numpy(np.stack([s.vision_features for s in signals])),
-        focus=torch.from_numpy(np.stack([s.focus for s in signals])),
+        vision_features=torch.from_numpy(features),
+        focus=torch.from_numpy(focus),
+        vision_mask=torch.arange(nv)[None, :] < lengths[:, None],
         image_mask=torch.tensor([s.vision_start >= 0 for s in signals]),
         topk_ids=torch.from_numpy(np.concatenate([s.topk_ids for s in signals])).long(),
         topk_logprobs=torch.from_numpy(np.concatenate([s.topk_logprobs for s in signals])),

@@ -106,6 +106,7 @@ class Encoded:
     response_mask: list[bool]
     vision_start: int  # -1 when the sample has no image
     truncated: bool = False
+    vision_length: int = 0  # N_v of this sample's image (0 without one)
 
 
 def encode(
@@ -119,13 +120,17 @@ def encode(
     key: str,
     for_generation: bool = False,
 ) -> Encoded:
-    """Encode one conversation. `for_generation` encodes the template's `prompt` without its
-    response segments, so the sequence ends where the model should start answering (after
-    "ASSISTANT:" for v1, after the image for plain); the response mask is then empty."""
+    """Encode one conversation. `num_vision_tokens` is this sample's image's N_v (a
+    dynamic-resolution family's count differs per image). `for_generation` encodes the
+    template's `prompt` without its response segments, so the sequence ends where the model
+    should start answering (after "ASSISTANT:" for v1, after the image for plain); the
+    response mask is then empty. A tokenizer without BOS (Qwen's) starts with the template's
+    first segment."""
     if for_generation:
         conversations = template.prompt(conversations)
-    ids: list[int] = [tokenizer.bos_token_id]
-    resp: list[bool] = [False]
+    bos = tokenizer.bos_token_id
+    ids: list[int] = [bos] if bos is not None else []
+    resp: list[bool] = [False] * len(ids)
     vision_start = -1
     segments = template.segments(conversations, has_image=has_image, key=key)
     if for_generation:
@@ -153,14 +158,16 @@ def encode(
     if not any(resp) and not for_generation:
         why = "no response token left after truncation" if truncated else "no response tokens"
         raise TemplateError(f"sample {key}: {why} (max_length {max_length})")
-    return Encoded(key=key, input_ids=ids, response_mask=resp, vision_start=vision_start, truncated=truncated)
+    return Encoded(key=key, input_ids=ids, response_mask=resp, vision_start=vision_start, truncated=truncated,
+                   vision_length=num_vision_tokens if vision_start >= 0 else 0)
 
 
 def collate(
     encoded: list[Encoded], *, pad_id: int, padding_side: Literal["right", "left"] = "right"
 ) -> dict[str, torch.Tensor | list[str]]:
-    """Pad to the longest sample. Returns keys, input_ids, attention_mask, response_mask and
-    vision_start (shifted by the left padding, -1 for text-only samples)."""
+    """Pad to the longest sample. Returns keys, input_ids, attention_mask, response_mask,
+    vision_start (shifted by the left padding, -1 for text-only samples) and vision_lengths
+    (each sample's N_v, 0 for text-only samples)."""
     if not encoded:
         raise ValueError("collate needs at least one sample")
     length = max(len(e.input_ids) for e in encoded)
@@ -183,4 +190,5 @@ def collate(
         "attention_mask": attention_mask,
         "response_mask": response_mask,
         "vision_start": vision_start,
+        "vision_lengths": torch.tensor([e.vision_length for e in encoded], dtype=torch.long),
     }

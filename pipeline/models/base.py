@@ -6,9 +6,11 @@ on-disk layout (`from_pretrained`) and saving it (`save_pretrained`), what a che
 from its config files alone (`describe`), a random toy model for tests and the demo
 (`build_tiny`), its conversation templates (`templates`), the vision encoder plus projector
 (`encode_images`), the Llama-style decoder without head (`language_model`) and the head
-(`lm_head`). It may override the image preprocessing (`preprocess_images`), how the vision
-block enters the sequence (`inputs_embeds`) and the positions (`position_ids`). Everything the
-method needs on top of that is shared and lives here. With tiny random models:
+(`lm_head`). It may override the image preparation (`images`: how many vision tokens an image
+becomes and its pixel inputs; a dynamic-resolution family's count varies per image and its
+`num_vision_tokens` is None), how the vision block enters the sequence (`inputs_embeds`) and
+the positions (`position_ids`, e.g. Qwen2.5-VL's 3-D M-RoPE ones). Everything the method needs
+on top of that is shared and lives here. With tiny random models:
 
 >>> from alignkd.data.batching import make_batch
 >>> from alignkd.data.shards import read_samples
@@ -56,7 +58,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from alignkd.data.batching import VLMBatch
-from alignkd.data.images import pad_to_square, preprocess_images
+from alignkd.data.images import ImagePreprocessor, SquareImages, pad_to_square, preprocess_images
 from alignkd.data.templates import IMAGE_TOKEN, ConversationTemplate, choose_template
 from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_vision_block
 
@@ -75,7 +77,7 @@ class CheckpointSummary:
     """What a checkpoint's config says, without loading its weights (for size estimates)."""
 
     family: str
-    num_vision_tokens: int
+    num_vision_tokens: int | None  # None: it varies per image (dynamic resolution)
     hidden_size: int
     num_heads: int
     num_layers: int
@@ -86,13 +88,17 @@ class CheckpointSummary:
 @dataclass
 class VLMOutput:
     """hidden: (B, T, D) final hidden states (after the decoder's last norm).
-    vision_features: (B_img, N_v, D) projector output P.
+    vision_features: (B_img, N_v, D) projector output P; with per-image counts, padded to
+        the batch's largest (zeros past an image's own count).
     blocks: tapped layer -> text-query x vision-key attention block.
+    vision_mask: (B_img, N_v) bool, True at each image's real tokens; None when every image
+        has all N_v (a fixed-count family, or equal counts).
     """
 
     hidden: torch.Tensor
     vision_features: torch.Tensor | None
     blocks: dict[int, TextVisionBlock]
+    vision_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,15 @@ class VLM(nn.Module, abc.ABC):
         tower's as CLIPVisionConfig keywords, the same for every family; role is "teacher" or
         "student"."""
 
+    @classmethod
+    def tiny_tokenizer(cls, path: Path) -> Any:
+        """The tokenizer the tiny models of this family use, from the demo's word-level one
+        saved at `path`; a family whose templates need special tokens (ChatML's) adds them
+        here and saves it back."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+
     @abc.abstractmethod
     def save_pretrained(self, path: str | Path) -> None:
         """Write the family's own layout, loadable by `from_pretrained` (and by the family's code)."""
@@ -222,12 +237,15 @@ class VLM(nn.Module, abc.ABC):
 
     # --- family-specific: the model --------------------------------------------------
     @abc.abstractmethod
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B_img, 3, H, W) -> projector output P (B_img, N_v, D)."""
+    def encode_images(self, pixel_values: torch.Tensor, **image_inputs: torch.Tensor) -> torch.Tensor:
+        """Pixel values (B_img, 3, H, W) -> projector output P (B_img, N_v, D). A family with
+        per-image counts takes its own layout and `VLMBatch.image_inputs` and pads P to the
+        largest count."""
 
     @property
     @abc.abstractmethod
-    def num_vision_tokens(self) -> int: ...
+    def num_vision_tokens(self) -> int | None:
+        """Vision tokens per image; None when the count varies per image (see `images.count`)."""
 
     @property
     @abc.abstractmethod
@@ -260,14 +278,24 @@ class VLM(nn.Module, abc.ABC):
         """Fused SDPA everywhere, plus q/k capture at tapped layers (see models/tap.py)."""
         self.language_model.config._attn_implementation = TAP_ATTN
 
-    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
-        """(N, 3, S, S) pixel values for `encode_images`."""
-        return preprocess_images(images, self.image_processor, self.pad_images)
+    @property
+    def images(self) -> ImagePreprocessor:
+        """The family's image preparation, a small picklable object (data.images): the vision
+        token count of an image and its pixel inputs. CLIP-style: a fixed N_v per image."""
+        return SquareImages(self.image_processor, self.pad_images, self.num_vision_tokens)
 
-    def position_ids(self, attention_mask: torch.Tensor) -> torch.Tensor:
+    def vision_token_count(self, image: Image.Image) -> int:
+        """How many vision tokens `image` becomes."""
+        return self.images.count(image)
+
+    def preprocess_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """Pixel values for `encode_images` ((N, 3, S, S) for CLIP-style towers)."""
+        return self.images(images).pixel_values
+
+    def position_ids(self, batch: VLMBatch) -> torch.Tensor:
         """(B, T) rotary positions. They count real tokens only, so left padding does not
-        shift rotary phases."""
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        shift rotary phases. A family with multi-axis rotary (M-RoPE) returns (3, B, T)."""
+        return (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)
@@ -281,19 +309,24 @@ class VLM(nn.Module, abc.ABC):
             if vision_mask.any():
                 raise ModelError(f"batch {batch.keys[:3]}... has vision positions but no images")
             return embeds, None
-        feats = self.encode_images(batch.pixel_values)
+        feats = self.encode_images(batch.pixel_values, **batch.image_inputs)
         expected = int(vision_mask.sum())
-        if feats.shape[0] * feats.shape[1] != expected:
+        tokens = batch.image_token_mask()  # None: every image fills all feats.shape[1] tokens
+        if tokens is not None and tuple(tokens.shape) != tuple(feats.shape[:2]):
+            raise ModelError(f"batch {batch.keys[:3]}...: the images give {tuple(feats.shape[:2])} tokens, the "
+                             f"samples' vision lengths {batch.vision_lengths.tolist()}")
+        source = feats if tokens is None else feats[tokens.to(feats.device)]
+        if source.shape[:-1].numel() != expected:
             raise ModelError(
                 f"batch {batch.keys[:3]}...: {feats.shape[0]} images x {feats.shape[1]} tokens "
                 f"do not fill {expected} vision positions"
             )
-        embeds = embeds.masked_scatter(vision_mask[..., None], feats.to(embeds.dtype))
+        embeds = embeds.masked_scatter(vision_mask[..., None], source.to(embeds.dtype))
         return embeds, feats
 
     def forward(self, batch: VLMBatch, tap_layers: tuple[int, ...] | list[int] = ()) -> VLMOutput:
         embeds, feats = self.inputs_embeds(batch)
-        position_ids = self.position_ids(batch.attention_mask)
+        position_ids = self.position_ids(batch)
         with capture_qk(tap_layers) as cap:
             out = self.language_model(
                 inputs_embeds=embeds,
@@ -313,11 +346,14 @@ class VLM(nn.Module, abc.ABC):
                 cap.scaling[layer],
                 batch.attention_mask,
                 batch.vision_start,
-                batch.num_vision_tokens,
+                # a fixed count keeps the block Nv wide even for a batch without images
+                batch.num_vision_tokens if batch.num_vision_tokens is not None else batch.vision_lengths,
             )
             for layer in tap_layers
         }
-        return VLMOutput(hidden=out.last_hidden_state, vision_features=feats, blocks=blocks)
+        mask = batch.image_token_mask() if feats is not None else None
+        return VLMOutput(hidden=out.last_hidden_state, vision_features=feats, blocks=blocks,
+                         vision_mask=None if mask is None else mask.to(feats.device))
 
     @torch.no_grad()
     def generate(self, batch: VLMBatch, settings: GenerationSettings | None = None) -> list[list[int]]:
@@ -337,13 +373,16 @@ class VLM(nn.Module, abc.ABC):
         eos = self.tokenizer.eos_token_id
         mask = batch.attention_mask
         embeds, _ = self.inputs_embeds(batch)
-        positions = self.position_ids(mask)
+        positions = self.position_ids(batch)  # (B, T), or (3, B, T) for M-RoPE
         # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`
         name = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
         cache = {name: DynamicCache(config=self.text_config)}  # filled in place by each forward
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                                   **cache)
-        last = positions[:, -1:]
+        # Every new token is text, one position after the last: under M-RoPE all three axes
+        # of a text token are equal, and the prompt ends in text, so +1 on each axis is
+        # transformers' rope_deltas rule (max position + 1) for Qwen2.5-VL too.
+        last = positions[..., -1:]
         rows: list[list[int]] = [[] for _ in range(mask.shape[0])]
         live = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
         for step in range(settings.max_new_tokens):

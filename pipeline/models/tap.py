@@ -89,10 +89,15 @@ class TextVisionBlock:
         columns are that sample's vision positions in order. Rows are the model's own
         softmax rows (normalised over ALL visible keys), restricted to the vision columns.
     query_mask: (B, Lq) bool, True where the row is a real (non-padding) text query.
+    vision_mask: (B, Nv) bool, True at a sample's real vision columns. With a per-sample
+        count (dynamic resolution) Nv is the batch's largest and the columns past a sample's
+        own count are padding, zero in probs; with a fixed count it is True wherever the
+        sample has an image.
     """
 
     probs: torch.Tensor
     query_mask: torch.Tensor
+    vision_mask: torch.Tensor | None = None
 
 
 def text_vision_block(
@@ -101,16 +106,19 @@ def text_vision_block(
     scaling: float,
     attention_mask: torch.Tensor,
     vision_start: torch.Tensor,
-    num_vision: int,
+    num_vision: int | torch.Tensor,
     *,
     chunk: int = 256,
 ) -> TextVisionBlock:
     """Rebuild A[:, Q, V] from one layer's queries and keys.
 
-    query: (B, H, T, d) after rotary; key: (B, H_kv, T, d) after rotary.
+    query: (B, H, T, d) after rotary; key: (B, H_kv, T, d) after rotary (grouped-query
+        attention: H_kv divides H, each key head serves H / H_kv query heads).
     attention_mask: (B, T) 1 for real tokens, 0 for padding (either side).
     vision_start: (B,) first vision position of each sample; < 0 for samples without image
         (their rows are all masked).
+    num_vision: N_v, one int for every sample, or (B,) each sample's own count (its columns
+        are padded to the largest; see TextVisionBlock.vision_mask).
     Scores are formed in float32 over the causal, non-padding keys, `chunk` query rows at a
     time, so memory is O(B * H * chunk * T) rather than the eager O(B * H * T * T).
     """
@@ -118,9 +126,15 @@ def text_vision_block(
     key = repeat_kv(key, heads // key.shape[1])
     device = query.device
     valid = attention_mask.to(device=device, dtype=torch.bool)
-    has_image = vision_start >= 0
+    has_image = (vision_start >= 0).to(device)
     vstart = vision_start.clamp(min=0).to(device)
-    vend = vstart + num_vision
+    if isinstance(num_vision, torch.Tensor):
+        lengths = num_vision.to(device=device, dtype=torch.long) * has_image
+        width = int(lengths.max()) if bsz else 0
+    else:
+        lengths = torch.full((bsz,), num_vision, dtype=torch.long, device=device)
+        width = num_vision
+    vend = vstart + lengths
 
     # Query rows: positions vend .. T-1 (relative index i -> absolute vend + i).
     lq = int((seq - vend[has_image]).max().item()) if bool(has_image.any()) else 0
@@ -129,9 +143,11 @@ def text_vision_block(
     q_pos = vend[:, None] + rel[None, :]  # (B, Lq)
     in_range = q_pos < seq
     q_pos_c = q_pos.clamp(max=seq - 1)
-    query_mask = in_range & valid.gather(1, q_pos_c) & has_image.to(device)[:, None]
+    query_mask = in_range & valid.gather(1, q_pos_c) & has_image[:, None]
 
-    v_pos = vstart[:, None] + torch.arange(num_vision, device=device)[None, :]  # (B, Nv)
+    cols = torch.arange(width, device=device)[None, :]
+    vision_mask = (cols < lengths[:, None]) & has_image[:, None]  # (B, Nv)
+    v_pos = (vstart[:, None] + cols).clamp(max=seq - 1)  # padded columns read a real key, then are zeroed
     key_pos = torch.arange(seq, device=device)
 
     out = []
@@ -143,10 +159,12 @@ def text_vision_block(
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         # Padding rows may have no allowed key at all; keep them finite, they are masked anyway.
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out.append(probs.gather(3, v_pos[:, None, None, :].expand(bsz, heads, qp.shape[1], num_vision)))
+        out.append(probs.gather(3, v_pos[:, None, None, :].expand(bsz, heads, qp.shape[1], width)))
     if out:
         probs = torch.cat(out, dim=2)
     else:
-        probs = query.new_zeros((bsz, heads, 0, num_vision), dtype=torch.float32)
+        probs = query.new_zeros((bsz, heads, 0, width), dtype=torch.float32)
     probs = probs * query_mask[:, None, :, None]
-    return TextVisionBlock(probs=probs, query_mask=query_mask)
+    if isinstance(num_vision, torch.Tensor):
+        probs = probs * vision_mask[:, None, None, :]
+    return TextVisionBlock(probs=probs, query_mask=query_mask, vision_mask=vision_mask)

@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from transformers import AutoTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from alignkd.data.synthetic import demo_corpus_words
@@ -82,7 +81,7 @@ def write_tiny_models(
     cls = family_class(family)
     out = Path(out_dir)
     tok_dir = write_tiny_tokenizer(out / "tokenizer", tokenizer, family)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = cls.tiny_tokenizer(tok_dir)  # the family may add its special tokens (Qwen's ChatML)
     paths = {"tokenizer": tok_dir}
     tower = None
     for i, role in enumerate(("teacher", "student")):

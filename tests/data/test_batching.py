@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from alignkd.data.batching import make_batch
+from alignkd.data.images import PreparedImages
 from alignkd.data.shards import Sample
 from alignkd.data.templates import IMAGE_TOKEN, ConversationTemplate, Mark, TemplateError, choose_template
 from alignkd.data.tokenizers import build_word_tokenizer
@@ -36,8 +37,22 @@ class ToyModel:
     def template(self, name):
         return choose_template(self.templates, name, self.family)
 
-    def preprocess_images(self, images):
-        return torch.zeros(len(images), 3, 8, 8)
+    @property
+    def images(self):
+        return ToyImages()
+
+
+class ToyImages:
+    """A fixed-count family's image preparation: NV tokens per image."""
+
+    def count(self, image):
+        return NV
+
+    def __call__(self, images):
+        return PreparedImages(torch.zeros(len(images), 3, 8, 8), {}, [NV] * len(images))
+
+    def settings(self):
+        return {}
 
 
 @pytest.fixture(scope="module")
