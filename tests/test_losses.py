@@ -756,3 +756,76 @@ def test_grounding_loss_pulls_attention_onto_the_answer_and_is_zero_without_rows
     assert float(empty) == 0.0 and empty.requires_grad
     with pytest.raises(ValueError, match="cells"):
         grounding_loss(block, rows, cells[:, :4])
+
+
+# ----------------------------------------------------------------------------- ragged vision counts
+# A dynamic-resolution teacher (Qwen2.5-VL) gives each image its own N_v; batches pad the
+# vision columns and tokens to the largest and pass a mask. Reference: each sample alone,
+# unpadded, combined with the weights the term's mean gives it.
+
+
+def _ragged(lengths, lq=5, h_s=2, h_t=3, d_s=4, d_t=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, nv = len(lengths), max(lengths)
+    mask = torch.arange(nv)[None, :] < torch.tensor(lengths)[:, None]
+    rows = torch.rand(b, lq, generator=g) > 0.3
+    rows[:, 0] = True
+
+    def block(h):
+        x = torch.rand(b, h, lq, nv, generator=g, dtype=torch.float64) / nv
+        return torch.where(mask[:, None, None, :], x, torch.full_like(x, float("nan")))  # padding: anything
+
+    feats = (torch.randn(b, nv, d_s, generator=g, dtype=torch.float64),
+             torch.randn(b, nv, d_t, generator=g, dtype=torch.float64))
+    focus = torch.rand(b, nv, generator=g, dtype=torch.float64)
+    return mask, rows, block(h_s), block(h_t), feats, focus
+
+
+@pytest.mark.parametrize("variant", ["mix_mse", "mix_kl", "mean"])
+def test_padded_vision_columns_do_not_change_the_attention_loss(variant):
+    lengths = [4, 7, 2]
+    mask, rows, student, teacher, _, _ = _ragged(lengths)
+    student, teacher = student.nan_to_num(0.0), teacher.nan_to_num(0.0)  # the tap and the cache pad with zeros
+    mixer = HeadMixer(3, 2, convex=variant == "mix_kl")
+    with torch.no_grad():
+        mixer.weight.copy_(torch.randn(2, 3))
+
+    def term(s, t, q, cols=None):
+        if variant == "mix_mse":
+            return attn_loss_mix_mse(s, t, q, mixer, vision_mask=cols)
+        if variant == "mix_kl":
+            return attn_loss_mix_kl(s, t, q, mixer, vision_mask=cols)
+        return attn_loss_mean(s, t, q, vision_mask=cols)
+
+    padded = term(student, teacher, rows, mask)
+    parts, weights = [], []
+    for b, n in enumerate(lengths):
+        parts.append(term(student[b : b + 1, ..., :n], teacher[b : b + 1, ..., :n], rows[b : b + 1]))
+        # mix_mse averages over rows x heads x columns, the KL variants over rows (x heads)
+        weights.append(int(rows[b].sum()) * (n if variant == "mix_mse" else 1))
+    expected = sum(p * w for p, w in zip(parts, weights)) / sum(weights)
+    torch.testing.assert_close(padded, expected)
+    if variant == "mix_mse":  # without the mask the zero columns would count in the mean
+        assert not torch.allclose(term(student, teacher, rows), expected)
+
+
+@pytest.mark.parametrize("placement", ["student", "teacher"])
+def test_padded_vision_tokens_do_not_change_the_vision_losses(placement):
+    lengths = [4, 7, 2]
+    mask, _, _, _, (s_feats, t_feats), focus = _ragged(lengths)
+    adapter = VisionAdapter(6, 4, side=placement).double()
+    k = 3
+    padded_all = vision_all_loss(s_feats, t_feats, adapter, token_mask=mask)
+    padded_focus = vision_focus_loss(s_feats, t_feats, adapter, focus, k, token_mask=mask)
+    alls, focuses, counts = [], [], []
+    for b, n in enumerate(lengths):
+        s, t, f = s_feats[b : b + 1, :n], t_feats[b : b + 1, :n], focus[b : b + 1, :n]
+        alls.append(vision_all_loss(s, t, adapter) * n)
+        focuses.append(vision_focus_loss(s, t, adapter, f, min(k, n)) * min(k, n))  # fewer than k: all of its own
+        counts.append((n, min(k, n)))
+    torch.testing.assert_close(padded_all, sum(alls) / sum(n for n, _ in counts))
+    torch.testing.assert_close(padded_focus, sum(focuses) / sum(m for _, m in counts))
+    # the padding really is excluded: garbage there changes nothing
+    noisy = s_feats.masked_fill(~mask[..., None], 1e6)
+    torch.testing.assert_close(vision_all_loss(noisy, t_feats, adapter, token_mask=mask), padded_all)
+    torch.testing.assert_close(vision_focus_loss(noisy, t_feats, adapter, focus, k, token_mask=mask), padded_focus)
