@@ -1,0 +1,192 @@
+"""Both stages with Qwen2.5-VL as teacher and student (tiny, CPU): extraction caches each
+sample's own vision-token count, train-student runs with every loss term on, a resumed run
+ends where an uninterrupted one does, the export loads back through load_vlm and through
+transformers' own from_pretrained; a student whose image grid or vocabulary differs from the
+teacher's is refused in one line before anything trains."""
+
+import io
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from alignkd.cache.reader import CacheReader
+from alignkd.data import DataArgs
+from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples, write_shards
+from alignkd.models import ModelArgs, load_vlm
+from alignkd.train import TERMS, LossArgs, OptimArgs, RunArgs, TrainArgs, train
+
+# Until the cache's schema v2 (a per-sample vision-token count) is on this branch, the v1
+# cache holds one count for all samples: every image one size, and the count given to it.
+SIZES = [(48, 48)]  # 36 vision tokens
+FIXED_COUNT = 36
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from alignkd.models.tiny import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("qwen"), family="qwen2_5_vl")
+
+
+@pytest.fixture(scope="module")
+def shards(demo_data, tmp_path_factory):
+    """The demo training samples with their images resized, in turn, to SIZES (16 samples)."""
+    out = tmp_path_factory.mktemp("qwen-data")
+
+    def resized():
+        raws = [raw for shard in expand_shards(demo_data / "train") for raw in iter_raw_samples(shard)][:16]
+        for i, raw in enumerate(raws):
+            image = Image.open(io.BytesIO(raw["png"])).convert("RGB").resize(SIZES[i % len(SIZES)])
+            png = io.BytesIO()
+            image.save(png, format="PNG")
+            yield {"__key__": raw["__key__"], "json": json.loads(raw["json"]), "png": png.getvalue()}
+
+    write_shards(resized(), out, samples_per_shard=8)
+    return out
+
+
+def _extract(teacher, shards, root):
+    """The extraction stage in-process (no Ray), as tests/conftest.py's build_cache."""
+    from alignkd.cache.writer import init_cache
+    from alignkd.cache_schemas import CodecSpec
+    from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards
+
+    args = ExtractArgs(
+        teacher=ModelArgs(path=str(teacher), device="cpu"),
+        data=DataArgs(shards=str(shards), template="chatml", max_length=256, batch_size=4),
+        cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads="per_head",
+                        codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
+        ray=RayArgs(cpus_per_worker=2),
+    )
+    worker = TeacherWorker(args)
+    described = worker.describe()
+    if FIXED_COUNT is not None:  # schema v1: one count in the cache's root attributes
+        described = {**described, "num_vision_tokens": FIXED_COUNT}
+    meta = _cache_meta(args, described)
+    init_cache(root, meta)
+    for shard, name in plan_shards(args.data.shards):
+        worker.process_shard(shard, name, meta)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cache(qwen, shards, tmp_path_factory):
+    return _extract(qwen["teacher"], shards, tmp_path_factory.mktemp("qwen-cache") / "c")
+
+
+def _args(student, shards, cache, run_dir, **run):
+    return TrainArgs(
+        student=ModelArgs(path=str(student), device="cpu"),
+        data=DataArgs(shards=str(shards), template="chatml", max_length=256, batch_size=4),
+        cache=str(cache),
+        optim=OptimArgs(lr=1e-3, projector_lr=1e-3, adapter_lr=1e-2, grad_accum=1),
+        # every term on: sup, logit, attn (mix_kl), v_all, v_focus
+        loss=LossArgs(sup=1.0, logit=1.0, attn=1.0, v_all=1.0, v_focus=1.0, focus_k=4),
+        run=RunArgs(dir=str(run_dir), **{"max_steps": 4, "save_every": 2, "keep_last": 2, **run}),
+    )
+
+
+def _quiet(args):
+    return train(args, echo=lambda _: None, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _v1_count(monkeypatch):
+    """Schema v1 only: the student states the cache's one count (removed with v2)."""
+    if FIXED_COUNT is not None:
+        from alignkd.models.qwen2_5_vl import Qwen2_5_VLVLM
+
+        monkeypatch.setattr(Qwen2_5_VLVLM, "num_vision_tokens", property(lambda self: FIXED_COUNT))
+
+
+def test_the_cache_holds_each_samples_own_vision_token_count(qwen, shards, cache):
+    teacher = load_vlm(qwen["teacher"])
+    reader = CacheReader(cache)
+    samples = [decode_sample(raw) for shard in expand_shards(shards) for raw in iter_raw_samples(shard)]
+    assert sorted(reader.keys()) == sorted(s.key for s in samples)
+    counts = set()
+    for s in samples:
+        record = reader.get(s.key)
+        nv = teacher.images.count(s.image)
+        counts.add(nv)
+        assert record.vision_length == nv and record.vision_features.shape == (nv, teacher.hidden_size)
+        assert record.focus.shape == (nv,) and record.attention[0].shape[-1] == nv
+    assert len(counts) == len(SIZES)
+    assert reader.meta.image_preprocessing["grid"] == teacher.images.settings()["grid"]
+
+
+@pytest.mark.fault
+def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, cache, tmp_path):
+    straight = _quiet(_args(qwen["student"], shards, cache, tmp_path / "straight", max_steps=4))
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for term in ("sup", "logit", "attn", "v_all", "v_focus"):
+        assert all(torch.isfinite(torch.tensor(r[term])) for r in logged[1:]), term
+        assert logged[-1][term] > 0, term
+
+    first = _quiet(_args(qwen["student"], shards, cache, tmp_path / "resumed", max_steps=4, stop_after=3))
+    assert first.steps == 3 and first.export is None
+    resumed = _quiet(_args(qwen["student"], shards, cache, tmp_path / "resumed", max_steps=4))
+    assert resumed.steps == 4
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("total") for r in again] == [r.get("total") for r in logged]
+    a = load_file(str(tmp_path / "straight" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "export" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    export = straight.export
+    ours = load_vlm(export)
+    theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, dtype=torch.float32)
+    mine = ours.state_dict()
+    assert all(torch.equal(mine["hf." + k], v) for k, v in theirs.state_dict().items())
+    trained = load_vlm(qwen["student"]).state_dict()
+    assert not torch.equal(mine["hf.model.visual.merger.mlp.0.weight"], trained["hf.model.visual.merger.mlp.0.weight"])
+    assert torch.equal(mine["hf.model.visual.blocks.0.attn.qkv.weight"],  # the ViT stays frozen
+                       trained["hf.model.visual.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.bad_input
+def test_a_student_with_another_image_grid_is_refused_in_one_line(qwen, shards, cache, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(qwen["student"], student)
+    pre = json.loads((student / "preprocessor_config.json").read_text())
+    pre["size"] = {**pre["size"], "longest_edge": 32 * 32}  # max_pixels: the same image gets fewer tokens
+    (student / "preprocessor_config.json").write_text(json.dumps(pre))
+    with pytest.raises(ValueError, match=r"image geometry: grid \{.*'max_pixels': 4096.*\} \(teacher\) vs "
+                                         r"\{.*'max_pixels': 1024.*\} \(student\)") as e:
+        _quiet(_args(student, shards, cache, tmp_path / "r"))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.bad_input
+def test_a_student_with_another_vocabulary_is_refused_in_one_line(qwen, shards, cache, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(qwen["student"], student)
+    vlm = load_vlm(student)
+    vlm.tokenizer.add_tokens(["zebra"])  # one word more: ids and the logit term would not line up
+    vlm.hf.resize_token_embeddings(len(vlm.tokenizer))
+    vlm.save_pretrained(student)
+    with pytest.raises(ValueError, match=r"tokenizer: the student's tokenizer is not the one the teacher's ids were "
+                                         r"made with \(vocabulary \d+ in the teacher, \d+ in the student\)") as e:
+        _quiet(_args(student, shards, cache, tmp_path / "r"))
+    assert "\n" not in str(e.value)
+
+
+def test_the_qwen_jobs_use_qwens_template_and_name_the_7b_and_3b():
+    """Every job file loads in tests/test_jobs.py; here what the Qwen ones must say."""
+    from pathlib import Path
+
+    from alignkd.config import load_job
+    from alignkd.extract import ExtractArgs
+
+    jobs = Path(__file__).parent.parent / "jobs" / "qwen2_5_vl"
+    extract, student = load_job(ExtractArgs, jobs / "extract.toml"), load_job(TrainArgs, jobs / "student.toml")
+    assert extract.data.template == student.data.template == "chatml"
+    assert extract.data.max_length == student.data.max_length
+    assert "7B" in extract.teacher.path and "3B" in student.student.path and extract.teacher.dtype == "bfloat16"
+    assert extract.cache.path == student.cache and min(getattr(student.loss, t) for t in TERMS) > 0
