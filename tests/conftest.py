@@ -22,7 +22,8 @@ def tiny_models(tmp_path_factory):
     from alignkd.models.tiny import write_tiny_models
 
     root = tmp_path_factory.mktemp("tiny-models")
-    return {fam: write_tiny_models(root / fam, family=fam, tokenizer="word") for fam in ("mobilevlm", "llava")}
+    return {fam: write_tiny_models(root / fam, family=fam, tokenizer="word")
+            for fam in ("mobilevlm", "llava", "qwen2_5_vl")}
 
 
 @pytest.fixture(scope="session")

@@ -27,10 +27,8 @@ FIXED_COUNT = 36
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    from alignkd.models.tiny import write_tiny_models
-
-    return write_tiny_models(tmp_path_factory.mktemp("qwen"), family="qwen2_5_vl")
+def qwen(tiny_models):
+    return tiny_models["qwen2_5_vl"]  # written by tests/conftest.py through save_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,8 @@ SIZES = [(48, 48), (64, 32), (40, 56), (96, 64)]  # 36, 32, 35 and 54 vision tok
 
 
 @pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    from alignkd.models.tiny import write_tiny_models
-
-    return write_tiny_models(tmp_path_factory.mktemp("qwen"), family="qwen2_5_vl")
+def qwen(tiny_models):
+    return tiny_models["qwen2_5_vl"]  # written by tests/conftest.py through save_pretrained
 
 
 def _samples(demo_samples):
