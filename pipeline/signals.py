@@ -116,10 +116,14 @@ def teacher_signals(
     resp = batch.response_mask.clone()
     resp[:, 0] = False
     b_idx, t_idx = resp.nonzero(as_tuple=True)
+    # Only the tokenizer's ids are tokens: a config may pad the head past them (Qwen2.5-VL: 152064
+    # rows in the 7B, 151936 in the 3B, for 151665 tokens), and a padded id among the top k would
+    # lie outside a smaller student's head. Where the two agree (MobileVLM) nothing is cut.
+    vocab = min(len(vlm.tokenizer), vlm.text_config.vocab_size)
     ids_parts, lp_parts, tail_parts = [], [], []
     for lo in range(0, b_idx.numel(), logit_chunk):
         rows = out.hidden[b_idx[lo : lo + logit_chunk], t_idx[lo : lo + logit_chunk] - 1]
-        ids, lp, tail = topk_with_tail(vlm.logits(rows), topk)
+        ids, lp, tail = topk_with_tail(vlm.logits(rows)[..., :vocab], topk)
         ids_parts.append(ids)
         lp_parts.append(lp)
         tail_parts.append(tail)

@@ -214,3 +214,28 @@ def test_the_registry_builds_and_describes_qwen(qwen):
     summary = describe_checkpoint(qwen["teacher"])
     assert summary.family == "qwen2_5_vl" and summary.num_vision_tokens is None
     assert isinstance(load_vlm(qwen["student"]), Qwen2_5_VLVLM)
+
+
+def test_the_teachers_top_k_never_names_a_padded_row_of_its_head(qwen, demo_samples):
+    """Qwen2.5-VL's configs pad the head past the tokenizer (7B: 152064 rows, 3B: 151936, for
+    151665 tokens); a padded id in the cache would lie outside a smaller student's head."""
+    from alignkd.signals import teacher_signals
+
+    vlm = load_vlm(qwen["teacher"])
+    n = len(vlm.tokenizer)
+    vlm.text_config.vocab_size = n + 8  # a head padded by 8 rows that would win every position
+    logits = vlm.logits
+    vlm.logits = lambda hidden: torch.cat([logits(hidden), torch.full((*hidden.shape[:-1], 8), 1e3)], -1)
+    samples = _samples(demo_samples)
+    batch, _ = make_batch(vlm, samples, template="chatml", max_length=512)
+    with torch.no_grad():
+        out = vlm(batch, tap_layers=(0,))
+    records = teacher_signals(vlm, batch, out, samples, layers=(0,), topk=4)
+    for r in records:
+        assert r.topk_ids.max() < n
+        # log-probs over the real tokens: with the tail they hold all the mass
+        total = torch.logsumexp(torch.cat([torch.tensor(r.topk_logprobs), torch.tensor(r.tail_logmass)[:, None]], 1), 1)
+        torch.testing.assert_close(total, torch.zeros_like(total), atol=1e-5, rtol=0)
+        assert r.vision_length == (vlm.images.count(next(s.image for s in samples if s.key == r.key))
+                                   if r.vision_start >= 0 else 0)
+        assert r.vision_features.shape[0] == r.vision_length and r.attention[0].shape[-1] == r.vision_length
