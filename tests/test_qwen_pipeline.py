@@ -93,8 +93,8 @@ def _quiet(args):
     return train(args, echo=lambda _: None, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _v1_count(monkeypatch):
+@pytest.fixture
+def v1_count(monkeypatch):
     """Schema v1 only: the student states the cache's one count (removed with v2)."""
     if FIXED_COUNT is not None:
         from alignkd.models.qwen2_5_vl import Qwen2_5_VLVLM
@@ -119,7 +119,7 @@ def test_the_cache_holds_each_samples_own_vision_token_count(qwen, shards, cache
 
 
 @pytest.mark.fault
-def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, cache, tmp_path):
+def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, cache, tmp_path, v1_count):
     straight = _quiet(_args(qwen["student"], shards, cache, tmp_path / "straight", max_steps=4))
     logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     for term in ("sup", "logit", "attn", "v_all", "v_focus"):
@@ -148,7 +148,7 @@ def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, ca
 
 
 @pytest.mark.bad_input
-def test_a_student_with_another_image_grid_is_refused_in_one_line(qwen, shards, cache, tmp_path):
+def test_a_student_with_another_image_grid_is_refused_in_one_line(qwen, shards, cache, tmp_path, v1_count):
     student = tmp_path / "student"
     shutil.copytree(qwen["student"], student)
     pre = json.loads((student / "preprocessor_config.json").read_text())
@@ -162,7 +162,7 @@ def test_a_student_with_another_image_grid_is_refused_in_one_line(qwen, shards, 
 
 
 @pytest.mark.bad_input
-def test_a_student_with_another_vocabulary_is_refused_in_one_line(qwen, shards, cache, tmp_path):
+def test_a_student_with_another_vocabulary_is_refused_in_one_line(qwen, shards, cache, tmp_path, v1_count):
     student = tmp_path / "student"
     shutil.copytree(qwen["student"], student)
     vlm = load_vlm(student)
@@ -188,3 +188,96 @@ def test_the_qwen_jobs_use_qwens_template_and_name_the_7b_and_3b():
     assert extract.data.max_length == student.data.max_length
     assert "7B" in extract.teacher.path and "3B" in student.student.path and extract.teacher.dtype == "bfloat16"
     assert extract.cache.path == student.cache and min(getattr(student.loss, t) for t in TERMS) > 0
+
+
+class _Records:
+    """The cache reader's two lookups over in-memory records (the extraction's own output)."""
+
+    def __init__(self, records):
+        self.records = {r.key: r for r in records}
+
+    def keys(self):
+        return list(self.records)
+
+    def get(self, key):
+        return self.records[key]
+
+
+@pytest.fixture(scope="module")
+def mixed(qwen, demo_data, tmp_path_factory):
+    """Samples with images of three sizes in shards, and their teacher records straight from
+    teacher_signals (the cache's per-sample layout, without a cache on disk)."""
+    from alignkd.data.batching import make_batch
+    from alignkd.signals import teacher_signals
+
+    out = tmp_path_factory.mktemp("qwen-mixed")
+    sizes = [(48, 48), (64, 32), (96, 64)]  # 36, 32 and 54 vision tokens
+    raws = [raw for shard in expand_shards(demo_data / "train") for raw in iter_raw_samples(shard)][:6]
+
+    def resized():
+        for i, raw in enumerate(raws):
+            png = io.BytesIO()
+            Image.open(io.BytesIO(raw["png"])).convert("RGB").resize(sizes[i % 3]).save(png, format="PNG")
+            yield {"__key__": raw["__key__"], "json": json.loads(raw["json"]), "png": png.getvalue()}
+
+    write_shards(resized(), out)
+    samples = [decode_sample(raw) for shard in expand_shards(out) for raw in iter_raw_samples(shard)]
+    teacher = load_vlm(qwen["teacher"])
+    batch, _ = make_batch(teacher, samples, template="chatml", max_length=256)
+    with torch.no_grad():
+        records = teacher_signals(teacher, batch, teacher(batch, tap_layers=(0,)), samples, layers=(0,), topk=8)
+    return out, samples, records
+
+
+def test_the_student_processor_is_the_familys_own_and_survives_pickling(qwen, mixed):
+    import pickle
+
+    from alignkd.data.batching import make_batch
+    from alignkd.data.distill import DistillDataset, StudentProcessor
+
+    shards_dir, samples, records = mixed
+    student = load_vlm(qwen["student"])
+    processor = pickle.loads(pickle.dumps(StudentProcessor.of(student)))  # what a DataLoader worker gets
+    ds = DistillDataset(shards=str(shards_dir), cache=_Records(records), processor=processor, template="chatml",
+                        max_length=256)
+    batch, teacher = ds.collate([ds[i] for i in range(len(ds))])
+    direct, _ = make_batch(student, samples, template="chatml", max_length=256)
+    assert torch.equal(batch.input_ids, direct.input_ids) and torch.equal(batch.vision_lengths, direct.vision_lengths)
+    assert torch.equal(batch.pixel_values, direct.pixel_values)
+    assert torch.equal(batch.image_inputs["image_grid_thw"], direct.image_inputs["image_grid_thw"])
+    assert sorted(set(batch.vision_lengths.tolist())) == [32, 36, 54]
+    assert teacher.vision_mask.sum(1).tolist() == batch.vision_lengths.tolist()
+    assert teacher.vision_features.shape[1] == 54 and teacher.attention[0].shape[-1] == 54
+
+
+def test_a_ragged_batchs_losses_are_each_samples_alone_weighted_by_its_share(qwen, mixed):
+    """Through the whole student path (teacher records -> DistillDataset -> compute_losses):
+    padding the vision tokens to the batch's largest image changes no term."""
+    from alignkd.data.distill import DistillDataset, StudentProcessor
+    from alignkd.train import build_adapters, compute_losses
+
+    shards_dir, samples, records = mixed
+    student = load_vlm(qwen["student"])
+    cache = _Records(records)
+    ds = DistillDataset(shards=str(shards_dir), cache=cache, processor=StudentProcessor.of(student), template="chatml",
+                        max_length=256)
+    loss = LossArgs(sup=1.0, logit=1.0, attn=1.0, v_all=1.0, v_focus=1.0, focus_k=4, attn_variant="mix_kl")
+
+    class Meta:  # what build_adapters reads of a cache
+        class teacher:
+            num_heads, hidden_size = load_vlm(qwen["teacher"]).num_heads, load_vlm(qwen["teacher"]).hidden_size
+
+    torch.manual_seed(0)
+    adapters = build_adapters(student, Meta, loss)
+    items = [ds[i] for i in range(3)]  # one image of each size
+    with torch.no_grad():
+        together = compute_losses(student, adapters, *ds.collate(items), loss)
+        alone = [compute_losses(student, adapters, *ds.collate([it]), loss) for it in items]
+    nv = [int(ds.collate([it])[0].vision_lengths[0]) for it in items]
+    assert len(set(nv)) == 3
+    k = [min(loss.focus_k, n) for n in nv]
+    rows = [int(ds.collate([it])[1].query_mask.sum()) for it in items]
+    resp = [int(ds.collate([it])[0].response_mask[0, 1:].sum()) for it in items]
+    for term, weights in (("v_all", nv), ("v_focus", k), ("attn", rows), ("sup", resp), ("logit", resp)):
+        expected = sum(a[term] * w for a, w in zip(alone, weights)) / sum(weights)
+        torch.testing.assert_close(together[term], expected, atol=1e-5, rtol=1e-4, msg=term)
