@@ -23,7 +23,7 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-models")
     return {fam: write_tiny_models(root / fam, family=fam, tokenizer="word")
-            for fam in ("mobilevlm", "llava", "qwen2_5_vl")}
+            for fam in ("mobilevlm", "llava", "qwen2_5_vl", "qwen2_vl")}
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ FAMILIES = {
     "mobilevlm": "alignkd.models.mobilevlm:MobileVLM",  # MobileVLM V2, the paper's models (authors' layout)
     "llava": "alignkd.models.llava:LlavaVLM",  # transformers' LLaVA (LLaVA-1.5 and relatives)
     "qwen2_5_vl": "alignkd.models.qwen2_5_vl:Qwen2_5_VLVLM",  # transformers' Qwen2.5-VL (dynamic resolution, M-RoPE)
+    "qwen2_vl": "alignkd.models.qwen2_5_vl:Qwen2VLVLM",  # transformers' Qwen2-VL (the same path)
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,5 +1,7 @@
 """The Qwen2.5-VL family: transformers' `Qwen2_5_VLForConditionalGeneration` from a local
-folder (the 7B-Instruct teacher, the 3B-Instruct student), seen through the `VLM` interface.
+folder (the 7B-Instruct teacher, the 3B-Instruct student), seen through the `VLM` interface;
+Qwen2-VL (`Qwen2VLForConditionalGeneration`, the same layout around a ViT without window
+attention) shares the path as `Qwen2VLVLM`.
 
 What differs from the Llama-based families, and where it is handled:
   * dynamic resolution: an image is resized by the model's own processor to a multiple of
@@ -38,8 +40,15 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLTextConfig, Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from alignkd.data.batching import VLMBatch
@@ -49,7 +58,7 @@ from alignkd.models.base import VLM, CheckpointSummary, ModelError
 from alignkd.models.chatml import ChatMLTemplate
 from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
 
-__all__ = ["Qwen2_5_VLVLM", "QwenImages", "QWEN_SPECIAL_TOKENS"]
+__all__ = ["Qwen2_5_VLVLM", "Qwen2VLVLM", "QwenImages", "QWEN_SPECIAL_TOKENS"]
 
 # Qwen's special tokens, by role (the real tokenizer's names; the tiny tokenizer adds them).
 QWEN_SPECIAL_TOKENS = {
@@ -102,6 +111,8 @@ class Qwen2_5_VLVLM(VLM):
     family = "qwen2_5_vl"
     templates = {"chatml": ChatMLTemplate()}  # Qwen's own chat format (models/chatml.py)
     pad_images = False  # the processor keeps the aspect ratio
+    hf_class: Any = Qwen2_5_VLForConditionalGeneration
+    config_class: Any = Qwen2_5_VLConfig
 
     def __init__(self, hf: Qwen2_5_VLForConditionalGeneration, tokenizer: Any,
                  image_processor: Qwen2VLImageProcessorPil, *, path: str | Path | None = None):
@@ -176,7 +187,7 @@ class Qwen2_5_VLVLM(VLM):
         if not (path / "preprocessor_config.json").is_file():
             raise ModelError(f"{path / 'preprocessor_config.json'}: not found (the image processor's settings)")
         attn = "eager" if attn_implementation == "eager" else "sdpa"
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+        hf = cls.hf_class.from_pretrained(path, dtype=dtype, attn_implementation=attn)
         vlm = cls(hf.to(device), AutoTokenizer.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path),
                   path=path)
         if attn_implementation == "tap":
@@ -185,7 +196,7 @@ class Qwen2_5_VLVLM(VLM):
 
     @classmethod
     def describe(cls, path: Path) -> CheckpointSummary:
-        text = Qwen2_5_VLConfig.from_pretrained(path).text_config
+        text = cls.config_class.from_pretrained(path).text_config
         return CheckpointSummary(cls.family, None, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
                                  text.vocab_size, AutoTokenizer.from_pretrained(path))
 
@@ -212,29 +223,33 @@ class Qwen2_5_VLVLM(VLM):
         half = text["hidden_size"] // heads // 2
         section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
         ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in QWEN_SPECIAL_TOKENS.items()}
-        text_config = Qwen2_5_VLTextConfig(
+        text_config = dict(
             vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
             num_hidden_layers=text["num_hidden_layers"], num_attention_heads=heads,
             num_key_value_heads=heads // 2 if role == "teacher" else heads, rms_norm_eps=text["rms_norm_eps"],
             max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                            "mrope_section": section},
             bos_token_id=None, eos_token_id=ids["eos"], pad_token_id=ids["pad"], tie_word_embeddings=False)
-        patch = 4
-        vision_config = Qwen2_5_VLVisionConfig(
+        text_part, vision_part = cls._tiny_parts(text_config, vision, patch=4)
+        config = cls.config_class(text_config=text_part.to_dict(), vision_config=vision_part.to_dict(),
+                                  image_token_id=ids["image"], video_token_id=ids["video"],
+                                  vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
+                                  tie_word_embeddings=False)
+        processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=4, merge_size=2,
+                                             temporal_patch_size=2)
+        torch.manual_seed(seed)
+        vlm = cls(cls.hf_class(config), tokenizer, processor)
+        vlm.use_tap_attention()
+        return vlm
+
+    @classmethod
+    def _tiny_parts(cls, text: dict[str, Any], vision: dict[str, Any], patch: int) -> tuple[Any, Any]:
+        """The tiny text and vision configs of this family (window attention in Qwen2.5-VL)."""
+        return Qwen2_5_VLTextConfig(**text), Qwen2_5_VLVisionConfig(
             depth=vision["num_hidden_layers"], hidden_size=vision["hidden_size"],
             intermediate_size=vision["intermediate_size"], num_heads=vision["num_attention_heads"], patch_size=patch,
             spatial_merge_size=2, temporal_patch_size=2, window_size=2 * 2 * patch,
             fullatt_block_indexes=[vision["num_hidden_layers"] - 1], out_hidden_size=text["hidden_size"])
-        config = Qwen2_5_VLConfig(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(),
-                                  image_token_id=ids["image"], video_token_id=ids["video"],
-                                  vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"],
-                                  tie_word_embeddings=False)
-        processor = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=patch, merge_size=2,
-                                             temporal_patch_size=2)
-        torch.manual_seed(seed)
-        vlm = cls(Qwen2_5_VLForConditionalGeneration(config), tokenizer, processor)
-        vlm.use_tap_attention()
-        return vlm
 
     def save_pretrained(self, path: str | Path) -> None:
         """A plain Qwen2.5-VL checkpoint folder (transformers' own from_pretrained loads it)."""
@@ -252,6 +267,22 @@ class Qwen2_5_VLVLM(VLM):
             "weights_fingerprint": weights_fingerprint(weight_files(self.path)) if self.path else None,
             "vision_tower": None,
         }
+
+
+class Qwen2VLVLM(Qwen2_5_VLVLM):
+    """Qwen2-VL: the same processor, template, M-RoPE and merger-as-projector; its ViT has no
+    window attention and its merger a LayerNorm."""
+
+    family = "qwen2_vl"
+    hf_class = Qwen2VLForConditionalGeneration
+    config_class = Qwen2VLConfig
+
+    @classmethod
+    def _tiny_parts(cls, text: dict[str, Any], vision: dict[str, Any], patch: int) -> tuple[Any, Any]:
+        return Qwen2VLTextConfig(**text), Qwen2VLVisionConfig(
+            depth=vision["num_hidden_layers"], embed_dim=vision["hidden_size"],
+            mlp_ratio=vision["intermediate_size"] // vision["hidden_size"], num_heads=vision["num_attention_heads"],
+            patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, hidden_size=text["hidden_size"])
 
 
 def _check_processor(vision_config: Any, proc: Qwen2VLImageProcessorPil, path: Path | None) -> None:

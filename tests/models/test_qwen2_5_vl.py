@@ -1,4 +1,4 @@
-"""The Qwen2.5-VL family against transformers' own model: the layer-0 tap equals the eager
+"""The Qwen2.5-VL family (and Qwen2-VL, on the same path) against transformers' own model: the layer-0 tap equals the eager
 attention weights of transformers' full forward (its own splice, vision tower and M-RoPE
 positions) with images of different sizes in one batch, padding on either side, a text-only
 sample and the vision block at different offsets; vision features are the merger's output
@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from alignkd.data.batching import make_batch
 from alignkd.data.templates import IMAGE_TOKEN
@@ -26,6 +26,9 @@ SIZES = [(48, 48), (64, 32), (40, 56), (96, 64)]  # 36, 32, 35 and 54 vision tok
 @pytest.fixture(scope="module")
 def qwen(tiny_models):
     return tiny_models["qwen2_5_vl"]  # written by tests/conftest.py through save_pretrained
+
+
+FAMILY_CLASSES = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
 
 
 def _samples(demo_samples):
@@ -66,9 +69,11 @@ def _hf_inputs(vlm, batch):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_tapped_block_equals_transformers_eager_attention_weights(qwen, demo_samples, padding_side):
-    tap = load_vlm(qwen["teacher"])
-    eager = load_vlm(qwen["teacher"], attn_implementation="eager")
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_tapped_block_equals_transformers_eager_attention_weights(tiny_models, demo_samples, family, padding_side):
+    tap = load_vlm(tiny_models[family]["teacher"])
+    eager = load_vlm(tiny_models[family]["teacher"], attn_implementation="eager")
+    assert isinstance(tap.hf, FAMILY_CLASSES[family])
     config = tap.text_config
     assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
     _sharpen(tap, eager)
@@ -181,11 +186,12 @@ def test_greedy_generation_matches_transformers_generate(qwen, demo_samples):
     assert len(steps) > 1
 
 
-def test_save_then_load_through_load_vlm_and_transformers(qwen, demo_samples, tmp_path):
-    vlm = load_vlm(qwen["student"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_save_then_load_through_load_vlm_and_transformers(tiny_models, demo_samples, tmp_path, family):
+    vlm = load_vlm(tiny_models[family]["student"])
     vlm.save_pretrained(tmp_path / "export")
     again = load_vlm(tmp_path / "export")
-    theirs = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    theirs = FAMILY_CLASSES[family].from_pretrained(tmp_path / "export", dtype=torch.float32)
     a, b, c = vlm.state_dict(), again.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(a["hf." + k], c[k]) for k in c)

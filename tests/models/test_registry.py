@@ -31,12 +31,12 @@ def test_loading_a_checkpoint_imports_no_other_familys_module(tiny_models, famil
 
 @pytest.mark.bad_input
 def test_an_unsupported_model_type_names_the_config_file_and_lists_the_families(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_vl"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
     with pytest.raises(ModelError) as info:
         load_vlm(tmp_path)
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(tmp_path / "config.json"))
-    assert "'qwen2_vl' is not supported" in message and all(f in message for f in FAMILIES)
+    assert "'qwen3_vl' is not supported" in message and all(f in message for f in FAMILIES)
 
 
 @pytest.mark.bad_input
