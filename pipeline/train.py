@@ -200,7 +200,8 @@ def check_cache_serves(cache: Any, student: VLM, args: TrainArgs) -> None:
         problems.append(f"tokenizer: the student's tokenizer is not the one the teacher's ids were made with{sizes}; "
                         "the token ids and the logit term need one tokenizer")
     if meta.num_vision_tokens != student.num_vision_tokens:
-        problems.append(f"vision tokens: cache {meta.num_vision_tokens}, student {student.num_vision_tokens}")
+        count = lambda n: "a count per image" if n is None else n  # noqa: E731 - None: dynamic resolution
+        problems.append(f"vision tokens: cache {count(meta.num_vision_tokens)}, student {count(student.num_vision_tokens)}")
     teacher_view, student_view = image_view(meta.image_preprocessing), image_view(image_preprocessing(student))
     if teacher_view != student_view:
         differ = ", ".join(f"{k} {teacher_view[k]} (teacher) vs {student_view[k]} (student)"
@@ -212,7 +213,7 @@ def check_cache_serves(cache: Any, student: VLM, args: TrainArgs) -> None:
         if loss.attn_variant != "mean" and meta.attention_heads != "per_head":
             problems.append(f"loss.attn_variant {loss.attn_variant!r} needs per-head attention; the cache holds "
                             f"the head mean")
-    if loss.v_focus > 0 and not 1 <= loss.focus_k <= meta.num_vision_tokens:
+    if loss.v_focus > 0 and not 1 <= loss.focus_k <= (meta.num_vision_tokens or loss.focus_k):
         problems.append(f"loss.focus_k {loss.focus_k}: must be in 1..{meta.num_vision_tokens}")
     if loss.logit > 0 and loss.logit_topk is not None and not 1 <= loss.logit_topk <= meta.topk:
         problems.append(f"loss.logit_topk {loss.logit_topk}: the cache holds top-{meta.topk}")

@@ -10,7 +10,7 @@
 `root` is a directory or an fsspec URL ("s3://bucket/cache", "gs://...", "file://...");
 the functions take either and do the same job for both (a URL's steps are in remote.py).
 
-The layout (array names, dtypes, shapes) is alignkd.cache_schemas.v1; the quantisers are
+The layout (array names, dtypes, shapes) is alignkd.cache_schemas.v2; the quantisers are
 alignkd.cache.codecs.
 
 Why shards are written this way (both measured here): several processes writing rows into one
@@ -58,7 +58,7 @@ import zarr
 
 from alignkd.cache import remote
 from alignkd.cache.codecs import Codec, error_stats, get_codec
-from alignkd.cache.records import SampleSignals
+from alignkd.cache.records import SampleSignals, vision_grid
 from alignkd.cache.remote import is_url
 from alignkd.cache_schemas import (
     IMAGE_TOKEN,
@@ -68,10 +68,12 @@ from alignkd.cache_schemas import (
     CacheMeta,
     CacheSchemaError,
     CodecSpec,
+    SHARD_LAYOUT,
     FileDigest,
     ShardMeta,
     attention_array,
     check_shard_name,
+    packed_width,
     shard_arrays,
 )
 
@@ -104,6 +106,7 @@ def init_cache(cache_root: str | os.PathLike, meta: CacheMeta) -> None:
     raise CacheSchemaError naming the differing fields if not. The stored meta is kept as is
     (its `created` and `job` stay those of the run that created it)."""
     meta.validate()
+    _check_writable(meta)
     if is_url(cache_root):
         return _init_remote(cache_root, meta)
     root = Path(cache_root)
@@ -181,6 +184,12 @@ def read_cache_meta(cache_root: str | os.PathLike) -> CacheMeta:
             raise CacheSchemaError(f"{root}: not an alignkd cache (no zarr.json)") from None
         raise CacheSchemaError(f"{root}: not a Zarr v3 group ({type(e).__name__}: {e})") from None
     return CacheMeta.from_dict(group.attrs.asdict(), source=f"cache at {root}")
+
+
+def _check_writable(meta: CacheMeta) -> None:
+    if meta.shard_layout != SHARD_LAYOUT:
+        raise CacheSchemaError(f"shard layout {meta.shard_layout} is read only: this alignkd writes shard layout "
+                               f"{SHARD_LAYOUT} (extract into a new cache)")
 
 
 def _check_same(root: Path | str, meta: CacheMeta) -> None:
@@ -304,6 +313,7 @@ def write_shard(
     root = Path(cache_root)
     check_shard_name(shard_name)
     meta.validate()
+    _check_writable(meta)
     _check_same(root, meta)  # also: the cache exists
     skipped = [(str(k), str(r)) for k, r in skipped]
     _check_samples(samples, skipped, meta, where=f"shard {shard_name}")
@@ -354,6 +364,7 @@ def _write_remote(url: str, shard_name: str, samples: Sequence[SampleSignals], s
     cache, then remote.publish uploads it, its marker (zarr.json) last."""
     check_shard_name(shard_name)
     meta.validate()
+    _check_writable(meta)
     _check_same(url, meta)  # also: the cache exists
     fs, root = remote.filesystem(url)
     if scratch is not None:
@@ -452,31 +463,40 @@ def _shard_arrays(
     """(name, data) for every array of the shard, in schema order, built one signal at a time
     so that only one signal's encoded form is in memory beyond the samples themselves."""
     n = len(samples)
-    ids_off = _offsets([len(s.input_ids) for s in samples])
-    resp_off = _offsets([len(s.response_positions) for s in samples])
-    rows_off = _offsets([_rows(s) for s in samples])
-    counts = {"N": n, "N+1": n + 1, "T": int(ids_off[-1]), "R": int(resp_off[-1]), "L": int(rows_off[-1])}
-    offsets = {"ids_offsets": ids_off, "resp_offsets": resp_off, "rows_offsets": rows_off}
+    per_head = meta.attention_heads == "per_head"
+    heads = meta.teacher.num_heads if per_head else 1
+    c = meta.codecs
+    offsets = {
+        "ids_offsets": _offsets([len(s.input_ids) for s in samples]),
+        "resp_offsets": _offsets([len(s.response_positions) for s in samples]),
+        "rows_offsets": _offsets([_rows(s) for s in samples]),
+        "attn_offsets": _offsets([_rows(s) * heads * packed_width(c.attention, s.vision_length) for s in samples]),
+        "vision_offsets": _offsets([s.vision_length for s in samples]),
+    }
+    rows_of = {"T": "ids_offsets", "R": "resp_offsets", "L": "rows_offsets", "A": "attn_offsets", "V": "vision_offsets"}
+    counts = {"N": n, "N+1": n + 1, **{sym: int(offsets[name][-1]) for sym, name in rows_of.items()}}
 
-    def flat(get) -> np.ndarray:
-        parts = [np.asarray(get(s)) for s in samples]
-        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+    def flat(name: str, get) -> np.ndarray:
+        dtype = specs[name].dtype
+        parts = [np.asarray(get(s)).astype(dtype) for s in samples]
+        return np.concatenate(parts) if parts else np.zeros((0, *specs[name].shape[1:]), dtype)
 
     def coded(name: str, codec_name: str, pieces: Iterator[np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-        """Encode one float signal sample by sample into preallocated value (+ scale) arrays."""
+        """Encode one float signal sample by sample into preallocated value (+ scale) arrays;
+        a sample's values and scales land in the rows its offsets give, flattened to the
+        arrays' trailing shape."""
         spec, codec = specs[name], get_codec(codec_name)
+        scale_spec = specs[name + SCALE_SUFFIX] if codec.scaled else None
         values = np.zeros(_shape(spec, counts), spec.dtype)
-        scale = np.zeros(_shape(specs[name + SCALE_SUFFIX], counts), np.float32) if codec.scaled else None
-        off = offsets[spec.offsets] if spec.offsets else None
+        scale = np.zeros(_shape(scale_spec, counts), np.float32) if scale_spec else None
         for i, x in enumerate(pieces):
-            where = slice(off[i], off[i + 1]) if off is not None else i
             try:
                 parts = codec.encode(x)
             except ValueError as e:  # e.g. a log-prob beyond fp16's range: name the sample
                 raise CacheSchemaError(f"sample {samples[i].key}: {name}: {e}") from None
-            values[where] = parts["values"]
+            _put(values, spec, offsets, i, parts["values"])
             if scale is not None:
-                scale[where] = parts["scale"]
+                _put(scale, scale_spec, offsets, i, parts["scale"])
             decoded = codec.decode(parts, x.shape[-1] if x.ndim else None) if codec.lossy else None
             acc.add(name, codec, x, decoded)
         yield name, values
@@ -484,30 +504,48 @@ def _shard_arrays(
             yield name + SCALE_SUFFIX, scale
 
     f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
-    c = meta.codecs
-    yield "ids_offsets", ids_off
-    yield "input_ids", flat(lambda s: s.input_ids)
-    yield "resp_offsets", resp_off
-    yield "response_positions", flat(lambda s: s.response_positions)
-    k = meta.topk
-    yield "topk_ids", (np.concatenate([np.asarray(s.topk_ids) for s in samples]).astype(np.int32)
-                       if samples else np.zeros((0, k), np.int32))
+    yield "ids_offsets", offsets["ids_offsets"]
+    yield "input_ids", flat("input_ids", _stored_ids)
+    yield "resp_offsets", offsets["resp_offsets"]
+    yield "response_positions", flat("response_positions", lambda s: s.response_positions)
+    yield "topk_ids", flat("topk_ids", lambda s: np.asarray(s.topk_ids).reshape(-1, meta.topk))
     yield from coded("topk_logprobs", c.logprobs, (f32(s.topk_logprobs) for s in samples))
     yield from coded("tail_logmass", c.logprobs, (f32(s.tail_logmass) for s in samples))
-    yield "rows_offsets", rows_off
-    per_head = meta.attention_heads == "per_head"
+    yield "rows_offsets", offsets["rows_offsets"]
+    yield "attn_offsets", offsets["attn_offsets"]
     for layer in meta.layers:
-        # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so samples concatenate along axis 0.
-        rows = (f32(s.attention[layer]).transpose(1, 0, 2) if per_head else f32(s.attention[layer]) for s in samples)
-        yield from coded(attention_array(layer), c.attention, rows)
+        # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so that they line up with the row scales.
+        blocks = (f32(s.attention[layer])[..., : s.vision_length] for s in samples)
+        yield from coded(attention_array(layer), c.attention, (b.transpose(1, 0, 2) if per_head else b for b in blocks))
     yield "vision_start", np.array([s.vision_start for s in samples], dtype=np.int32)
     yield "vision_length", np.array([s.vision_length for s in samples], dtype=np.int32)
-    yield from coded("vision_features", c.features, (f32(s.vision_features) for s in samples))
-    focus = np.zeros((n, meta.num_vision_tokens), np.float32)
+    yield "vision_grid", np.array([vision_grid(s) for s in samples], dtype=np.int32).reshape(n, 2)
+    yield "vision_offsets", offsets["vision_offsets"]
+    yield from coded("vision_features", c.features, (f32(s.vision_features)[: s.vision_length] for s in samples))
+    focus = np.zeros(counts["V"], np.float32)
+    fp32 = get_codec("fp32")
     for i, s in enumerate(samples):
-        focus[i] = f32(s.focus)
-        acc.add("focus", get_codec("fp32"), focus[i], None)
+        piece = f32(s.focus)[: s.vision_length]
+        _put(focus, specs["focus"], offsets, i, piece)
+        acc.add("focus", fp32, piece, None)
     yield "focus", focus
+
+
+def _put(target: np.ndarray, spec: ArraySpec, offsets: dict[str, np.ndarray], i: int, part: np.ndarray) -> None:
+    """Sample i's part into its rows of `target` (row i when the array has one row per sample)."""
+    if spec.offsets is None:
+        target[i] = part
+    else:
+        off = offsets[spec.offsets]
+        target[off[i] : off[i + 1]] = part.reshape(-1, *target.shape[1:])
+
+
+def _stored_ids(s: SampleSignals) -> np.ndarray:
+    """input_ids as stored: the vision span (all IMAGE_TOKEN, checked) holds 0, so ids need no sign."""
+    ids = np.array(s.input_ids, dtype=np.int64)
+    if s.vision_start >= 0:
+        ids[s.vision_start : s.vision_start + s.vision_length] = 0
+    return ids
 
 
 def _shape(spec: ArraySpec, counts: dict[str, int]) -> tuple[int, ...]:
@@ -548,7 +586,7 @@ def _check_samples(
 
 def _check_sample(s: SampleSignals, meta: CacheMeta) -> None:
     """One sample against the cache's shapes (see alignkd.cache.records for their meaning)."""
-    nv, d, h, k = meta.num_vision_tokens, meta.teacher.hidden_size, meta.teacher.num_heads, meta.topk
+    d, h, k = meta.teacher.hidden_size, meta.teacher.num_heads, meta.topk
     if not isinstance(s.fingerprint, str) or len(s.fingerprint) != 64 or set(s.fingerprint) - set("0123456789abcdef"):
         raise CacheSchemaError(f"fingerprint {s.fingerprint!r} is not a sha256 hex digest")
 
@@ -556,29 +594,41 @@ def _check_sample(s: SampleSignals, meta: CacheMeta) -> None:
     t = len(ids)
     if t == 0:
         raise CacheSchemaError("input_ids is empty")
-    vs, vl = s.vision_start, s.vision_length
-    if not (isinstance(vs, int | np.integer) and isinstance(vl, int | np.integer)):
+    if t > meta.max_length:
+        raise CacheSchemaError(f"{t} tokens, more than the cache's max_length {meta.max_length}")
+    vs, nv = s.vision_start, s.vision_length
+    if not (isinstance(vs, int | np.integer) and isinstance(nv, int | np.integer)):
         raise CacheSchemaError("vision_start and vision_length must be integers")
+    text = ids
     if vs == -1:
-        if vl != 0:
-            raise CacheSchemaError(f"text-only sample (vision_start -1) has vision_length {vl}, expected 0")
+        if nv != 0:
+            raise CacheSchemaError(f"text-only sample (vision_start -1) has vision_length {nv}, expected 0")
         lq = 0
     else:
-        if vl != nv:
-            raise CacheSchemaError(f"vision_length {vl}, the cache has {nv} vision tokens")
+        if meta.num_vision_tokens is not None and nv != meta.num_vision_tokens:
+            raise CacheSchemaError(f"vision_length {nv}, the cache has {meta.num_vision_tokens} vision tokens")
+        if nv < 1:
+            raise CacheSchemaError(f"vision_length {nv}: an image sample needs at least one vision token")
         if not 0 <= vs <= t - nv:
             raise CacheSchemaError(f"vision span {vs}..{vs + nv} is outside the {t} tokens")
         if not (ids[vs:vs + nv] == IMAGE_TOKEN).all():
             raise CacheSchemaError(f"input_ids[{vs}:{vs + nv}] are not all IMAGE_TOKEN ({IMAGE_TOKEN})")
+        text = np.concatenate([ids[:vs], ids[vs + nv:]])
         lq = t - (vs + nv)  # rows are the positions after the vision block
+        grid = vision_grid(s)
+        if grid[0] * grid[1] != nv or min(grid) < 1:
+            raise CacheSchemaError(f"vision_grid {grid} does not hold its {nv} vision tokens")
+    vocab = meta.teacher.vocab_size
+    if text.size and (text.min() < 0 or text.max() >= vocab):
+        raise CacheSchemaError(f"input_ids outside the vocabulary 0..{vocab - 1} (IMAGE_TOKEN only in the vision span)")
 
     resp = _ints(s.response_positions, "response_positions", ndim=1)
     r = len(resp)
     if r and (resp.min() < 1 or resp.max() >= t or (np.diff(resp) <= 0).any()):
         raise CacheSchemaError(f"response_positions must be increasing and within 1..{t - 1}")
     topk_ids = _ints(s.topk_ids, "topk_ids", shape=(r, k))
-    if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= meta.teacher.vocab_size):
-        raise CacheSchemaError(f"topk_ids outside the vocabulary 0..{meta.teacher.vocab_size - 1}")
+    if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= vocab):
+        raise CacheSchemaError(f"topk_ids outside the vocabulary 0..{vocab - 1}")
     _floats(s.topk_logprobs, "topk_logprobs", (r, k), allow_neg_inf=True)
     _floats(s.tail_logmass, "tail_logmass", (r,), allow_neg_inf=True)
 
@@ -587,12 +637,13 @@ def _check_sample(s: SampleSignals, meta: CacheMeta) -> None:
         raise CacheSchemaError(f"attention has layers {got}, the cache stores layers {list(meta.layers)}")
     for layer in meta.layers:
         shape = (h, lq, nv) if meta.attention_heads == "per_head" else (lq, nv)
-        a = _floats(s.attention[layer], f"attention[{layer}]", shape)
+        # A sample without image has no rows; producers may pad its empty block to any width.
+        a = _floats(s.attention[layer], f"attention[{layer}]", shape, any_width=lq == 0)
         if a.size and a.min() < 0:
             raise CacheSchemaError(f"attention[{layer}] has negative probabilities")
 
-    feats = _floats(s.vision_features, "vision_features", (nv, d))
-    focus = _floats(s.focus, "focus", (nv,))
+    feats = _floats(s.vision_features, "vision_features", (nv, d), any_rows=vs == -1)
+    focus = _floats(s.focus, "focus", (nv,), any_rows=vs == -1)
     if vs == -1 and (feats.any() or focus.any()):
         raise CacheSchemaError("text-only sample has non-zero vision_features or focus")
 
@@ -610,11 +661,17 @@ def _ints(a: object, name: str, ndim: int | None = None, shape: tuple[int, ...] 
     return a
 
 
-def _floats(a: object, name: str, shape: tuple[int, ...], allow_neg_inf: bool = False) -> np.ndarray:
+def _floats(a: object, name: str, shape: tuple[int, ...], allow_neg_inf: bool = False, *,
+            any_width: bool = False, any_rows: bool = False) -> np.ndarray:
+    """`any_width`: the last axis may have any length (an empty block); `any_rows`: the first
+    may (a text-only sample's vision arrays, which are not stored)."""
     a = np.asarray(a)
     if a.dtype.kind != "f":
         raise CacheSchemaError(f"{name} has dtype {a.dtype}, expected floats")
-    if a.shape != shape:
+    fits = a.ndim == len(shape) and all(
+        got == want or (any_width and i == len(shape) - 1) or (any_rows and i == 0)
+        for i, (got, want) in enumerate(zip(a.shape, shape)))
+    if not fits:
         raise CacheSchemaError(f"{name} has shape {a.shape}, expected {shape}")
     bad = np.isnan(a) | (np.isinf(a) & ~(allow_neg_inf & (a < 0)))
     if bad.any():

@@ -160,14 +160,18 @@ class DistillDataset(Dataset):
         )
         if self.cache is None:
             return batch, None
-        return batch, _teacher_batch([it["signals"] for it in items], seq_len=batch.input_ids.shape[1])
+        return batch, _teacher_batch([it["signals"] for it in items], seq_len=batch.input_ids.shape[1],
+                                     num_vision=self.processor.num_vision_tokens)
 
 
-def _teacher_batch(signals: list[SampleSignals], seq_len: int) -> TeacherBatch:
+def _teacher_batch(signals: list[SampleSignals], seq_len: int, num_vision: int | None = None) -> TeacherBatch:
     # The student's tapped block has rows vision_end .. seq_len - 1 of the padded batch; pad the
-    # teacher's rows to the same count so the two line up row for row.
-    nv = signals[0].vision_features.shape[0]
-    lq = max([seq_len - (s.vision_start + nv) for s in signals if s.vision_start >= 0] or [0])
+    # teacher's rows to the same count so the two line up row for row. Vision tokens are padded
+    # to the batch's widest sample (a text-only sample has none), at least to the model's fixed
+    # count, so that a batch without images has the student's block width too.
+    nv = max([s.vision_length for s in signals] + [num_vision or 0])
+    dim = signals[0].vision_features.shape[-1]
+    lq = max([seq_len - (s.vision_start + s.vision_length) for s in signals if s.vision_start >= 0] or [0])
     attention = {}
     for layer in signals[0].attention:
         first = signals[0].attention[layer]
@@ -175,17 +179,21 @@ def _teacher_batch(signals: list[SampleSignals], seq_len: int) -> TeacherBatch:
         out = np.zeros(shape, dtype=np.float32)
         for b, s in enumerate(signals):
             rows = s.attention[layer]
-            out[b, ..., : rows.shape[-2], :] = rows
+            out[b, ..., : rows.shape[-2], : rows.shape[-1]] = rows
         attention[layer] = torch.from_numpy(out)
     query_mask = torch.zeros(len(signals), lq, dtype=torch.bool)
+    features = np.zeros((len(signals), nv, dim), dtype=np.float32)
+    focus = np.zeros((len(signals), nv), dtype=np.float32)
     for b, s in enumerate(signals):
         n = next(iter(s.attention.values())).shape[-2]
         query_mask[b, :n] = True
+        features[b, : s.vision_length] = s.vision_features[: s.vision_length]
+        focus[b, : s.vision_length] = s.focus[: s.vision_length]
     return TeacherBatch(
         attention=attention,
         query_mask=query_mask,
-        vision_features=torch.from_numpy(np.stack([s.vision_features for s in signals])),
-        focus=torch.from_numpy(np.stack([s.focus for s in signals])),
+        vision_features=torch.from_numpy(features),
+        focus=torch.from_numpy(focus),
         image_mask=torch.tensor([s.vision_start >= 0 for s in signals]),
         topk_ids=torch.from_numpy(np.concatenate([s.topk_ids for s in signals])).long(),
         topk_logprobs=torch.from_numpy(np.concatenate([s.topk_logprobs for s in signals])),
