@@ -226,3 +226,41 @@ def test_both_stages_end_to_end_with_an_internvl_teacher_and_student(tiny_models
                                 run=dataclasses.replace(args.run, dir=str(tmp_path / "refused")))
     with pytest.raises(ValueError, match=r"image geometry: pad_to_square False \(teacher\) vs True \(student\)"):
         train(other, echo=lambda _: None, progress=False)
+
+
+def test_tap_equals_eager_attention_with_the_image_anywhere_in_the_conversation(tiny_models):
+    """Hand-made samples put the vision block at different offsets (first words, after a
+    question, in the second human turn) in one right-padded batch; layers 0 and 2."""
+    path, layers = tiny_models["internvl"]["teacher"], (0, 2)
+    tap, eager = load_vlm(path), load_vlm(path, attn_implementation="eager")
+    with torch.no_grad():  # peaked attention, identically in both, so wrong rows or columns show
+        for vlm in (tap, eager):
+            for layer in layers:
+                attn = vlm.language_model.layers[layer].self_attn
+                attn.q_proj.weight.mul_(6.0)
+                attn.k_proj.weight.mul_(6.0)
+    image = Image.new("RGB", (48, 48), (30, 30, 200))
+    turns = [
+        [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "blue"}],
+        [{"from": "human", "value": "Look at this picture and say how many squares: <image>"},
+         {"from": "gpt", "value": "three squares"}],
+        [{"from": "human", "value": "Hello"}, {"from": "gpt", "value": "hi"},
+         {"from": "human", "value": "<image>\nWhat shape is on the left?"}, {"from": "gpt", "value": "a circle"}],
+    ]
+    samples = [Sample(key=str(i), image=image, conversations=c) for i, c in enumerate(turns)]
+    batch, skipped = make_batch(tap, samples, template="chatml", max_length=512)
+    assert not skipped and len(set(batch.vision_start.tolist())) == 3
+    with torch.no_grad():
+        out = tap(batch, tap_layers=layers)
+        embeds, _ = eager.inputs_embeds(batch)
+        ref = eager.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
+                                   position_ids=eager.position_ids(batch.attention_mask),
+                                   output_attentions=True).attentions
+    nv = batch.num_vision_tokens
+    assert max(float(out.blocks[layer].probs.max()) for layer in layers) > 0.3
+    for layer in layers:
+        for b, start in enumerate(batch.vision_start.tolist()):
+            n_rows = int(batch.attention_mask[b].sum()) - (start + nv)
+            assert int(out.blocks[layer].query_mask[b].sum()) == n_rows
+            expected = ref[layer][b, :, start + nv : start + nv + n_rows, start : start + nv]
+            torch.testing.assert_close(out.blocks[layer].probs[b, :, :n_rows], expected, atol=1e-5, rtol=0)
