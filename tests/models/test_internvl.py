@@ -205,7 +205,7 @@ def test_both_stages_end_to_end_with_an_internvl_teacher_and_student(tiny_models
         cache=str(cache),
         optim=OptimArgs(lr=1e-3, projector_lr=1e-3, adapter_lr=1e-2, grad_accum=1),
         loss=LossArgs(sup=1.0, logit=1.0, attn=1.0, v_all=1.0, v_focus=1.0, focus_k=4),
-        run=RunArgs(dir=str(tmp_path / "run"), max_steps=3, save_every=3, keep_last=1),
+        run=RunArgs(dir=str(tmp_path / "run"), max_steps=3, save_every=3, keep_last=1, gradient_checkpointing=True),
         eval=EvalArgs(shards=str(demo_data / "val"), max_samples=4, max_new_tokens=2),
     )
     before = load_vlm(args.student.path).state_dict()
