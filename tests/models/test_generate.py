@@ -1,5 +1,5 @@
 """VLM.generate (one prompt forward, then one token per step against the KV cache) against a
-reference that recomputes the whole sequence for every token, for both families."""
+reference that recomputes the whole sequence for every token, for every family."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The layer-0 text x vision block from queries and keys, against transformers' own eager
-attention weights (the reference), for both families, both templates and both padding sides."""
+attention weights (the reference), for every family, each of its templates and both padding sides."""
 
 import pytest
 import torch
