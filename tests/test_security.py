@@ -125,7 +125,7 @@ def _booby_trap(folder: Path, marker: Path) -> None:
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("family", ["mobilevlm", "llava"])
+@pytest.mark.parametrize("family", ["mobilevlm", "llava", "internvl"])
 def test_loading_a_checkpoint_never_runs_code_from_its_folder(tiny_models, tmp_path, family):
     from alignkd.models import checkpoint_identity, describe_checkpoint, load_vlm
 

@@ -37,6 +37,7 @@ __all__ = [
 FAMILIES = {
     "mobilevlm": "alignkd.models.mobilevlm:MobileVLM",  # MobileVLM V2, the paper's models (authors' layout)
     "llava": "alignkd.models.llava:LlavaVLM",  # transformers' LLaVA (LLaVA-1.5 and relatives)
+    "internvl": "alignkd.models.internvl:InternVLVLM",  # transformers' InternVL (InternVL3-*-hf), one tile per image
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
