@@ -169,7 +169,8 @@ class TeacherWorker:
         """Teacher signals of every usable sample of one input shard -> one cache shard."""
         import torch
 
-        from alignkd.cache.writer import remove_partial_shard, write_shard
+        from alignkd.cache.store import remove_partial_shard
+        from alignkd.cache.writer import write_shard
         from alignkd.data.batching import make_batch
         from alignkd.data.shards import BadSample, decode_sample, iter_raw_samples
         from alignkd.signals import teacher_signals
@@ -312,7 +313,7 @@ def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
 def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress: bool = True) -> ExtractSummary:
     import ray
 
-    from alignkd.cache.writer import init_cache, list_complete_shards, read_shard_meta, remove_partial
+    from alignkd.cache.store import init_cache, list_complete_shards, read_shard_meta, remove_partial
 
     if not args.cache.path:
         raise ValueError("cache.path is not set: where should the cache go?")

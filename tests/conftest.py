@@ -50,7 +50,7 @@ def demo_samples(demo_data):
 def build_cache(tiny_models, demo_data, root, attention_heads="per_head", family="mobilevlm"):
     """The extraction stage in-process (no Ray): the same worker code, in this process,
     lossless codecs, layers [0], top-8, the family's chat template (v1), max_length 256."""
-    from alignkd.cache.writer import init_cache
+    from alignkd.cache.store import init_cache
     from alignkd.cache_schemas import CodecSpec
     from alignkd.data import DataArgs
     from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards

@@ -150,7 +150,7 @@ def test_tar_member_names_are_keys_never_paths_through_extraction(tiny_models, t
     from PIL import Image
 
     from alignkd.cache.reader import CacheReader
-    from alignkd.cache.writer import init_cache
+    from alignkd.cache.store import init_cache
     from alignkd.data import DataArgs
     from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta
     from alignkd.models import ModelArgs

@@ -51,8 +51,8 @@ import zarr
 from alignkd.cache import remote
 from alignkd.cache.codecs import get_codec
 from alignkd.cache.records import SampleSignals, vision_grid
-from alignkd.cache.verify import check_shard_files
-from alignkd.cache.writer import file_digest, list_complete_shards, read_cache_meta, read_shard_meta
+from alignkd.cache.integrity import check_shard_files, file_digest
+from alignkd.cache.store import list_complete_shards, read_cache_meta, read_shard_meta
 from alignkd.cache_schemas import (
     IMAGE_TOKEN,
     SCALE_SUFFIX,

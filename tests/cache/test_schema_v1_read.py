@@ -11,7 +11,8 @@ import pytest
 
 from alignkd.cache.reader import CacheReader
 from alignkd.cache.verify import verify_cache
-from alignkd.cache.writer import init_cache, read_cache_meta, write_shard
+from alignkd.cache.store import init_cache, read_cache_meta
+from alignkd.cache.writer import write_shard
 from alignkd.cache_schemas import SCHEMA_VERSION, CacheSchemaError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cache_v1"

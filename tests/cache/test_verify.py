@@ -17,7 +17,7 @@ from test_writer_reader import LOSSLESS, make_cache, make_meta
 
 from alignkd.cache.reader import CacheReader
 from alignkd.cache.verify import verify_cache
-from alignkd.cache.writer import read_shard_meta
+from alignkd.cache.store import read_shard_meta
 from alignkd.cache_schemas import CacheSchemaError, CodecSpec
 from alignkd.cli import main
 from reliability_report import injected

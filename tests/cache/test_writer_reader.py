@@ -18,14 +18,8 @@ from alignkd.cache import writer
 from alignkd.cache.inspect import format_table, inspect_cache
 from alignkd.cache.reader import CacheReader
 from alignkd.cache.records import SampleSignals
-from alignkd.cache.writer import (
-    init_cache,
-    list_complete_shards,
-    read_shard_meta,
-    remove_partial,
-    remove_partial_shard,
-    write_shard,
-)
+from alignkd.cache.store import init_cache, list_complete_shards, read_shard_meta, remove_partial, remove_partial_shard
+from alignkd.cache.writer import write_shard
 from alignkd.cache_schemas import CacheMeta, CacheSchemaError, CodecSpec, TeacherInfo
 
 NV, HIDDEN, HEADS, VOCAB = 9, 24, 3, 50
