@@ -58,6 +58,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from alignkd.config import to_dict
@@ -545,7 +546,9 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
             sums = procs.mean(sums)  # the global batch's losses, as one process would log them
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.optim.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if fsdp else grad_norm)  # FSDP: a DTensor
+            if isinstance(grad_norm, DTensor):  # FSDP: summed from the shards
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
