@@ -58,7 +58,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from alignkd.config import to_dict
@@ -460,7 +459,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
         after use, so rank 0 holds a whole student only while it evaluates or exports)."""
         if not fsdp:
             return objective if procs.main else None
-        state = full_state_dict(model)
+        weights = full_state_dict(model)
         if not procs.main:
             return None
         # Building draws initial weights: keep the run's random state as it was.
@@ -468,9 +467,10 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
             copy = load_model(replace(args.student, device=str(device)))
             copy_adapters = build_adapters(copy, cache.meta, args.loss) if cache is not None else AlignKDAdapters()
         copy.vision_tower.requires_grad_(args.optim.train_vision_tower)
+        copy.train(student.training)  # as the trained one (in eval mode until the loop starts)
         plain = _Objective(copy, copy_adapters.to(device), args.loss)
-        plain.load_state_dict(state, strict=True)
-        return plain.train(objective.training)
+        plain.load_state_dict(weights, strict=True)
+        return plain
 
     # 3. resume (every process from the checkpoint rank 0 found; the state is the same everywhere)
     step = 0
@@ -535,8 +535,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
                 # Under DDP the gradients are averaged over processes once a step, at the last
                 # micro-batch. FSDP reduce-scatters them at every micro-batch: holding them
                 # unreduced until the last would hold a whole gradient in every process.
-                last = micro == accum - 1
-                sync = model.no_sync() if procs.enabled and not fsdp and not last else nullcontext()
+                sync = model.no_sync() if procs.enabled and not fsdp and micro < accum - 1 else nullcontext()
                 with sync:
                     with autocast:
                         terms = model(batch, teacher and teacher.to(device))
@@ -546,7 +545,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
             sums = procs.mean(sums)  # the global batch's losses, as one process would log them
             params = [p for g in optimizer.param_groups for p in g["params"]]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.optim.max_grad_norm)
-            if isinstance(grad_norm, DTensor):  # FSDP: summed from the shards
+            if fsdp and hasattr(grad_norm, "full_tensor"):  # a DTensor, summed from the shards
                 grad_norm = grad_norm.full_tensor()
             grad_norm = float(grad_norm)
             optimizer.step()
