@@ -88,13 +88,13 @@ def _job(tiny_models, demo_data, cache, run_dir, steps=STEPS):
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
-def _torchrun(*command: str) -> None:
+def _torchrun(*command: str, processes: int = 2) -> None:
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                            "--master-addr=127.0.0.1", f"--master-port={port}", *command],
                           env=env, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

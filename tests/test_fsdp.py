@@ -2,8 +2,9 @@
 (gloo) on the tiny models, through the installed `alignkd train-student` command: the loss
 trajectory and the exported weights follow a 1-process run of the same job, each process
 writes its own shards of every checkpoint, a run killed after a checkpoint resumes to the
-uninterrupted run, the export loads back through `load_vlm`, bf16 gathers in bf16, and the
-combinations that cannot work are refused in one line.
+uninterrupted run (in 2 processes, and in 4 from the same shards), the export loads back
+through `load_vlm`, bf16 gathers in bf16, and the combinations that cannot work are refused
+in one line.
 
 Tolerance: as under DDP (tests/test_distributed.py) the processes form exactly the
 micro-batches one process forms, so the runs differ only by the order of float additions;
@@ -57,11 +58,12 @@ def one_process(tiny_models, demo_data, tiny_cache, tmp_path_factory):
     return run_dir
 
 
-def _alignkd_fsdp(overrides, *extra):
-    """`alignkd train-student` under torchrun, 2 processes, FSDP."""
+def _alignkd_fsdp(overrides, *extra, processes=2):
+    """`alignkd train-student` under torchrun, FSDP, 2 processes unless said."""
     alignkd = Path(sys.executable).parent / "alignkd"  # the installed command, as a user runs it
     sets = [*overrides, 'parallel.strategy="fsdp"', *extra]
-    _torchrun("--no-python", str(alignkd), "train-student", "--no-progress", *[a for o in sets for a in ("--set", o)])
+    _torchrun("--no-python", str(alignkd), "train-student", "--no-progress", *[a for o in sets for a in ("--set", o)],
+              processes=processes)
 
 
 def _assert_same_trajectory(got, want, rtol):
@@ -119,6 +121,15 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_one(tiny_models, demo_da
     uninterrupted = load_file(str(fsdp_run / "export" / "model.safetensors"))
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
     _assert_same_weights(run_dir, one_dir)
+
+
+def test_a_two_process_sharded_checkpoint_resumes_in_four_processes(tiny_models, demo_data, tiny_cache,
+                                                                   one_process, fsdp_run, tmp_path):
+    run_dir = _cut_back_to_step_4(fsdp_run, tmp_path / "run")
+    _alignkd_fsdp(_job(tiny_models, demo_data, tiny_cache, run_dir), processes=4)  # one micro-batch each
+    assert len(list((run_dir / "checkpoints" / "step_000008" / "sharded").glob("*.safetensors"))) == 4
+    _assert_same_trajectory(_metrics(run_dir), _metrics(one_process), FSDP_RTOL)
+    _assert_same_weights(run_dir, one_process)
 
 
 def test_the_fsdp_export_loads_through_load_vlm_as_the_one_process_student(one_process, fsdp_run):
