@@ -37,7 +37,8 @@ T = TypeVar("T")
 
 @dataclass
 class ParallelArgs:
-    """How several processes share the student (one process trains alone whatever it says).
+    """How several torchrun processes share the student ("ddp" is also plain one-process
+    training; "fsdp" in one process is refused, there is nothing to shard it over).
 
     strategy  "ddp": DistributedDataParallel, every process holds the whole student, its
               gradients and AdamW moments (16 bytes a parameter in fp32); "fsdp": FSDP2
