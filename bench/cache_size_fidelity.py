@@ -122,7 +122,8 @@ def write_variants(src: Source, work: Path) -> tuple[Any, list, dict[tuple[str, 
     import shutil
 
     from alignkd.cache.reader import CacheReader
-    from alignkd.cache.writer import init_cache, write_shard
+    from alignkd.cache.store import init_cache
+    from alignkd.cache.writer import write_shard
     from alignkd.cache_schemas import CodecSpec
 
     exact = work / "exact"

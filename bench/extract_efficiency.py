@@ -94,7 +94,8 @@ def stage_profile(vlm, work: C.Workdir, meta_cache: Path, out_cache: Path, devic
     import shutil
 
     import torch
-    from alignkd.cache.writer import init_cache, read_cache_meta, write_shard
+    from alignkd.cache.store import init_cache, read_cache_meta
+    from alignkd.cache.writer import write_shard
     from alignkd.data.batching import make_batch
     from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples
     from alignkd.signals import teacher_signals

@@ -4,12 +4,17 @@
     meta_dict = migrate(attrs)      # a new dict at SCHEMA_VERSION, or CacheSchemaError
 
 `MIGRATIONS[v]` turns a version-v dict into a version-(v + 1) dict; `migrate` chains them.
-Version 1 is the first, so the registry is empty: a cache that says version 0 (or any version
-without a path to the current one) is refused, never "repaired" by filling in missing keys.
+A cache that says version 0 (or any version without a path to the current one) is refused,
+never "repaired" by filling in missing keys.
 
-Adding version 2: write `_v1_to_v2(d) -> d` here (it must set "schema_version": 2 and do
-whatever the new layout needs, including rewriting shard attributes if they change), register
-it as MIGRATIONS[1], bump SCHEMA_VERSION, and add cache_schemas/v2.py.
+1 -> 2: version 2 keeps every version-1 field and adds `shard_layout`, which says what arrays
+the shards hold: a version-1 cache's shards are not rewritten, so it gets `shard_layout: 1` and
+the reader decodes them with v1.shard_arrays (to the same records). Its `num_vision_tokens` is
+the one fixed count version 1 had.
+
+Adding version 3: write `_v2_to_v3(d) -> d` here (it must set "schema_version": 3 and fill
+whatever the new version adds, so that older caches read unchanged), register it as
+MIGRATIONS[2], bump SCHEMA_VERSION, and describe the layout in cache_schemas/v3.py.
 """
 
 from __future__ import annotations
@@ -18,11 +23,20 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from alignkd.cache_schemas.v1 import SCHEMA_VERSION, CacheSchemaError
+from alignkd.cache_schemas.common import CacheSchemaError
+from alignkd.cache_schemas.v2 import SCHEMA_VERSION
 
 __all__ = ["MIGRATIONS", "migrate"]
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def _v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
+    if "shard_layout" in d:
+        raise CacheSchemaError("unknown key shard_layout in a version-1 cache")
+    return {**d, "schema_version": 2, "shard_layout": 1}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
 """from_version -> function(meta_dict at from_version) -> meta_dict at from_version + 1."""
 
 

@@ -1,13 +1,20 @@
-"""Several training processes (torchrun, DistributedDataParallel): who this process is, and
-the few collectives the training loop needs. Without torchrun's environment every helper
-here is a no-op for the one process, so single-process training does not change at all.
+"""Several training processes (torchrun): who this process is, the few collectives the
+training loop needs, and how the processes share the student: DistributedDataParallel (every
+process holds all of it) or FSDP2 (each holds a 1/N shard of its weights, gradients and AdamW
+state; docs/fsdp.md). Without torchrun's environment every helper here is a no-op for the one
+process, so single-process training does not change at all.
 
     torchrun --nproc_per_node=8 --no-python alignkd train-student --job jobs/mobilevlm_v2/student_pretrain.toml
+    torchrun --nproc_per_node=8 --no-python alignkd train-student --job jobs/mobilevlm_v2/student_pretrain.toml \
+        --set parallel.strategy=fsdp
 
     procs = Procs.from_env()                 # RANK, WORLD_SIZE, LOCAL_RANK set by torchrun
     with procs.group("cuda"):                # nccl on GPU, gloo on CPU; torn down on exit
         sums = procs.mean({"loss": 0.7})     # the same dict on every process
         path = procs.from_main(path)         # rank 0's value everywhere
+
+    model = shard_model(objective, student.language_model.layers, bf16=True)   # FSDP2, in place
+    whole = full_state_dict(model)           # every process calls; rank 0 gets the tensors
 
 The training loop (alignkd.train) uses it; nothing else needs to.
 """
@@ -18,14 +25,31 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Procs", "process_seed"]
+__all__ = ["ParallelArgs", "Procs", "process_seed", "shard_model", "full_state_dict"]
 
 T = TypeVar("T")
+
+
+@dataclass
+class ParallelArgs:
+    """How several torchrun processes share the student ("ddp" is also plain one-process
+    training; "fsdp" in one process is refused, there is nothing to shard it over).
+
+    strategy  "ddp": DistributedDataParallel, every process holds the whole student, its
+              gradients and AdamW moments (16 bytes a parameter in fp32); "fsdp": FSDP2
+              (`torch.distributed.fsdp.fully_shard` on each decoder layer and on the rest),
+              each process holds 1/N of them and gathers one layer's weights at a time, for
+              students that do not fit one GPU with AdamW. Checkpoints are then sharded
+              (alignkd.checkpoint) and resume only under "fsdp"; docs/fsdp.md says when to
+              pick which.
+    """
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass(frozen=True)
@@ -96,6 +120,38 @@ class Procs:
         box: list[Any] = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def shard_model(model: torch.nn.Module, layers: torch.nn.ModuleList, *, bf16: bool) -> torch.nn.Module:
+    """FSDP2 on `model` in place: one shard group per decoder layer (its weights are gathered
+    for its forward and backward only), then the root, which holds everything else (the
+    embeddings, head, vision tower, projector and the Align-KD adapters, gathered for the
+    whole step). Build the optimiser afterwards: it must hold the sharded parameters.
+
+    bf16: gather the weights in bf16 and reduce the gradients in fp32 (the master weights and
+    AdamW state stay in the parameters' own dtype). The root does not cast its inputs: the
+    teacher's cached log-probabilities and features keep their precision in the losses, and
+    autocast (which the caller keeps) runs the losses in fp32 as without FSDP.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mixed = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else {}
+    for layer in layers:
+        fully_shard(layer, mp_policy=MixedPrecisionPolicy(**mixed))
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(**mixed, cast_forward_inputs=False))
+    # A micro-batch without images leaves the projector (and vision adapter) without a
+    # gradient in one process and not in another: reduce zeros for it, or the processes'
+    # reduce-scatters would not match (DDP's find_unused_parameters).
+    model.set_reduce_scatter_unused_params(True)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, gathered onto rank 0's CPU (an empty dict in
+    the other processes). Every process must call it: each gathers its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def process_seed(seed: int, rank: int, step: int) -> int:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from alignkd import __version__, faults
-from alignkd.cache_schemas import SCHEMA_VERSION, CacheMeta, CodecSpec, ShardMeta, TeacherInfo
+from alignkd.cache_schemas import SCHEMA_VERSION, CacheMeta, CodecSpec, ShardMeta, TeacherInfo, sample_nbytes, shard_arrays
 from alignkd.config import ConfigError, check_input_paths, to_dict
 from alignkd.data import DataArgs
 from alignkd.data.shards import expand_shards
@@ -169,7 +169,8 @@ class TeacherWorker:
         """Teacher signals of every usable sample of one input shard -> one cache shard."""
         import torch
 
-        from alignkd.cache.writer import remove_partial_shard, write_shard
+        from alignkd.cache.store import remove_partial_shard
+        from alignkd.cache.writer import write_shard
         from alignkd.data.batching import make_batch
         from alignkd.data.shards import BadSample, decode_sample, iter_raw_samples
         from alignkd.signals import teacher_signals
@@ -312,7 +313,7 @@ def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
 def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress: bool = True) -> ExtractSummary:
     import ray
 
-    from alignkd.cache.writer import init_cache, list_complete_shards, read_shard_meta, remove_partial
+    from alignkd.cache.store import init_cache, list_complete_shards, read_shard_meta, remove_partial
 
     if not args.cache.path:
         raise ValueError("cache.path is not set: where should the cache go?")
@@ -423,15 +424,24 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
 
     Reads the teacher's config and tokenizer only (no weights). Sizes are after quantisation
     and before lossless compression, so with a compressor on they are an upper bound."""
-    from alignkd.cache.codecs import stored_bytes
     from alignkd.data.random_access import ShardReader
     from alignkd.data.shards import BadSample, decode_sample
 
     plan = plan_shards(args.data.shards)
     template = _template(args)
     ckpt = describe_checkpoint(args.teacher.path)
-    nv, heads, hidden, k = ckpt.num_vision_tokens, ckpt.num_heads, ckpt.hidden_size, args.cache.topk
-    codecs = args.cache.codecs
+    nv = ckpt.num_vision_tokens
+    if nv is None:
+        raise ValueError(f"{args.teacher.path}: the teacher's vision-token count depends on each image; "
+                         "--dry-run cannot estimate its cache size yet")
+    # The schema's own byte count per array, for a cache of this teacher and job.
+    meta = _cache_meta(args, {
+        "teacher": TeacherInfo(family=ckpt.family, path=str(args.teacher.path), config_hash="-", weights_fingerprint="-",
+                               vision_tower=None, num_layers=ckpt.num_layers, num_heads=ckpt.num_heads,
+                               hidden_size=ckpt.hidden_size, vocab_size=ckpt.vocab_size),
+        "tokenizer_hash": "-", "num_vision_tokens": nv, "image_preprocessing": {},
+    })
+    signal_of = {name: spec.signal for name, spec in shard_arrays(meta).items()}
     per_signal: dict[str, list[float]] = {}
     # Every k-th sample over all shards (a header-only pass counts them), not the first n,
     # which may not be typical of the whole set.
@@ -449,29 +459,19 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
         except (BadSample, TemplateError):
             continue
         seen += 1
-        t = len(enc.input_ids)
-        lq = t - (enc.vision_start + nv) if enc.vision_start >= 0 else 0
-        r = sum(enc.response_mask[1:])
-        rows_shape = (lq, heads, nv) if args.cache.attention_heads == "per_head" else (lq, nv)
-        sizes = {
-            "index": 3 * 8 + 2 * 4,  # three int64 offsets, vision start and length
-            "input_ids": 4 * t,
-            # positions and ids (int32), log-probs and the tail bin (logprobs codec)
-            "response": r * (4 + k * 4) + stored_bytes(codecs.logprobs, (r, k + 1)),
-            "vision_features": stored_bytes(codecs.features, (nv, hidden)),
-            "focus": 4 * nv,
-        }
-        for layer in args.cache.layers:
-            sizes[f"attention_L{layer:02d}"] = stored_bytes(codecs.attention, rows_shape)
+        t, image = len(enc.input_ids), enc.vision_start >= 0
+        arrays = sample_nbytes(meta, tokens=t, responses=sum(enc.response_mask[1:]),
+                               rows=t - (enc.vision_start + nv) if image else 0, vision=nv if image else 0)
+        sizes: dict[str, int] = {}
+        for name, b in arrays.items():
+            sizes[signal_of[name]] = sizes.get(signal_of[name], 0) + b
         for name, b in sizes.items():
             per_signal.setdefault(name, []).append(b)
     if not seen:
         raise ValueError(f"none of the {tried} samples read from {args.data.shards} is usable")
     mean = {name: float(np.mean(v)) for name, v in per_signal.items()}
     # Each array of each shard also has a zarr.json of about 620 bytes (measured on demo caches).
-    scaled = {"uint8", "uint4", "int8", "int4"}
-    arrays = 12 + (codecs.features in scaled) + len(args.cache.layers) * (1 + (codecs.attention in scaled))
-    metadata = len(plan) * arrays * 620
+    metadata = len(plan) * len(signal_of) * 620
     usable = total_samples * seen / tried  # skipped samples store nothing
     return {
         "samples": total_samples,
@@ -480,5 +480,5 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
         "total_bytes": {name: m * usable for name, m in mean.items()},
         "metadata_bytes": metadata,
         "total": sum(mean.values()) * usable + metadata,
-        "compressor": codecs.compressor,
+        "compressor": args.cache.codecs.compressor,
     }

@@ -3,6 +3,7 @@
     alignkd train-student --job jobs/demo/student_alignkd.toml
     alignkd train-student --job jobs/demo/student_alignkd.toml --set loss.attn=0 --set run.dir=runs/no_attn
     torchrun --nproc_per_node=8 --no-python alignkd train-student --job jobs/mobilevlm_v2/student_pretrain.toml
+    torchrun --nproc_per_node=2 --no-python alignkd train-student --job jobs/mobilevlm_v2/student_pretrain_fsdp.toml
 
 Read top to bottom:
   1. set-up    the run directory with its resolved config; the cache opened and verified
@@ -33,9 +34,13 @@ relative over 8 steps in the 2-process CPU test; tests/test_distributed.py gives
 measurements and the tolerance it asserts). Rank 0 alone
 writes the run directory (config, metrics, checkpoints, export), evaluates and shows
 progress; a run resumes with any number of processes, in the same global sample order.
-Only DDP: every process holds the whole student, its gradients and AdamW moments (for the
+Under DDP every process holds the whole student, its gradients and AdamW moments (for the
 paper's 1.7B in fp32, about 1.7e9 x 16 bytes = 27 GB before activations: an estimate, not a
-measurement); FSDP, for students that do not fit one GPU, is not implemented.
+measurement). With parallel.strategy = "fsdp" (FSDP2, docs/fsdp.md) each process holds a 1/N
+shard of them instead, and the same global batches are shared out the same way; every process
+writes its shards of each checkpoint, and the evaluation, the diagnostics and the export run
+on rank 0 on a whole copy gathered from the shards for the purpose (tests/test_fsdp.py
+compares the trajectory with one process's).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ from alignkd.config import to_dict
 from alignkd.data import DataArgs
 from alignkd.data.batching import grounding_targets
 from alignkd.diagnostics import Watch, gradient_report, spread_report
-from alignkd.distributed import Procs, process_seed
+from alignkd.distributed import ParallelArgs, Procs, full_state_dict, process_seed, shard_model
 from alignkd.evaluate import EvalArgs, evaluate_model
 from alignkd.losses import (
     AlignKDAdapters,
@@ -172,6 +177,7 @@ class TrainArgs:
     loss: LossArgs = field(default_factory=LossArgs)
     run: RunArgs = field(default_factory=RunArgs)
     eval: EvalArgs = field(default_factory=EvalArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
 
 
 # --- 1. verification --------------------------------------------------------------------------
@@ -200,7 +206,8 @@ def check_cache_serves(cache: Any, student: VLM, args: TrainArgs) -> None:
         problems.append(f"tokenizer: the student's tokenizer is not the one the teacher's ids were made with{sizes}; "
                         "the token ids and the logit term need one tokenizer")
     if meta.num_vision_tokens != student.num_vision_tokens:
-        problems.append(f"vision tokens: cache {meta.num_vision_tokens}, student {student.num_vision_tokens}")
+        count = lambda n: "a count per image" if n is None else n  # noqa: E731 - None: dynamic resolution
+        problems.append(f"vision tokens: cache {count(meta.num_vision_tokens)}, student {count(student.num_vision_tokens)}")
     teacher_view, student_view = image_view(meta.image_preprocessing), image_view(image_preprocessing(student))
     if teacher_view != student_view:
         differ = ", ".join(f"{k} {teacher_view[k]} (teacher) vs {student_view[k]} (student)"
@@ -212,7 +219,7 @@ def check_cache_serves(cache: Any, student: VLM, args: TrainArgs) -> None:
         if loss.attn_variant != "mean" and meta.attention_heads != "per_head":
             problems.append(f"loss.attn_variant {loss.attn_variant!r} needs per-head attention; the cache holds "
                             f"the head mean")
-    if loss.v_focus > 0 and meta.num_vision_tokens is not None and not 1 <= loss.focus_k <= meta.num_vision_tokens:
+    if loss.v_focus > 0 and not 1 <= loss.focus_k <= (meta.num_vision_tokens or loss.focus_k):
         problems.append(f"loss.focus_k {loss.focus_k}: must be in 1..{meta.num_vision_tokens}")
     if loss.logit > 0 and loss.logit_topk is not None and not 1 <= loss.logit_topk <= meta.topk:
         problems.append(f"loss.logit_topk {loss.logit_topk}: the cache holds top-{meta.topk}")
@@ -321,7 +328,8 @@ def build_adapters(student: VLM, cache_meta: Any, loss: LossArgs) -> AlignKDAdap
 
 
 def _optimizer(student: VLM, adapters: AlignKDAdapters, optim: OptimArgs) -> torch.optim.AdamW:
-    student.vision_tower.requires_grad_(optim.train_vision_tower)
+    """AdamW over what trains (set the vision tower's requires_grad first, and build it after
+    FSDP wraps the modules: it must hold their sharded parameters)."""
     projector = {id(p) for p in student.projector.parameters()}
     tower = {id(p) for p in student.vision_tower.parameters()}
     llm = [p for p in student.parameters() if p.requires_grad and id(p) not in projector | tower]
@@ -352,7 +360,8 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup_ratio: float)
 class _Objective(torch.nn.Module):
     """The student and its Align-KD adapters as one module whose forward is the loss: what
     DDP wraps, so one gradient all-reduce per step covers both (the adapters train with the
-    student, and DDP syncs only what runs inside its module's forward)."""
+    student, and DDP syncs only what runs inside its module's forward); FSDP's root, for the
+    same reason (the head and the adapters run outside the student's forward)."""
 
     def __init__(self, student: VLM, adapters: AlignKDAdapters, loss: LossArgs):
         super().__init__()
@@ -381,7 +390,13 @@ def train(args: TrainArgs, *, echo: Callable[[str], None] = print, progress: boo
 
 def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progress: bool) -> TrainResult:
     from alignkd.cache.reader import CacheReader
-    from alignkd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from alignkd.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        load_sharded_checkpoint,
+        save_checkpoint,
+        save_sharded_checkpoint,
+    )
     from alignkd.data.distill import DistillDataset, EpochSampler, StudentProcessor
 
     # 1. set-up
@@ -393,6 +408,10 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     distilling = any(getattr(args.loss, t) > 0 for t in TERMS if t != "sup")
     if distilling and not args.cache:
         raise ValueError("cache is not set: every term but loss.sup needs the teacher cache")
+    fsdp = args.parallel.strategy == "fsdp"
+    if fsdp and not procs.enabled:
+        raise ValueError("parallel.strategy 'fsdp' shards the student over several processes: start it under "
+                         "torchrun (--nproc_per_node=2 or more), or train one process with strategy 'ddp'")
     if args.optim.grad_accum % procs.world_size:
         raise ValueError(f"optim.grad_accum {args.optim.grad_accum} is not a multiple of the {procs.world_size} "
                          f"processes: each process runs grad_accum / processes micro-batches of data.batch_size "
@@ -421,26 +440,54 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
         raise ValueError(f"{len(dataset)} samples are fewer than one step ({per_step})")
     total = args.run.max_steps or steps_per_epoch * args.run.epochs
     echo(f"{len(dataset)} samples ({dataset.skipped} skipped at extraction), {steps_per_epoch} steps/epoch, "
-         f"{total} steps" + (f", {procs.world_size} processes" if procs.enabled else "") + f" -> {run_dir}")
+         f"{total} steps" + (f", {procs.world_size} processes" if procs.enabled else "")
+         + (" (FSDP)" if fsdp else "") + f" -> {run_dir}")
 
     # 2. modules
     device = student.device
     adapters = (build_adapters(student, cache.meta, args.loss) if cache is not None else AlignKDAdapters()).to(device)
-    optimizer = _optimizer(student, adapters, args.optim)
-    scheduler = _schedule(optimizer, total, args.optim.warmup_ratio)
+    student.vision_tower.requires_grad_(args.optim.train_vision_tower)
     use_bf16 = args.run.autocast == "bf16" or (args.run.autocast == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    model = _Objective(student, adapters, args.loss)
-    if procs.enabled:
+    objective = model = _Objective(student, adapters, args.loss)
+    if fsdp:  # in place: student and adapters now hold their shards
+        model = shard_model(objective, student.language_model.layers, bf16=use_bf16)
+    optimizer = _optimizer(student, adapters, args.optim)
+    scheduler = _schedule(optimizer, total, args.optim.warmup_ratio)
+    if procs.enabled and not fsdp:
         # find_unused_parameters: a micro-batch without images leaves the projector unused.
         model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    def whole() -> _Objective | None:
+        """Rank 0's student and adapters with the current weights, as plain modules (None in
+        the other processes): the trained ones, or under FSDP a copy every process helps
+        gather (built from the job's checkpoint, then given the gathered weights; dropped
+        after use, so rank 0 holds a whole student only while it evaluates or exports)."""
+        if not fsdp:
+            return objective if procs.main else None
+        weights = full_state_dict(model)
+        if not procs.main:
+            return None
+        # Building draws initial weights: keep the run's random state as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            copy = load_model(replace(args.student, device=str(device)))
+            copy_adapters = build_adapters(copy, cache.meta, args.loss) if cache is not None else AlignKDAdapters()
+        copy.vision_tower.requires_grad_(args.optim.train_vision_tower)
+        copy.train(student.training)  # as the trained one (in eval mode until the loop starts)
+        plain = _Objective(copy, copy_adapters.to(device), args.loss)
+        plain.load_state_dict(weights, strict=True)
+        return plain
 
     # 3. resume (every process from the checkpoint rank 0 found; the state is the same everywhere)
     step = 0
     found = procs.from_main(latest_checkpoint(run_dir, warn=echo) if procs.main else None)
     if found is not None:
-        step = load_checkpoint(found, student=student, adapters=adapters, optimizer=optimizer,
-                               scheduler=scheduler)["step"]
+        if fsdp:
+            state = load_sharded_checkpoint(found, model=model, optimizer=optimizer, scheduler=scheduler)
+        else:
+            state = load_checkpoint(found, student=student, adapters=adapters, optimizer=optimizer,
+                                    scheduler=scheduler)
+        step = state["step"]
         echo(f"resumed from {found.name} at step {step}")
     if procs.enabled:  # random draws (dropout) differ per process, and do not repeat after a resume
         _seed_everything(process_seed(args.run.seed, procs.rank, step))
@@ -454,8 +501,8 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
         # The diagnostics' fixed batch: the first samples of the training set, every time.
         probe = dataset.collate([dataset[i] for i in range(min(len(dataset), args.data.batch_size))])
 
-        def diagnose(at: int) -> dict[str, Any]:
-            found = _diagnose(student, adapters, probe, args.loss, autocast)
+        def diagnose(at: int, plain: _Objective) -> dict[str, Any]:
+            found = _diagnose(plain.student, plain.adapters, probe, args.loss, autocast)
             for text in watch.update({"step": at, **found}):
                 echo(text)
                 found.setdefault("warnings", []).append(text)
@@ -464,9 +511,12 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     # 4. loop: step -> evaluate -> log -> save
     record: dict[str, Any] = {}
     metrics_file = (run_dir / "metrics.jsonl").open("a") if procs.main else None
-    if metrics_file is not None and step == 0:  # where each term and spread starts
-        metrics_file.write(json.dumps({"step": 0, **diagnose(0)}) + "\n")
-        metrics_file.flush()
+    if step == 0:  # where each term and spread starts
+        plain = whole()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps({"step": 0, **diagnose(0, plain)}) + "\n")
+            metrics_file.flush()
+        del plain
     writer = _tensorboard(run_dir) if procs.main else None
     bar = progress_bar(enabled=progress, total=total, initial=step, unit="step")
     loader_iter, loader_epoch = None, None
@@ -488,8 +538,10 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
             for micro in range(accum):
                 batch, teacher = next(loader_iter)
                 batch = batch.to(device, dtype=student.dtype)
-                # Under DDP the gradients are averaged over processes once a step, at the last micro-batch.
-                sync = model.no_sync() if procs.enabled and micro < accum - 1 else nullcontext()
+                # Under DDP the gradients are averaged over processes once a step, at the last
+                # micro-batch. FSDP reduce-scatters them at every micro-batch: holding them
+                # unreduced until the last would hold a whole gradient in every process.
+                sync = model.no_sync() if procs.enabled and not fsdp and micro < accum - 1 else nullcontext()
                 with sync:
                     with autocast:
                         terms = model(batch, teacher and teacher.to(device))
@@ -498,7 +550,10 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) / accum
             sums = procs.mean(sums)  # the global batch's losses, as one process would log them
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.optim.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.optim.max_grad_norm)
+            if fsdp and hasattr(grad_norm, "full_tensor"):  # a DTensor, summed from the shards
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = float(grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -506,10 +561,13 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
 
             record = {"step": step, "epoch": epoch, **sums, "grad_norm": grad_norm,
                       "lr": optimizer.param_groups[0]["lr"], "seconds": time.monotonic() - started}
-            evaluating = procs.main and ((args.run.eval_every and step % args.run.eval_every == 0) or step == total)
+            evaluating = (args.run.eval_every and step % args.run.eval_every == 0) or step == total
             if evaluating:
-                record.update(_eval(student, args))
-                record.update(diagnose(step))
+                plain = whole()  # under FSDP every process takes part
+                if procs.main:
+                    record.update(_eval(plain.student, args))
+                    record.update(diagnose(step, plain))
+                del plain
             if metrics_file is not None and (step % args.run.log_every == 0 or evaluating):
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
@@ -519,10 +577,13 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
                             writer.add_scalar(k, v, step)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in sums.items()}, refresh=False)
             if (args.run.save_every and step % args.run.save_every == 0) or step == total or step == stop:
-                if procs.main:  # the state is the same in every process: rank 0 writes it
+                extra = {"epoch": epoch, "processes": procs.world_size}
+                if fsdp:  # each process holds a shard: each writes it
+                    save_sharded_checkpoint(run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                            extra=extra, keep_last=args.run.keep_last)
+                elif procs.main:  # the state is the same in every process: rank 0 writes it
                     save_checkpoint(run_dir, step, student=student, adapters=adapters, optimizer=optimizer,
-                                    scheduler=scheduler, extra={"epoch": epoch, "processes": procs.world_size},
-                                    keep_last=args.run.keep_last)
+                                    scheduler=scheduler, extra=extra, keep_last=args.run.keep_last)
                 procs.barrier()
     finally:
         bar.close()
@@ -535,10 +596,11 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     export = None
     if step >= total:
         export = run_dir / "export"
+        plain = whole()  # under FSDP every process takes part
         if procs.main:
             tmp = run_dir / ".export.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            student.save_pretrained(tmp)  # the student alone: adapters are training-time only
+            plain.student.save_pretrained(tmp)  # the student alone: adapters are training-time only
             shutil.rmtree(export, ignore_errors=True)
             tmp.rename(export)
             (run_dir / "final.json").write_text(json.dumps(record, indent=2))  # the last step, evaluated

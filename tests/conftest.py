@@ -15,6 +15,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
+FAMILIES = ("mobilevlm", "llava", "internvl")
+# Each family's fine-tuning (chat) template, for tests that run every family on one template.
+CHAT_TEMPLATE = {"mobilevlm": "v1", "llava": "v1", "internvl": "chatml"}
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
@@ -22,8 +26,7 @@ def tiny_models(tmp_path_factory):
     from alignkd.models.tiny import write_tiny_models
 
     root = tmp_path_factory.mktemp("tiny-models")
-    return {fam: write_tiny_models(root / fam, family=fam, tokenizer="word")
-            for fam in ("mobilevlm", "llava", "qwen2_5_vl", "qwen2_vl")}
+    return {fam: write_tiny_models(root / fam, family=fam, tokenizer="word") for fam in FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -44,18 +47,18 @@ def demo_samples(demo_data):
     return [decode_sample(raw) for shard in expand_shards(demo_data / "train") for raw in iter_raw_samples(shard)]
 
 
-def build_cache(tiny_models, demo_data, root, attention_heads="per_head"):
+def build_cache(tiny_models, demo_data, root, attention_heads="per_head", family="mobilevlm"):
     """The extraction stage in-process (no Ray): the same worker code, in this process,
-    lossless codecs, layers [0], top-8, v1 template, max_length 256."""
-    from alignkd.cache.writer import init_cache
+    lossless codecs, layers [0], top-8, the family's chat template (v1), max_length 256."""
+    from alignkd.cache.store import init_cache
     from alignkd.cache_schemas import CodecSpec
     from alignkd.data import DataArgs
     from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards
     from alignkd.models import ModelArgs
 
     args = ExtractArgs(
-        teacher=ModelArgs(path=str(tiny_models["mobilevlm"]["teacher"]), device="cpu"),
-        data=DataArgs(shards=str(demo_data / "train"), template="v1", max_length=256, batch_size=8),
+        teacher=ModelArgs(path=str(tiny_models[family]["teacher"]), device="cpu"),
+        data=DataArgs(shards=str(demo_data / "train"), template=CHAT_TEMPLATE[family], max_length=256, batch_size=8),
         cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads,
                         codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
         ray=RayArgs(cpus_per_worker=2),

@@ -63,7 +63,7 @@ def test_probe_bad_jobs_fail_in_one_line_before_loading_a_model(args, message):
 def test_make_tiny_models_writes_loadable_checkpoints_in_both_layouts(tmp_path):
     from alignkd.models import load_vlm
 
-    for family, tokenizer in (("mobilevlm", "sentencepiece"), ("llava", "word")):
+    for family, tokenizer in (("mobilevlm", "sentencepiece"), ("llava", "word"), ("internvl", "word")):
         out = tmp_path / family
         result = CliRunner().invoke(main, ["make-tiny-models", "--out", str(out), "--family", family,
                                            "--tokenizer", tokenizer])
@@ -81,7 +81,7 @@ def test_make_tiny_models_refuses_an_unregistered_family_in_one_line_listing_the
     result = CliRunner().invoke(main, ["make-tiny-models", "--out", str(tmp_path / "m"), "--family", "qwen2_vl"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert lines == ["error: family 'qwen2_vl' is not supported (supported: mobilevlm, llava)"]
+    assert lines == ["error: family 'qwen2_vl' is not supported (supported: mobilevlm, llava, internvl)"]
     assert not (tmp_path / "m").exists()
 
 

@@ -88,13 +88,13 @@ def _job(tiny_models, demo_data, cache, run_dir, steps=STEPS):
     return [f"{k}={json.dumps(v)}" for k, v in values.items()]
 
 
-def _torchrun(*command: str) -> None:
+def _torchrun(*command: str, processes: int = 2) -> None:
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                            "--master-addr=127.0.0.1", f"--master-port={port}", *command],
                           env=env, check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -124,6 +124,12 @@ def _assert_same_weights(run_a, run_b):
 def one_process(tiny_models, demo_data, tiny_cache, tmp_path_factory):
     """The reference: this process alone, recording its micro-batches."""
     run_dir = tmp_path_factory.mktemp("one") / "run"
+    return run_dir, train_one_process(_job(tiny_models, demo_data, tiny_cache, run_dir))
+
+
+def train_one_process(overrides):
+    """Train the job in this process with one thread, as each torchrun process does; the
+    micro-batches it loaded (tests/test_fsdp.py uses it too)."""
     batches = []
     collate = DistillDataset.collate
 
@@ -137,11 +143,10 @@ def one_process(tiny_models, demo_data, tiny_cache, tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(DistillDataset, "collate", recording_collate)
-            train(load_job(TrainArgs, None, _job(tiny_models, demo_data, tiny_cache, run_dir)), echo=lambda _: None,
-                  progress=False)
+            train(load_job(TrainArgs, None, overrides), echo=lambda _: None, progress=False)
     finally:
         torch.set_num_threads(threads)
-    return run_dir, batches[1:]  # the first collate is the diagnostics' fixed batch, not a training one
+    return batches[1:]  # the first collate is the diagnostics' fixed batch, not a training one
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignkd.cache.reader import CacheReader
-from alignkd.cache.writer import list_complete_shards
+from alignkd.cache.store import list_complete_shards
 from alignkd.cache_schemas import CacheSchemaError, CodecSpec
 from alignkd.data import DataArgs
 from alignkd.data.batching import make_batch

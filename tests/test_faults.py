@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 
 from alignkd.cache import writer
 from alignkd.cache.reader import CacheReader
-from alignkd.cache.writer import init_cache, list_complete_shards, read_cache_meta, read_shard_meta
+from alignkd.cache.store import init_cache, list_complete_shards, read_cache_meta, read_shard_meta
 from alignkd.cli import main
 from alignkd.config import load_job
 from alignkd.extract import ExtractArgs, TeacherWorker, _cache_meta, plan_shards
@@ -363,8 +363,8 @@ def _damage(cache: Path, how: str) -> None:
 
 @pytest.mark.fault
 @pytest.mark.parametrize("how, error", [
-    ("truncated chunk file", "damaged shard shard-000001: file attn_L00/c/0/0/0 is"),
-    ("altered chunk file (same size)", "shard-000001 is damaged: file attn_L00/c/0/0/0 has changed"),
+    ("truncated chunk file", "damaged shard shard-000001: file attn_L00/c/0 is"),
+    ("altered chunk file (same size)", "shard-000001 is damaged: file attn_L00/c/0 has changed"),
     ("deleted shard attributes", "damaged shard shard-000001: zarr.json is missing"),
 ])
 def test_training_refuses_a_damaged_cache_before_its_first_step(tiny_models, demo_data, tiny_cache, tmp_path,

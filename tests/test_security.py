@@ -125,7 +125,7 @@ def _booby_trap(folder: Path, marker: Path) -> None:
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize("family", ["mobilevlm", "llava"])
+@pytest.mark.parametrize("family", ["mobilevlm", "llava", "internvl"])
 def test_loading_a_checkpoint_never_runs_code_from_its_folder(tiny_models, tmp_path, family):
     from alignkd.models import checkpoint_identity, describe_checkpoint, load_vlm
 
@@ -150,7 +150,7 @@ def test_tar_member_names_are_keys_never_paths_through_extraction(tiny_models, t
     from PIL import Image
 
     from alignkd.cache.reader import CacheReader
-    from alignkd.cache.writer import init_cache
+    from alignkd.cache.store import init_cache
     from alignkd.data import DataArgs
     from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta
     from alignkd.models import ModelArgs

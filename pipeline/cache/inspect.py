@@ -80,7 +80,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"cache     {report['path']} (schema v{report['schema_version']}, created {report['created']})",
         f"teacher   {t['family']} {t['path']} (config {t['config_hash'][:12]})",
         f"layout    template {report['template']}, layers {report['layers']}, attention {report['attention_heads']}, "
-        f"top-{report['topk']}, {report['num_vision_tokens']} vision tokens, {report['compressor']}",
+        f"top-{report['topk']}, {report['num_vision_tokens'] or 'per-image counts of'} vision tokens, "
+        f"{report['compressor']}",
         f"samples   {report['samples']} in {report['shards']} shards, {report['skipped']} skipped",
         "",
     ]

@@ -50,10 +50,11 @@ import zarr
 
 from alignkd.cache import remote
 from alignkd.cache.codecs import get_codec
-from alignkd.cache.records import SampleSignals
-from alignkd.cache.verify import check_shard_files
-from alignkd.cache.writer import file_digest, list_complete_shards, read_cache_meta, read_shard_meta
+from alignkd.cache.records import SampleSignals, vision_grid
+from alignkd.cache.integrity import check_shard_files, file_digest
+from alignkd.cache.store import list_complete_shards, read_cache_meta, read_shard_meta
 from alignkd.cache_schemas import (
+    IMAGE_TOKEN,
     SCALE_SUFFIX,
     SHARDS_GROUP,
     ArraySpec,
@@ -61,6 +62,7 @@ from alignkd.cache_schemas import (
     CacheSchemaError,
     ShardMeta,
     attention_array,
+    packed_width,
     shard_arrays,
 )
 
@@ -191,26 +193,48 @@ class CacheReader:
         t0, t1 = shard.span("ids_offsets", row)
         r0, r1 = shard.span("resp_offsets", row)
         l0, l1 = shard.span("rows_offsets", row)
+        start, length = int(shard.vision_start[row]), int(shard.vision_length[row])
+        heads = meta.teacher.num_heads if meta.attention_heads == "per_head" else None
+        layout1 = meta.shard_layout == 1
 
+        input_ids = shard.read("input_ids", slice(t0, t1)).astype(np.int32)
+        if start >= 0:  # stored as 0 in version 2; IMAGE_TOKEN already in version 1
+            input_ids[start : start + length] = IMAGE_TOKEN
         attention = {}
         for layer in meta.layers:
-            rows = shard.decode(attention_array(layer), codecs.attention, slice(l0, l1), meta.num_vision_tokens)
+            name_l = attention_array(layer)
+            if layout1:  # rows (Lq, H, N_v) of one fixed width; a text-only sample has none
+                rows = shard.decode(name_l, codecs.attention, slice(l0, l1), meta.num_vision_tokens)[..., :length]
+            else:
+                rows = shard.decode_block(name_l, codecs.attention, shard.span("attn_offsets", row), (l0, l1),
+                                          heads, length)
             # Stored as (Lq, H, N_v) rows; a sample's block is (H, Lq, N_v).
             attention[layer] = np.ascontiguousarray(rows.transpose(1, 0, 2)) if rows.ndim == 3 else rows
-        return SampleSignals(
+        if layout1:  # one row of N_v tokens per sample, zeros for a text-only one
+            features = shard.decode("vision_features", codecs.features, row, meta.teacher.hidden_size)[:length]
+            focus = shard.read("focus", row)[:length]
+        else:
+            v0, v1 = shard.span("vision_offsets", row)
+            features = shard.decode("vision_features", codecs.features, slice(v0, v1), meta.teacher.hidden_size)
+            focus = shard.read("focus", slice(v0, v1))
+        grid = tuple(int(x) for x in shard.vision_grid[row]) if shard.vision_grid is not None else None
+        signals = SampleSignals(
             key=key,
             fingerprint=self.shard_meta(name).fingerprints[row],
-            input_ids=shard.read("input_ids", slice(t0, t1)),
-            response_positions=shard.read("response_positions", slice(r0, r1)),
-            vision_start=int(shard.vision_start[row]),
-            vision_length=int(shard.vision_length[row]),
+            input_ids=input_ids,
+            response_positions=shard.read("response_positions", slice(r0, r1)).astype(np.int32),
+            vision_start=start,
+            vision_length=length,
             attention=attention,
-            vision_features=shard.decode("vision_features", codecs.features, row, meta.teacher.hidden_size),
-            focus=np.asarray(shard.read("focus", row), dtype=np.float32),
-            topk_ids=shard.read("topk_ids", slice(r0, r1)),
+            vision_features=features,
+            focus=np.asarray(focus, dtype=np.float32),
+            topk_ids=shard.read("topk_ids", slice(r0, r1)).astype(np.int32),
             topk_logprobs=shard.decode("topk_logprobs", codecs.logprobs, slice(r0, r1), meta.topk),
             tail_logmass=shard.decode("tail_logmass", codecs.logprobs, slice(r0, r1), None),
+            vision_grid=grid,
         )
+        signals.vision_grid = vision_grid(signals)
+        return signals
 
     def _shard(self, name: str) -> _OpenShard:
         if remote.is_url(self.path) and os.getpid() != self._pid:
@@ -253,8 +277,6 @@ def open_shard(cache_root: str | os.PathLike, meta: CacheMeta, shard: ShardMeta,
                       check_files=check_files)
 
 
-# Arrays read whole when a shard is opened; their files are hashed then, the others per chunk.
-_INDEX_ARRAYS = ("ids_offsets", "resp_offsets", "rows_offsets", "vision_start", "vision_length")
 
 
 class _OpenShard:
@@ -267,10 +289,12 @@ class _OpenShard:
         # At a URL the store hashes every object as it downloads it (remote.VerifyingStore).
         self.remote = remote.is_url(path)
         num_samples = shard.num_samples
+        # The index arrays (offsets, vision spans) are read whole right below; the schema says which.
+        index = {name for name, spec in specs.items() if spec.signal == "index"}
         # Before Zarr parses anything (first open in this process): every file listed and of its
         # size, metadata and index files hashed (they are read whole right below); chunks are
         # hashed whenever they are read.
-        hashed = False if self.remote else lambda f: f.endswith("zarr.json") or f.split("/")[0] in _INDEX_ARRAYS
+        hashed = False if self.remote else lambda f: f.endswith("zarr.json") or f.split("/")[0] in index
         problems = check_shard_files(path, shard.files, hash_files=hashed) if check_files else []
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
@@ -297,7 +321,7 @@ class _OpenShard:
             self.arrays[name] = array
         # Rows per chunk, looked up once: zarr derives `chunks` from its metadata on every access.
         self.chunk_rows = {name: array.chunks[0] for name, array in self.arrays.items()}
-        self.offsets = {name: self.arrays[name][:] for name in ("ids_offsets", "resp_offsets", "rows_offsets")}
+        self.offsets = {name: self.arrays[name][:] for name, spec in specs.items() if spec.shape == ("N+1",)}
         for name, spec in specs.items():
             if spec.offsets:
                 off = self.offsets[spec.offsets]
@@ -306,6 +330,7 @@ class _OpenShard:
                     raise CacheSchemaError(f"shard {path}: {spec.offsets} does not index the {rows} rows of {name}")
         self.vision_start = self.arrays["vision_start"][:]
         self.vision_length = self.arrays["vision_length"][:]
+        self.vision_grid = self.arrays["vision_grid"][:] if "vision_grid" in self.arrays else None
         self._chunks = chunks
 
     def span(self, offsets: str, row: int) -> tuple[int, int]:
@@ -349,6 +374,18 @@ class _OpenShard:
         if want is not None and file_digest(self.path / rel) != want:
             raise CacheSchemaError(f"shard {self.path} is damaged: file {rel} has changed (its sha256 differs "
                                    "from the shard's file list); `alignkd verify-cache` lists every damaged shard")
+
+    def decode_block(self, name: str, codec_name: str, values: tuple[int, int], rows: tuple[int, int],
+                     heads: int | None, length: int) -> np.ndarray:
+        """One sample's attention block of a flattened (A,) array: values[a0:a1] reshaped to
+        (Lq, H, P_v) or (Lq, P_v), with the row scales rows[l0:l1], decoded to length N_v."""
+        codec = get_codec(codec_name)
+        lq = rows[1] - rows[0]
+        shape = (lq, heads, packed_width(codec_name, length)) if heads else (lq, packed_width(codec_name, length))
+        parts = {"values": self.read(name, slice(*values)).reshape(shape)}
+        if codec.scaled:
+            parts["scale"] = self.read(name + SCALE_SUFFIX, slice(*rows))
+        return codec.decode(parts, length)
 
     def decode(self, name: str, codec_name: str, where: slice | int, length: int | None) -> np.ndarray:
         codec = get_codec(codec_name)

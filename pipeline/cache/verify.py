@@ -7,7 +7,7 @@
     report = verify_cache("demo-out/cache")        # CacheVerification
     report.damaged                                 # {"train-000003": ["file attn_L00/c/0/0/0 is missing"]}
 
-What is checked (the file list, `ShardMeta.files`, is described in cache_schemas/v1.py):
+What is checked (the file list, `ShardMeta.files`, is described in cache_schemas/v2.py):
   * the root metadata and each shard's attributes against the schema (CacheSchemaError for
     the root: without it nothing can be read; a shard whose attributes fail is damaged);
   * each shard directory's files against its list: none missing, none extra, each of the
@@ -39,14 +39,16 @@ a multi-terabyte cache is not re-hashed on every start.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from alignkd.cache import remote
-from alignkd.cache.writer import file_digest, list_complete_shards, read_cache_meta, read_shard_meta
-from alignkd.cache_schemas import SHARDS_GROUP, CacheMeta, CacheSchemaError, FileDigest, ShardMeta
+from alignkd.cache.integrity import check_objects, check_shard_files
+from alignkd.cache.reader import open_shard
+from alignkd.cache.store import list_complete_shards, read_cache_meta, read_shard_meta
+from alignkd.cache_schemas import SHARDS_GROUP, CacheMeta, CacheSchemaError, ShardMeta
 
 __all__ = ["CacheVerification", "check_shard_files", "verify_cache"]
 
@@ -69,60 +71,6 @@ class CacheVerification:
         return not self.damaged
 
 
-def check_shard_files(shard_dir: str | os.PathLike, files: Mapping[str, FileDigest], *,
-                      hash_files: bool | Callable[[str], bool] = True) -> list[str]:
-    """Problems of one shard directory against its file list, one line each, naming the file.
-
-    Every listed file must be there with its listed size, and no other file may be (the
-    shard's own zarr.json holds the list and is not in it). `hash_files` says which files
-    also get their sha256 compared: all (True), none (False), or those a predicate accepts.
-    `shard_dir` may be a URL (its objects are listed and, to hash, downloaded)."""
-    if remote.is_url(shard_dir):
-        fs, prefix = remote.filesystem(shard_dir)
-        return _check_objects(fs, prefix, remote.list_files(fs, prefix), files, hash_files)
-    root = Path(shard_dir)
-    on_disk = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            rel = Path(d, n).relative_to(root).as_posix()
-            if rel != "zarr.json":
-                on_disk[rel] = Path(d, n)
-    sizes = {rel: on_disk[rel].stat().st_size for rel in set(files) & set(on_disk)}
-    return _compare(set(on_disk), sizes, files, hash_files, lambda rels: {r: file_digest(on_disk[r]) for r in rels})
-
-
-def _check_objects(fs, prefix: str, objects: Mapping[str, int], files: Mapping[str, FileDigest],
-                   hash_files: bool | Callable[[str], bool]) -> list[str]:
-    """check_shard_files for a shard prefix whose objects (rel -> size) were listed already."""
-    objects = {rel: size for rel, size in objects.items() if rel != remote.MARKER}
-
-    def digests(rels: list[str]) -> dict[str, FileDigest]:
-        found = remote.file_digests(fs, {f"{prefix}/{r}": objects[r] for r in rels})
-        return {r: found[f"{prefix}/{r}"] for r in rels}
-
-    return _compare(set(objects), {r: objects[r] for r in set(files) & set(objects)}, files, hash_files, digests)
-
-
-def _compare(present: set[str], sizes: Mapping[str, int], files: Mapping[str, FileDigest],
-             hash_files: bool | Callable[[str], bool],
-             digests: Callable[[list[str]], Mapping[str, FileDigest]]) -> list[str]:
-    """The problems of a shard's `present` files against its list: `sizes` of the listed ones
-    that are there, `digests` to hash those of the right size that `hash_files` picks."""
-    problems = [f"file {rel} is missing" for rel in sorted(set(files) - present)]
-    problems += [f"file {rel if rel.isprintable() else repr(rel)} is not in the shard's file list"
-                 for rel in sorted(present - set(files))]
-    to_hash = [rel for rel in sorted(sizes) if sizes[rel] == files[rel].size
-               and (hash_files(rel) if callable(hash_files) else hash_files)]
-    hashed = digests(to_hash) if to_hash else {}
-    for rel in sorted(sizes):
-        want, size = files[rel], sizes[rel]
-        if size != want.size:
-            problems.append(f"file {rel} is {size} bytes, the shard's file list says {want.size} (truncated or altered)")
-        elif rel in hashed and hashed[rel] != want:
-            problems.append(f"file {rel} has changed (its sha256 differs from the shard's file list)")
-    return problems
-
-
 def verify_cache(path: str | os.PathLike, *, hashes: bool = True) -> CacheVerification:
     """Check every shard of the cache at `path` (see the module docstring). Raises
     CacheSchemaError only when the root itself is unreadable (not a cache, bad metadata)."""
@@ -137,7 +85,7 @@ def verify_cache(path: str | os.PathLike, *, hashes: bool = True) -> CacheVerifi
         report.partial = sorted(set(objects) - set(complete))
 
         def check(name: str) -> tuple[ShardMeta | None, list[str]]:
-            return _check_shard(root, meta, name, lambda s: _check_objects(
+            return _check_shard(root, meta, name, lambda s: check_objects(
                 fs, f"{prefix}/{SHARDS_GROUP}/{name}", objects[name], s.files, hashes))
 
         with ThreadPoolExecutor(16) as pool:
@@ -173,8 +121,6 @@ def verify_cache(path: str | os.PathLike, *, hashes: bool = True) -> CacheVerifi
 def _check_shard(root: Path | str, meta: CacheMeta, name: str,
                  check_files: Callable[[ShardMeta], list[str]]) -> tuple[ShardMeta | None, list[str]]:
     """(its ShardMeta, or None if that is unreadable; its problems) for one complete shard."""
-    from alignkd.cache.reader import open_shard  # the reader imports this module
-
     try:
         shard = read_shard_meta(root, name)
     except CacheSchemaError as e:

@@ -1,26 +1,22 @@
-"""Write the teacher-signal cache: the root once, then one shard at a time, each atomically.
+"""Write one shard of the teacher-signal cache, atomically.
 
-    init_cache(root, meta)                  # create the cache, or check that `meta` matches it
-    removed = remove_partial(root)          # job start: delete what killed writers left
-    done = set(list_complete_shards(root))  # resume: these shards are finished
+    init_cache(root, meta)                  # alignkd.cache.store: the root, once
     shard = write_shard(root, "train-000003", samples, skipped, meta=meta,
                         input_shard="data/train-000003.tar", input_size=123456)
-    read_shard_meta(root, "train-000003")   # its ShardMeta (keys, skipped, bytes, codec error)
 
-`root` is a directory or an fsspec URL ("s3://bucket/cache", "gs://...", "file://...");
-the functions take either and do the same job for both (a URL's steps are in remote.py).
-
-The layout (array names, dtypes, shapes) is alignkd.cache_schemas.v1; the quantisers are
-alignkd.cache.codecs.
+`root` is a directory or an fsspec URL ("s3://bucket/cache", "gs://...", "file://..."); the
+function takes either and does the same job for both (a URL's steps are in remote.py). The
+layout (array names, dtypes, shapes) is alignkd.cache_schemas.v2, the quantisers are
+alignkd.cache.codecs, the checks of each sample alignkd.cache.records, the cache's root and
+its listing alignkd.cache.store, the file lists alignkd.cache.integrity.
 
 Why shards are written this way (both measured here): several processes writing rows into one
 Zarr store lose data, and a ZipStore shared by processes corrupts. So each shard is written by
 ONE writer, as its own Zarr group under `shards/.{name}.tmp-{hex}`, and `os.rename`d to
 `shards/{name}` only when every array and the shard's attributes are on disk (fsynced). A shard
 directory under its final name is therefore complete, which is what lets extraction resume by
-shard. A killed writer leaves only a `.tmp-` directory: readers ignore it, `remove_partial`
-(or `remove_partial_shard` for one name) deletes it. Call those only when no writer is running
-(for that shard), since an in-progress shard looks exactly like a leftover one.
+shard. A killed writer leaves only a `.tmp-` directory: readers ignore it, `store.remove_partial`
+(or `remove_partial_shard` for one name) deletes it.
 
 Rewriting a shard that exists moves the old directory aside (to a `.tmp-` name) first, renames
 the new one in, then deletes the old one: at every moment the final name holds either the old
@@ -44,7 +40,6 @@ reader fetching one sample decompresses little more than it needs.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
@@ -58,219 +53,28 @@ import zarr
 
 from alignkd.cache import remote
 from alignkd.cache.codecs import Codec, error_stats, get_codec
-from alignkd.cache.records import SampleSignals
+from alignkd.cache.integrity import dir_bytes, fsync_dir, fsync_tree, shard_files
+from alignkd.cache.records import SampleSignals, check_samples, vision_grid
 from alignkd.cache.remote import is_url
+from alignkd.cache.store import TMP_MARK, check_same, check_writable, init_cache
 from alignkd.cache_schemas import (
-    IMAGE_TOKEN,
     SCALE_SUFFIX,
     SHARDS_GROUP,
     ArraySpec,
     CacheMeta,
     CacheSchemaError,
     CodecSpec,
-    FileDigest,
     ShardMeta,
     attention_array,
     check_shard_name,
+    packed_width,
     shard_arrays,
 )
 
-__all__ = [
-    "CHUNK_BYTES",
-    "init_cache",
-    "read_cache_meta",
-    "write_shard",
-    "read_shard_meta",
-    "list_complete_shards",
-    "remove_partial",
-    "remove_partial_shard",
-    "file_digest",
-    "shard_files",
-]
+__all__ = ["CHUNK_BYTES", "write_shard"]
 
 CHUNK_BYTES = 1 << 20
 """Target uncompressed bytes per chunk (at least one row or sample per chunk)."""
-
-_TMP = ".tmp-"
-_INT32 = np.iinfo(np.int32)
-
-
-# ---------------------------------------------------------------------------- the root
-
-
-def init_cache(cache_root: str | os.PathLike, meta: CacheMeta) -> None:
-    """Create the cache at `cache_root` with `meta` as its root attributes, or, if a cache is
-    there already, check that it was made with the same settings (CacheMeta.differences) and
-    raise CacheSchemaError naming the differing fields if not. The stored meta is kept as is
-    (its `created` and `job` stay those of the run that created it)."""
-    meta.validate()
-    if is_url(cache_root):
-        return _init_remote(cache_root, meta)
-    root = Path(cache_root)
-    if (root / "zarr.json").exists():
-        _check_same(root, meta)
-        return
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise CacheSchemaError(f"{root} exists and is not an alignkd cache; refusing to write into it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # Built beside its final name and renamed in, so a cache root is never half made, and two
-    # jobs starting at once cannot both create it (the second rename fails; then we compare).
-    tmp = root.parent / f".{root.name}{_TMP}{uuid.uuid4().hex}"
-    try:
-        group = zarr.open_group(str(tmp), mode="w-", zarr_format=3, attributes=meta.to_dict())
-        group.create_group(SHARDS_GROUP)
-        _fsync_tree(tmp)
-        try:
-            os.rename(tmp, root)  # replaces `root` only if it is an empty directory
-        except OSError:
-            if not (root / "zarr.json").exists():
-                raise
-            _check_same(root, meta)  # someone else created it meanwhile
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(root.parent)
-
-
-def _init_remote(url: str, meta: CacheMeta) -> None:
-    """init_cache at a URL: the root made locally, then uploaded with its zarr.json last."""
-    fs, root = remote.filesystem(url)
-    if _remote_file(url, "zarr.json"):
-        _check_same(url, meta)
-        return
-    # A run that died while creating the cache leaves at most shards/zarr.json: finish it.
-    if _names(fs, root) - {SHARDS_GROUP} or _names(fs, f"{root}/{SHARDS_GROUP}") - {"zarr.json"}:
-        raise CacheSchemaError(f"{url} exists and is not an alignkd cache; refusing to write into it")
-    with tempfile.TemporaryDirectory(prefix="alignkd-root-") as tmp:
-        local = Path(tmp) / "cache"
-        init_cache(local, meta)
-        fs.put_file(str(local / SHARDS_GROUP / "zarr.json"), f"{root}/{SHARDS_GROUP}/zarr.json")
-        remote.put_marker(fs, local / "zarr.json", f"{root}/zarr.json")  # now it is a cache
-    # Object stores have no create-if-absent: read it back, so that of two jobs creating the
-    # cache at once with different settings, one fails here (and every shard write checks too).
-    _check_same(url, meta)
-
-
-def _remote_file(url: str, name: str) -> bool:
-    fs, root = remote.filesystem(url)
-    fs.invalidate_cache(root)
-    return fs.isfile(f"{root}/{name}")
-
-
-def _names(fs, prefix: str) -> set[str]:
-    """Names of the entries one level under `prefix` (none if nothing is there)."""
-    try:
-        return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(prefix, detail=False)}
-    except FileNotFoundError:
-        return set()
-
-
-def read_cache_meta(cache_root: str | os.PathLike) -> CacheMeta:
-    """The cache's CacheMeta, migrated from an older schema version if needed; CacheSchemaError
-    (naming the cache) for a missing cache, a newer or unknown version, or invalid metadata."""
-    if is_url(cache_root):
-        root, store = cache_root, remote.zarr_store(cache_root)  # one request below, not two
-    else:
-        root = Path(cache_root)
-        store = str(root)
-        if not (root / "zarr.json").is_file():
-            raise CacheSchemaError(f"{root}: not an alignkd cache (no zarr.json)")
-    try:
-        group = zarr.open_group(store, mode="r", zarr_format=3)
-    except Exception as e:  # noqa: BLE001 - any failure to open means "not a readable cache"
-        if is_url(root) and isinstance(e, FileNotFoundError) and not _remote_file(root, "zarr.json"):
-            raise CacheSchemaError(f"{root}: not an alignkd cache (no zarr.json)") from None
-        raise CacheSchemaError(f"{root}: not a Zarr v3 group ({type(e).__name__}: {e})") from None
-    return CacheMeta.from_dict(group.attrs.asdict(), source=f"cache at {root}")
-
-
-def _check_same(root: Path | str, meta: CacheMeta) -> None:
-    diff = read_cache_meta(root).differences(meta)
-    if diff:
-        raise CacheSchemaError(
-            f"cache at {root} was built with a different {', '.join(diff)}; "
-            "refusing to mix (use a new --set cache.path or delete it)"
-        )
-
-
-# ---------------------------------------------------------------------------- shards on disk
-
-
-def list_complete_shards(cache_root: str | os.PathLike) -> list[str]:
-    """Names of the complete shards, sorted (temporary `.`-names are never listed)."""
-    if is_url(cache_root):
-        return sorted(n for n, objects in _remote_shards(cache_root).items()
-                      if not n.startswith(".") and remote.MARKER in objects)
-    shards = Path(cache_root) / SHARDS_GROUP
-    if not shards.is_dir():
-        return []
-    return sorted(p.name for p in shards.iterdir() if not p.name.startswith(".") and (p / "zarr.json").is_file())
-
-
-def read_shard_meta(cache_root: str | os.PathLike, name: str) -> ShardMeta:
-    """ShardMeta of a complete shard (CacheSchemaError naming the shard if it is invalid)."""
-    if is_url(cache_root):
-        path = remote.child(cache_root, SHARDS_GROUP, check_shard_name(name))
-        try:  # one request: a missing marker is a missing group
-            group = zarr.open_group(remote.zarr_store(path), mode="r", zarr_format=3)
-        except FileNotFoundError:
-            raise CacheSchemaError(f"shard {path}: no such complete shard") from None
-        return _shard_meta(group, path, name)
-    path = Path(cache_root) / SHARDS_GROUP / check_shard_name(name)
-    if not (path / "zarr.json").is_file():
-        raise CacheSchemaError(f"shard {path}: no such complete shard")
-    return _shard_meta(zarr.open_group(str(path), mode="r", zarr_format=3), path, name)
-
-
-def _shard_meta(group: zarr.Group, path: Path | str, name: str) -> ShardMeta:
-    shard = ShardMeta.from_dict(group.attrs.asdict(), source=f"shard {path}")
-    if shard.name != name:
-        raise CacheSchemaError(f"shard {path}: its attributes name it {shard.name!r}")
-    return shard
-
-
-def remove_partial(cache_root: str | os.PathLike) -> list[str]:
-    """Delete every leftover temporary shard directory (at a URL: every shard prefix without
-    its marker); returns their names, sorted."""
-    if is_url(cache_root):
-        partial = [n for n, objects in _remote_shards(cache_root).items()
-                   if remote.MARKER not in objects or (n.startswith(".") and _TMP in n)]
-        return _remove_remote(cache_root, partial)
-    shards = Path(cache_root) / SHARDS_GROUP
-    if not shards.is_dir():
-        return []
-    return _remove([p for p in shards.iterdir() if p.name.startswith(".") and _TMP in p.name])
-
-
-def remove_partial_shard(cache_root: str | os.PathLike, name: str) -> list[str]:
-    """Delete the leftover temporary directories of shard `name` only (a retried shard)."""
-    if is_url(cache_root):
-        fs, root = remote.filesystem(cache_root)
-        objects = remote.list_files(fs, f"{root}/{SHARDS_GROUP}/{check_shard_name(name)}")
-        return _remove_remote(cache_root, [name] if objects and remote.MARKER not in objects else [])
-    shards = Path(cache_root) / SHARDS_GROUP
-    if not shards.is_dir():
-        return []
-    prefix = f".{check_shard_name(name)}{_TMP}"
-    return _remove([p for p in shards.iterdir() if p.name.startswith(prefix)])
-
-
-def _remove(paths: list[Path]) -> list[str]:
-    for p in paths:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return sorted(p.name for p in paths)
-
-
-def _remote_shards(url: str) -> dict[str, dict[str, int]]:
-    """Every shard prefix of the cache at `url` with its objects (one listing)."""
-    fs, root = remote.filesystem(url)
-    return remote.list_shard_prefixes(fs, f"{root}/{SHARDS_GROUP}")
-
-
-def _remove_remote(url: str, names: list[str]) -> list[str]:
-    fs, root = remote.filesystem(url)
-    for name in names:
-        remote.remove_prefix(fs, f"{root}/{SHARDS_GROUP}/{name}")
-    return sorted(names)
 
 
 # ---------------------------------------------------------------------------- writing a shard
@@ -304,12 +108,13 @@ def write_shard(
     root = Path(cache_root)
     check_shard_name(shard_name)
     meta.validate()
-    _check_same(root, meta)  # also: the cache exists
+    check_writable(meta)
+    check_same(root, meta)  # also: the cache exists
     skipped = [(str(k), str(r)) for k, r in skipped]
-    _check_samples(samples, skipped, meta, where=f"shard {shard_name}")
+    check_samples(samples, skipped, meta, where=f"shard {shard_name}")
 
     shards_dir = root / SHARDS_GROUP
-    tmp = shards_dir / f".{shard_name}{_TMP}{uuid.uuid4().hex}"
+    tmp = shards_dir / f".{shard_name}{TMP_MARK}{uuid.uuid4().hex}"
     specs = shard_arrays(meta)
     try:
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
@@ -332,13 +137,13 @@ def write_shard(
             skipped=tuple({"key": k, "reason": r} for k, r in skipped),
             num_samples=len(samples),
             codec_error=accounting.errors(),
-            nbytes={name: _dir_bytes(tmp / name) for name in specs},
+            nbytes={name: dir_bytes(tmp / name) for name in specs},
             raw_fp16_bytes=dict(accounting.raw_fp16),
             files=shard_files(tmp),
         )
         shard.validate()
         group.attrs.update(shard.to_dict())
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if before_publish is not None:
             before_publish()
         _install(tmp, shards_dir / shard_name)
@@ -354,7 +159,8 @@ def _write_remote(url: str, shard_name: str, samples: Sequence[SampleSignals], s
     cache, then remote.publish uploads it, its marker (zarr.json) last."""
     check_shard_name(shard_name)
     meta.validate()
-    _check_same(url, meta)  # also: the cache exists
+    check_writable(meta)
+    check_same(url, meta)  # also: the cache exists
     fs, root = remote.filesystem(url)
     if scratch is not None:
         Path(scratch).mkdir(parents=True, exist_ok=True)
@@ -397,7 +203,7 @@ def _install(tmp: Path, final: Path) -> None:
     """Rename a finished shard into place; an existing one goes aside first, then is deleted."""
     aside = None
     if final.exists():
-        aside = final.with_name(f".{final.name}{_TMP}{uuid.uuid4().hex}.replaced")
+        aside = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex}.replaced")
         os.rename(final, aside)
     try:
         os.rename(tmp, final)
@@ -405,7 +211,7 @@ def _install(tmp: Path, final: Path) -> None:
         if aside is not None:
             os.rename(aside, final)  # put the old complete shard back
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if aside is not None:
         shutil.rmtree(aside)
 
@@ -452,31 +258,40 @@ def _shard_arrays(
     """(name, data) for every array of the shard, in schema order, built one signal at a time
     so that only one signal's encoded form is in memory beyond the samples themselves."""
     n = len(samples)
-    ids_off = _offsets([len(s.input_ids) for s in samples])
-    resp_off = _offsets([len(s.response_positions) for s in samples])
-    rows_off = _offsets([_rows(s) for s in samples])
-    counts = {"N": n, "N+1": n + 1, "T": int(ids_off[-1]), "R": int(resp_off[-1]), "L": int(rows_off[-1])}
-    offsets = {"ids_offsets": ids_off, "resp_offsets": resp_off, "rows_offsets": rows_off}
+    per_head = meta.attention_heads == "per_head"
+    heads = meta.teacher.num_heads if per_head else 1
+    c = meta.codecs
+    offsets = {
+        "ids_offsets": _offsets([len(s.input_ids) for s in samples]),
+        "resp_offsets": _offsets([len(s.response_positions) for s in samples]),
+        "rows_offsets": _offsets([_rows(s) for s in samples]),
+        "attn_offsets": _offsets([_rows(s) * heads * packed_width(c.attention, s.vision_length) for s in samples]),
+        "vision_offsets": _offsets([s.vision_length for s in samples]),
+    }
+    rows_of = {"T": "ids_offsets", "R": "resp_offsets", "L": "rows_offsets", "A": "attn_offsets", "V": "vision_offsets"}
+    counts = {"N": n, "N+1": n + 1, **{sym: int(offsets[name][-1]) for sym, name in rows_of.items()}}
 
-    def flat(get) -> np.ndarray:
-        parts = [np.asarray(get(s)) for s in samples]
-        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+    def flat(name: str, get) -> np.ndarray:
+        dtype = specs[name].dtype
+        parts = [np.asarray(get(s)).astype(dtype) for s in samples]
+        return np.concatenate(parts) if parts else np.zeros((0, *specs[name].shape[1:]), dtype)
 
     def coded(name: str, codec_name: str, pieces: Iterator[np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
-        """Encode one float signal sample by sample into preallocated value (+ scale) arrays."""
+        """Encode one float signal sample by sample into preallocated value (+ scale) arrays;
+        a sample's values and scales land in the rows its offsets give, flattened to the
+        arrays' trailing shape."""
         spec, codec = specs[name], get_codec(codec_name)
+        scale_spec = specs[name + SCALE_SUFFIX] if codec.scaled else None
         values = np.zeros(_shape(spec, counts), spec.dtype)
-        scale = np.zeros(_shape(specs[name + SCALE_SUFFIX], counts), np.float32) if codec.scaled else None
-        off = offsets[spec.offsets] if spec.offsets else None
+        scale = np.zeros(_shape(scale_spec, counts), np.float32) if scale_spec else None
         for i, x in enumerate(pieces):
-            where = slice(off[i], off[i + 1]) if off is not None else i
             try:
                 parts = codec.encode(x)
             except ValueError as e:  # e.g. a log-prob beyond fp16's range: name the sample
                 raise CacheSchemaError(f"sample {samples[i].key}: {name}: {e}") from None
-            values[where] = parts["values"]
+            _put(values, spec, offsets, i, parts["values"])
             if scale is not None:
-                scale[where] = parts["scale"]
+                _put(scale, scale_spec, offsets, i, parts["scale"])
             decoded = codec.decode(parts, x.shape[-1] if x.ndim else None) if codec.lossy else None
             acc.add(name, codec, x, decoded)
         yield name, values
@@ -484,30 +299,48 @@ def _shard_arrays(
             yield name + SCALE_SUFFIX, scale
 
     f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
-    c = meta.codecs
-    yield "ids_offsets", ids_off
-    yield "input_ids", flat(lambda s: s.input_ids)
-    yield "resp_offsets", resp_off
-    yield "response_positions", flat(lambda s: s.response_positions)
-    k = meta.topk
-    yield "topk_ids", (np.concatenate([np.asarray(s.topk_ids) for s in samples]).astype(np.int32)
-                       if samples else np.zeros((0, k), np.int32))
+    yield "ids_offsets", offsets["ids_offsets"]
+    yield "input_ids", flat("input_ids", _stored_ids)
+    yield "resp_offsets", offsets["resp_offsets"]
+    yield "response_positions", flat("response_positions", lambda s: s.response_positions)
+    yield "topk_ids", flat("topk_ids", lambda s: np.asarray(s.topk_ids).reshape(-1, meta.topk))
     yield from coded("topk_logprobs", c.logprobs, (f32(s.topk_logprobs) for s in samples))
     yield from coded("tail_logmass", c.logprobs, (f32(s.tail_logmass) for s in samples))
-    yield "rows_offsets", rows_off
-    per_head = meta.attention_heads == "per_head"
+    yield "rows_offsets", offsets["rows_offsets"]
+    yield "attn_offsets", offsets["attn_offsets"]
     for layer in meta.layers:
-        # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so samples concatenate along axis 0.
-        rows = (f32(s.attention[layer]).transpose(1, 0, 2) if per_head else f32(s.attention[layer]) for s in samples)
-        yield from coded(attention_array(layer), c.attention, rows)
+        # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so that they line up with the row scales.
+        blocks = (f32(s.attention[layer])[..., : s.vision_length] for s in samples)
+        yield from coded(attention_array(layer), c.attention, (b.transpose(1, 0, 2) if per_head else b for b in blocks))
     yield "vision_start", np.array([s.vision_start for s in samples], dtype=np.int32)
     yield "vision_length", np.array([s.vision_length for s in samples], dtype=np.int32)
-    yield from coded("vision_features", c.features, (f32(s.vision_features) for s in samples))
-    focus = np.zeros((n, meta.num_vision_tokens), np.float32)
+    yield "vision_grid", np.array([vision_grid(s) for s in samples], dtype=np.int32).reshape(n, 2)
+    yield "vision_offsets", offsets["vision_offsets"]
+    yield from coded("vision_features", c.features, (f32(s.vision_features)[: s.vision_length] for s in samples))
+    focus = np.zeros(counts["V"], np.float32)
+    fp32 = get_codec("fp32")
     for i, s in enumerate(samples):
-        focus[i] = f32(s.focus)
-        acc.add("focus", get_codec("fp32"), focus[i], None)
+        piece = f32(s.focus)[: s.vision_length]
+        _put(focus, specs["focus"], offsets, i, piece)
+        acc.add("focus", fp32, piece, None)
     yield "focus", focus
+
+
+def _put(target: np.ndarray, spec: ArraySpec, offsets: dict[str, np.ndarray], i: int, part: np.ndarray) -> None:
+    """Sample i's part into its rows of `target` (row i when the array has one row per sample)."""
+    if spec.offsets is None:
+        target[i] = part
+    else:
+        off = offsets[spec.offsets]
+        target[off[i] : off[i + 1]] = part.reshape(-1, *target.shape[1:])
+
+
+def _stored_ids(s: SampleSignals) -> np.ndarray:
+    """input_ids as stored: the vision span (all IMAGE_TOKEN, checked) holds 0, so ids need no sign."""
+    ids = np.array(s.input_ids, dtype=np.int64)
+    if s.vision_start >= 0:
+        ids[s.vision_start : s.vision_start + s.vision_length] = 0
+    return ids
 
 
 def _shape(spec: ArraySpec, counts: dict[str, int]) -> tuple[int, ...]:
@@ -522,149 +355,3 @@ def _check_layout(spec: ArraySpec, data: np.ndarray) -> None:
         )
 
 
-# ---------------------------------------------------------------------------- checking samples
-
-
-def _check_samples(
-    samples: Sequence[SampleSignals], skipped: list[tuple[str, str]], meta: CacheMeta, where: str
-) -> None:
-    seen: set[str] = set()
-    for s in samples:
-        if not isinstance(s, SampleSignals):
-            raise CacheSchemaError(f"{where}: expected SampleSignals, got {type(s).__name__}")
-        if not isinstance(s.key, str) or not s.key:
-            raise CacheSchemaError(f"{where}: sample key {s.key!r} is not a non-empty string")
-        if s.key in seen:
-            raise CacheSchemaError(f"{where}: sample {s.key} appears twice")
-        seen.add(s.key)
-        try:
-            _check_sample(s, meta)
-        except CacheSchemaError as e:
-            raise CacheSchemaError(f"{where}: sample {s.key}: {e}") from None
-    for key, _ in skipped:
-        if key in seen:
-            raise CacheSchemaError(f"{where}: sample {key} is both written and skipped")
-
-
-def _check_sample(s: SampleSignals, meta: CacheMeta) -> None:
-    """One sample against the cache's shapes (see alignkd.cache.records for their meaning)."""
-    nv, d, h, k = meta.num_vision_tokens, meta.teacher.hidden_size, meta.teacher.num_heads, meta.topk
-    if not isinstance(s.fingerprint, str) or len(s.fingerprint) != 64 or set(s.fingerprint) - set("0123456789abcdef"):
-        raise CacheSchemaError(f"fingerprint {s.fingerprint!r} is not a sha256 hex digest")
-
-    ids = _ints(s.input_ids, "input_ids", ndim=1)
-    t = len(ids)
-    if t == 0:
-        raise CacheSchemaError("input_ids is empty")
-    vs, vl = s.vision_start, s.vision_length
-    if not (isinstance(vs, int | np.integer) and isinstance(vl, int | np.integer)):
-        raise CacheSchemaError("vision_start and vision_length must be integers")
-    if vs == -1:
-        if vl != 0:
-            raise CacheSchemaError(f"text-only sample (vision_start -1) has vision_length {vl}, expected 0")
-        lq = 0
-    else:
-        if vl != nv:
-            raise CacheSchemaError(f"vision_length {vl}, the cache has {nv} vision tokens")
-        if not 0 <= vs <= t - nv:
-            raise CacheSchemaError(f"vision span {vs}..{vs + nv} is outside the {t} tokens")
-        if not (ids[vs:vs + nv] == IMAGE_TOKEN).all():
-            raise CacheSchemaError(f"input_ids[{vs}:{vs + nv}] are not all IMAGE_TOKEN ({IMAGE_TOKEN})")
-        lq = t - (vs + nv)  # rows are the positions after the vision block
-
-    resp = _ints(s.response_positions, "response_positions", ndim=1)
-    r = len(resp)
-    if r and (resp.min() < 1 or resp.max() >= t or (np.diff(resp) <= 0).any()):
-        raise CacheSchemaError(f"response_positions must be increasing and within 1..{t - 1}")
-    topk_ids = _ints(s.topk_ids, "topk_ids", shape=(r, k))
-    if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= meta.teacher.vocab_size):
-        raise CacheSchemaError(f"topk_ids outside the vocabulary 0..{meta.teacher.vocab_size - 1}")
-    _floats(s.topk_logprobs, "topk_logprobs", (r, k), allow_neg_inf=True)
-    _floats(s.tail_logmass, "tail_logmass", (r,), allow_neg_inf=True)
-
-    if not isinstance(s.attention, dict) or sorted(s.attention) != sorted(meta.layers):
-        got = sorted(s.attention) if isinstance(s.attention, dict) else type(s.attention).__name__
-        raise CacheSchemaError(f"attention has layers {got}, the cache stores layers {list(meta.layers)}")
-    for layer in meta.layers:
-        shape = (h, lq, nv) if meta.attention_heads == "per_head" else (lq, nv)
-        a = _floats(s.attention[layer], f"attention[{layer}]", shape)
-        if a.size and a.min() < 0:
-            raise CacheSchemaError(f"attention[{layer}] has negative probabilities")
-
-    feats = _floats(s.vision_features, "vision_features", (nv, d))
-    focus = _floats(s.focus, "focus", (nv,))
-    if vs == -1 and (feats.any() or focus.any()):
-        raise CacheSchemaError("text-only sample has non-zero vision_features or focus")
-
-
-def _ints(a: object, name: str, ndim: int | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    a = np.asarray(a)
-    if a.dtype.kind not in "iu":
-        raise CacheSchemaError(f"{name} has dtype {a.dtype}, expected integers")
-    if shape is not None and a.shape != shape:
-        raise CacheSchemaError(f"{name} has shape {a.shape}, expected {shape}")
-    if ndim is not None and a.ndim != ndim:
-        raise CacheSchemaError(f"{name} has {a.ndim} dimensions, expected {ndim}")
-    if a.size and (a.min() < _INT32.min or a.max() > _INT32.max):
-        raise CacheSchemaError(f"{name} has values outside int32")
-    return a
-
-
-def _floats(a: object, name: str, shape: tuple[int, ...], allow_neg_inf: bool = False) -> np.ndarray:
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise CacheSchemaError(f"{name} has dtype {a.dtype}, expected floats")
-    if a.shape != shape:
-        raise CacheSchemaError(f"{name} has shape {a.shape}, expected {shape}")
-    bad = np.isnan(a) | (np.isinf(a) & ~(allow_neg_inf & (a < 0)))
-    if bad.any():
-        raise CacheSchemaError(f"{name} has {'NaN or +inf' if allow_neg_inf else 'NaN or inf'} values")
-    return a
-
-
-# ---------------------------------------------------------------------------- files
-
-
-def file_digest(path: str | os.PathLike) -> FileDigest:
-    """Size and sha256 of one file (read in 1 MiB blocks: chunk files can be large)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-            size += len(block)
-    return FileDigest(size=size, sha256=h.hexdigest())
-
-
-def shard_files(shard_dir: str | os.PathLike) -> dict[str, FileDigest]:
-    """FileDigest of every file under a shard directory except its own zarr.json (which holds
-    this list), by "/"-separated path relative to the directory, sorted."""
-    root = Path(shard_dir)
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p != root / "zarr.json")
-    return {p.relative_to(root).as_posix(): file_digest(p) for p in paths}
-
-
-def _dir_bytes(path: Path) -> int:
-    """Total size of the files under `path` (an array: its zarr.json and chunk files)."""
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file and directory under `path`: the rename that publishes a shard must not
-    reach the disk before its contents do."""
-    for d, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(d))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

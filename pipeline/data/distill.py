@@ -166,34 +166,35 @@ class DistillDataset(Dataset):
         )
         if self.cache is None:
             return batch, None
-        return batch, _teacher_batch([it["signals"] for it in items], seq_len=batch.input_ids.shape[1])
+        return batch, _teacher_batch([it["signals"] for it in items], seq_len=batch.input_ids.shape[1],
+                                     num_vision=self.processor.num_vision_tokens)
 
 
-def _teacher_batch(signals: list[SampleSignals], seq_len: int) -> TeacherBatch:
+def _teacher_batch(signals: list[SampleSignals], seq_len: int, num_vision: int | None = None) -> TeacherBatch:
     # The student's tapped block has rows vision_end .. seq_len - 1 of the padded batch; pad the
-    # teacher's rows to the same count so the two line up row for row. Vision columns and
-    # tokens are padded to the batch's largest count (a fixed-count cache: all the same).
-    bsz = len(signals)
-    nv = max(s.vision_features.shape[0] for s in signals)
+    # teacher's rows to the same count so the two line up row for row. Vision tokens are padded
+    # to the batch's widest sample (a text-only sample has none), at least to the model's fixed
+    # count, so that a batch without images has the student's block width too.
+    nv = max([s.vision_length for s in signals] + [num_vision or 0])
+    dim = signals[0].vision_features.shape[-1]
     lq = max([seq_len - (s.vision_start + s.vision_length) for s in signals if s.vision_start >= 0] or [0])
     attention = {}
     for layer in signals[0].attention:
         first = signals[0].attention[layer]
-        shape = (bsz, *first.shape[:-2], lq, nv)
+        shape = (len(signals), *first.shape[:-2], lq, nv)
         out = np.zeros(shape, dtype=np.float32)
         for b, s in enumerate(signals):
             rows = s.attention[layer]
             out[b, ..., : rows.shape[-2], : rows.shape[-1]] = rows
         attention[layer] = torch.from_numpy(out)
-    query_mask = torch.zeros(bsz, lq, dtype=torch.bool)
+    query_mask = torch.zeros(len(signals), lq, dtype=torch.bool)
+    features = np.zeros((len(signals), nv, dim), dtype=np.float32)
+    focus = np.zeros((len(signals), nv), dtype=np.float32)
     for b, s in enumerate(signals):
         n = next(iter(s.attention.values())).shape[-2]
         query_mask[b, :n] = True
-    features = np.zeros((bsz, nv, signals[0].vision_features.shape[1]), dtype=np.float32)
-    focus = np.zeros((bsz, nv), dtype=np.float32)
-    for b, s in enumerate(signals):
-        features[b, : s.vision_features.shape[0]] = s.vision_features
-        focus[b, : s.focus.shape[0]] = s.focus
+        features[b, : s.vision_length] = s.vision_features[: s.vision_length]
+        focus[b, : s.vision_length] = s.focus[: s.vision_length]
     lengths = torch.tensor([s.vision_length for s in signals], dtype=torch.long)
     return TeacherBatch(
         attention=attention,

@@ -39,6 +39,7 @@ FAMILIES = {
     "llava": "alignkd.models.llava:LlavaVLM",  # transformers' LLaVA (LLaVA-1.5 and relatives)
     "qwen2_5_vl": "alignkd.models.qwen2_5_vl:Qwen2_5_VLVLM",  # transformers' Qwen2.5-VL (dynamic resolution, M-RoPE)
     "qwen2_vl": "alignkd.models.qwen2_5_vl:Qwen2VLVLM",  # transformers' Qwen2-VL (the same path)
+    "internvl": "alignkd.models.internvl:InternVLVLM",  # transformers' InternVL (InternVL3-*-hf), one tile per image
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -22,15 +22,8 @@ from test_writer_reader import LOSSLESS, make_meta, make_samples
 from alignkd.cache import remote
 from alignkd.cache.reader import CacheReader
 from alignkd.cache.verify import verify_cache
-from alignkd.cache.writer import (
-    init_cache,
-    list_complete_shards,
-    read_cache_meta,
-    read_shard_meta,
-    remove_partial,
-    remove_partial_shard,
-    write_shard,
-)
+from alignkd.cache.store import init_cache, list_complete_shards, read_cache_meta, read_shard_meta, remove_partial, remove_partial_shard
+from alignkd.cache.writer import write_shard
 from alignkd.cache_schemas import CacheSchemaError, CodecSpec
 from reliability_report import injected
 

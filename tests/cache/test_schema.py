@@ -19,8 +19,8 @@ from alignkd.cache_schemas import (
     TeacherInfo,
     check_shard_name,
     shard_arrays,
-    v1,
 )
+from alignkd.cache_schemas import common, v1, v2
 from alignkd.config import ConfigError
 from alignkd.config import from_dict as config_from_dict
 
@@ -96,7 +96,8 @@ def test_a_newer_schema_version_is_refused_with_upgrade_advice():
     d["schema_version"] = SCHEMA_VERSION + 1
     with pytest.raises(CacheSchemaError) as err:
         CacheMeta.from_dict(d, source=SOURCE)
-    assert str(err.value) == f"{SOURCE}: cache schema version 2 is newer than this alignkd (1): upgrade alignkd"
+    newer, ours = SCHEMA_VERSION + 1, SCHEMA_VERSION
+    assert str(err.value) == f"{SOURCE}: cache schema version {newer} is newer than this alignkd ({ours}): upgrade alignkd"
 
 
 @pytest.mark.bad_input
@@ -221,10 +222,11 @@ def test_a_registered_migration_brings_an_old_cache_up_to_date(monkeypatch):
 
     monkeypatch.setitem(MIGRATIONS, 0, v0_to_v1)
     old = make_meta().to_dict()
+    del old["shard_layout"]  # version 1 had none (the real 1 -> 2 migration adds it)
     old["top_k"] = old.pop("topk")
     old["schema_version"] = 0
     original = copy.deepcopy(old)
-    assert CacheMeta.from_dict(old) == make_meta()
+    assert CacheMeta.from_dict(old) == dataclasses.replace(make_meta(), shard_layout=1)
     assert old == original  # the caller's dict is not modified
 
 
@@ -236,8 +238,26 @@ def test_a_migration_that_does_not_bump_the_version_is_refused(monkeypatch):
         CacheMeta.from_dict(old)
 
 
-def test_version_1_has_no_migrations():
-    assert MIGRATIONS == {}
+def test_version_1_becomes_version_2_with_its_own_shard_layout():
+    v1 = make_meta().to_dict()
+    del v1["shard_layout"]
+    v1["schema_version"] = 1
+    assert sorted(MIGRATIONS) == [1]
+    migrated = CacheMeta.from_dict(v1)
+    assert migrated.schema_version == 2 and migrated.shard_layout == 1
+    assert migrated.differences(make_meta()) == ["shard_layout"]  # nothing else changes meaning
+
+
+@pytest.mark.bad_input
+def test_a_version_1_cache_that_names_a_shard_layout_is_refused():
+    v1 = {**make_meta().to_dict(), "schema_version": 1}
+    refuse(v1, "unknown key shard_layout in a version-1 cache")
+
+
+@pytest.mark.bad_input
+def test_a_dynamic_vision_token_count_needs_the_version_2_layout():
+    refuse({**make_meta(num_vision_tokens=None).to_dict(), "shard_layout": 1}, "num_vision_tokens: a version-1")
+    assert CacheMeta.from_dict(make_meta(num_vision_tokens=None).to_dict()).num_vision_tokens is None
 
 
 # ---------------------------------------------------------------------------- differences
@@ -261,10 +281,10 @@ def test_differences_ignore_bookkeeping_only():
 def test_every_field_not_declared_bookkeeping_takes_part_in_differences():
     """Change each top-level field and each field of a nested section in turn: only the four
     bookkeeping fields may change without being reported."""
-    assert set(v1.BOOKKEEPING_FIELDS) == {"created", "job", "alignkd_version", "teacher.path"}
+    assert set(common.BOOKKEEPING_FIELDS) == {"created", "job", "alignkd_version", "teacher.path"}
     d = make_meta().to_dict()
     leaves = [(k,) for k in d if k not in ("teacher", "codecs")] + [(k, j) for k in ("teacher", "codecs") for j in d[k]]
-    assert len(leaves) == 12 + 9 + 5
+    assert len(leaves) == 13 + 9 + 5
     for path in leaves:
         changed = copy.deepcopy(d)
         node = changed
@@ -272,7 +292,7 @@ def test_every_field_not_declared_bookkeeping_takes_part_in_differences():
             node = node[p]
         node[path[-1]] = "something else"
         name = ".".join(path)
-        assert v1._differences(d, changed) == ([] if name in v1.BOOKKEEPING_FIELDS else [name])
+        assert common._differences(d, changed) == ([] if name in common.BOOKKEEPING_FIELDS else [name])
 
 
 # ---------------------------------------------------------------------------- layout and job files
@@ -282,15 +302,20 @@ def test_every_field_not_declared_bookkeeping_takes_part_in_differences():
 @pytest.mark.parametrize("attention,features", [("uint8", "int8"), ("uint4", "int4"), ("fp32", "fp16")])
 def test_every_shard_array_is_documented_in_the_schema_docstring(heads, attention, features):
     meta = make_meta(attention_heads=heads, codecs=CodecSpec(attention=attention, features=features))
-    doc = v1.__doc__
-    for name, spec in shard_arrays(meta).items():
-        generic = name.replace("attn_L00", "attn_L{layer:02d}").replace("attn_L02", "attn_L{layer:02d}")
-        assert generic in doc, name
-    specs = shard_arrays(meta)
-    packed = attention == "uint4"
-    assert specs["attn_L02"].shape[-1] == (8 if packed else 16)  # 16 vision tokens, two per byte when packed
-    assert specs["attn_L00"].shape[:-1] == (("L", 8) if heads == "per_head" else ("L",))
-    assert ("attn_L00_scale" in specs) == (attention in ("uint8", "uint4"))
+    for version, layout in ((v2, 2), (v1, 1)):  # each layout's arrays are drawn in its own docstring
+        specs = shard_arrays(dataclasses.replace(meta, shard_layout=layout))
+        for name in specs:
+            generic = name.replace("attn_L00", "attn_L{layer:02d}").replace("attn_L02", "attn_L{layer:02d}")
+            assert generic in version.__doc__, (layout, name)
+        assert ("attn_L00_scale" in specs) == (attention in ("uint8", "uint4"))
+        scale_rows = ("L", 8) if heads == "per_head" else ("L",)
+        if layout == 1:
+            packed = attention == "uint4"
+            assert specs["attn_L02"].shape[-1] == (8 if packed else 16)  # 16 vision tokens, two per byte when packed
+            assert specs["attn_L00"].shape[:-1] == scale_rows
+        else:  # flattened blocks of each sample's own width; the scales keep one per row
+            assert specs["attn_L02"].shape == ("A",) and specs["vision_features"].shape[0] == "V"
+            assert specs.get("attn_L00_scale", specs["attn_L00"]).shape == (scale_rows if attention[0] == "u" else ("A",))
 
 
 def test_codec_spec_is_a_job_file_section_with_strict_keys():

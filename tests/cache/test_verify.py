@@ -17,7 +17,7 @@ from test_writer_reader import LOSSLESS, make_cache, make_meta
 
 from alignkd.cache.reader import CacheReader
 from alignkd.cache.verify import verify_cache
-from alignkd.cache.writer import read_shard_meta
+from alignkd.cache.store import read_shard_meta
 from alignkd.cache_schemas import CacheSchemaError, CodecSpec
 from alignkd.cli import main
 from reliability_report import injected
@@ -98,7 +98,7 @@ def test_the_reader_refuses_each_damaged_file_where_zarr_alone_would_return_wron
     reader = CacheReader(root)
     # What plain Zarr makes of the damage: wrong numbers, and zeros for a missing chunk, no error.
     features = zarr.open_array(str(root / "shards" / "shard-01" / "vision_features"), mode="r")[:]
-    assert not np.array_equal(features, np.stack([samples[f"s1-00{i}"].vision_features for i in range(3)]))
+    assert not np.array_equal(features, np.concatenate([samples[f"s1-00{i}"].vision_features for i in range(3)]))
     ids = zarr.open_array(str(root / "shards" / "shard-02" / "input_ids"), mode="r")[:]
     assert (ids == 0).all() and not (samples["s2-000"].input_ids == 0).all()
 

@@ -18,14 +18,8 @@ from alignkd.cache import writer
 from alignkd.cache.inspect import format_table, inspect_cache
 from alignkd.cache.reader import CacheReader
 from alignkd.cache.records import SampleSignals
-from alignkd.cache.writer import (
-    init_cache,
-    list_complete_shards,
-    read_shard_meta,
-    remove_partial,
-    remove_partial_shard,
-    write_shard,
-)
+from alignkd.cache.store import init_cache, list_complete_shards, read_shard_meta, remove_partial, remove_partial_shard
+from alignkd.cache.writer import write_shard
 from alignkd.cache_schemas import CacheMeta, CacheSchemaError, CodecSpec, TeacherInfo
 
 NV, HIDDEN, HEADS, VOCAB = 9, 24, 3, 50
@@ -52,11 +46,14 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def make_sample(rng: np.random.Generator, meta: CacheMeta, key: str, *, text_only: bool = False) -> SampleSignals:
+def make_sample(rng: np.random.Generator, meta: CacheMeta, key: str, *, text_only: bool = False,
+                nv: int | None = None) -> SampleSignals:
     """One sample as the teacher would produce it: causal layer-0 attention restricted to the
     vision keys (rows need not sum to 1), heavy-tailed projector features, top-k of a real
-    log-softmax with its tail mass. Lengths vary; some samples have no response."""
-    nv, k = meta.num_vision_tokens, meta.topk
+    log-softmax with its tail mass. Lengths vary; some samples have no response. `nv`: this
+    sample's vision tokens (default the cache's fixed count); a text-only sample has none."""
+    k = meta.topk
+    nv = 0 if text_only else (meta.num_vision_tokens if nv is None else nv)
     if text_only:
         t = int(rng.integers(4, 30))
         ids = rng.integers(3, VOCAB, t)
@@ -90,7 +87,7 @@ def make_sample(rng: np.random.Generator, meta: CacheMeta, key: str, *, text_onl
     tail = np.log1p(-np.exp(top_lp).sum(axis=1)) if k < VOCAB else np.full(r, -np.inf)
     return SampleSignals(
         key=key, fingerprint=hashlib.sha256(key.encode()).hexdigest(), input_ids=ids.astype(np.int32),
-        response_positions=positions, vision_start=vs, vision_length=0 if text_only else nv, attention=attention,
+        response_positions=positions, vision_start=vs, vision_length=nv, attention=attention,
         vision_features=feats, focus=focus, topk_ids=top.astype(np.int32), topk_logprobs=top_lp.astype(np.float32),
         tail_logmass=tail.astype(np.float32),
     )
@@ -147,13 +144,95 @@ def test_lossless_codecs_give_back_every_sample_exactly(tmp_path, heads, compres
             np.testing.assert_array_equal(a, want.attention[layer], err_msg=f"{key} layer {layer}")
 
 
-def test_text_only_samples_come_back_with_empty_attention_and_zero_vision(tmp_path):
+def test_text_only_samples_come_back_with_no_attention_rows_and_no_vision_tokens(tmp_path):
     meta = make_meta()
     root, written = make_cache(tmp_path, meta, sizes=(3,))
     got = CacheReader(root).get("s0-002")  # every third sample is text-only
-    assert got.vision_start == -1 and got.vision_length == 0
-    assert all(a.shape == (HEADS, 0, NV) for a in got.attention.values())
-    assert got.vision_features.shape == (NV, HIDDEN) and not got.vision_features.any() and not got.focus.any()
+    assert got.vision_start == -1 and got.vision_length == 0 and got.vision_grid == (0, 0)
+    assert all(a.shape == (HEADS, 0, 0) for a in got.attention.values())
+    assert got.vision_features.shape == (0, HIDDEN) and got.focus.shape == (0,)
+
+
+def test_the_zero_filled_vision_arrays_of_a_fixed_grid_producer_are_taken_for_a_text_only_sample(tmp_path):
+    meta = make_meta()
+    rng = np.random.default_rng(3)
+    text = make_sample(rng, meta, "text", text_only=True)
+    text.vision_features, text.focus = np.zeros((NV, HIDDEN), np.float32), np.zeros(NV, np.float32)
+    text.attention = {layer: np.zeros((HEADS, 0, NV), np.float32) for layer in meta.layers}
+    root = tmp_path / "cache"
+    init_cache(root, meta)
+    write_shard(root, "s", [text], [], meta=meta, input_shard="x.tar", input_size=0)
+    got = CacheReader(root).get("text")
+    assert got.vision_features.shape == (0, HIDDEN) and all(a.shape == (HEADS, 0, 0) for a in got.attention.values())
+
+
+@pytest.mark.parametrize("heads", ["per_head", "mean"])
+@pytest.mark.parametrize("codecs", [LOSSLESS, CodecSpec(attention="uint4", features="int4", logprobs="fp16")])
+def test_samples_with_different_vision_token_counts_share_a_shard(tmp_path, heads, codecs):
+    """A dynamic-resolution teacher (num_vision_tokens None): each sample its own N_v and grid,
+    odd counts included (4-bit rows pad a nibble), read back each with its own shapes."""
+    meta = make_meta(heads=heads, codecs=codecs, num_vision_tokens=None)
+    rng = np.random.default_rng(7)
+    grids = [(2, 3), (1, 1), None, (4, 5), (3, 3)]
+    samples = []
+    for i, grid in enumerate(grids):
+        s = make_sample(rng, meta, f"k{i}", text_only=grid is None, nv=grid[0] * grid[1] if grid else None)
+        s.vision_grid = grid
+        samples.append(s)
+    root = tmp_path / "cache"
+    init_cache(root, meta)
+    write_shard(root, "mixed", samples, [], meta=meta, input_shard="x.tar", input_size=0)
+    reader = CacheReader(root)
+    for want in samples:
+        got = reader.get(want.key)
+        nv = want.vision_length
+        assert got.vision_grid == (want.vision_grid or (0, 0)) and got.vision_length == nv
+        assert got.vision_features.shape == (nv, HIDDEN) and got.focus.shape == (nv,)
+        np.testing.assert_array_equal(got.input_ids, want.input_ids)
+        np.testing.assert_array_equal(got.focus, want.focus)
+        for layer, a in got.attention.items():
+            x = want.attention[layer]
+            assert a.shape == x.shape
+            tol = 0 if codecs is LOSSLESS else x.max(axis=-1, keepdims=True) / 15 / 2 * (1 + 1e-5) + 1e-7 if x.size else 0
+            assert (np.abs(a - x) <= tol).all(), (want.key, layer)
+        if codecs is LOSSLESS:
+            np.testing.assert_array_equal(got.vision_features, want.vision_features)
+
+
+@pytest.mark.bad_input
+def test_a_fixed_count_cache_refuses_a_sample_with_another_count_and_a_grid_that_does_not_hold_it(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cache"
+    meta = make_meta()
+    init_cache(root, meta)
+    with pytest.raises(CacheSchemaError, match=f"sample odd: vision_length 4, the cache has {NV} vision tokens"):
+        write_shard(root, "s", [make_sample(rng, meta, "odd", nv=4)], [], meta=meta, input_shard="x", input_size=0)
+    dynamic = make_meta(num_vision_tokens=None)
+    bad = make_sample(rng, dynamic, "grid", nv=6)
+    bad.vision_grid = (2, 2)
+    root2 = tmp_path / "cache2"
+    init_cache(root2, dynamic)
+    with pytest.raises(CacheSchemaError, match=r"sample grid: vision_grid \(2, 2\) does not hold its 6"):
+        write_shard(root2, "s", [bad], [], meta=dynamic, input_shard="x", input_size=0)
+    assert list_complete_shards(root) == list_complete_shards(root2) == []
+
+
+def test_ids_and_positions_are_stored_as_narrow_as_is_exact(tmp_path):
+    root, written = make_cache(tmp_path, make_meta(), sizes=(3,))
+    group = zarr.open_group(str(root / "shards" / "shard-00"), mode="r")
+    assert group["input_ids"].dtype == np.uint16 and group["topk_ids"].dtype == np.uint16
+    assert group["response_positions"].dtype == np.uint16
+    wide = make_meta(teacher=dataclasses.replace(make_meta().teacher, vocab_size=151_665), max_length=70_000)
+    root = tmp_path / "wide"
+    init_cache(root, wide)
+    sample = make_sample(np.random.default_rng(0), wide, "w")
+    sample.topk_ids[:] = 151_000  # beyond uint16
+    write_shard(root, "s", [sample], [], meta=wide, input_shard="x", input_size=0)
+    group = zarr.open_group(str(root / "shards" / "s"), mode="r")
+    assert group["input_ids"].dtype == np.uint32 and group["response_positions"].dtype == np.uint32
+    got = CacheReader(root).get("w")
+    assert got.topk_ids.dtype == np.int32 and (got.topk_ids == 151_000).all()
+    np.testing.assert_array_equal(got.input_ids, sample.input_ids)  # the vision span read back as IMAGE_TOKEN
 
 
 @pytest.mark.parametrize("heads", ["per_head", "mean"])
@@ -218,8 +297,9 @@ def test_shard_meta_counts_bytes_on_disk_fp16_size_and_codec_error(tmp_path):
     assert (shard.input_shard, shard.input_size) == ("/data/shard-00.tar", 1000)
     # fp16 size: 2 bytes per float value, counted from the samples themselves.
     assert shard.raw_fp16_bytes["attn_L02"] == 2 * sum(s.attention[2].size for s in samples)
-    assert shard.raw_fp16_bytes["vision_features"] == 2 * 6 * NV * HIDDEN
-    assert shard.raw_fp16_bytes["focus"] == 2 * 6 * NV
+    images = sum(s.vision_start >= 0 for s in samples)  # text-only samples store no vision tokens
+    assert shard.raw_fp16_bytes["vision_features"] == 2 * images * NV * HIDDEN
+    assert shard.raw_fp16_bytes["focus"] == 2 * images * NV
     # Codec error: recomputed from what the reader returns.
     for name, field in [("attn_L00", None), ("vision_features", "vision_features"), ("topk_logprobs", "topk_logprobs")]:
         diffs = np.concatenate([
@@ -236,22 +316,28 @@ def test_the_cache_is_plain_zarr_with_the_documented_array_names(tmp_path):
     meta = make_meta(codecs=CodecSpec(attention="uint8", features="int8", logprobs="fp16"))
     root, written = make_cache(tmp_path, meta, sizes=(3, 2))
     group = zarr.open_group(str(root), mode="r")
-    assert group.attrs["schema_version"] == 1 and group.attrs["codecs"]["attention"] == "uint8"
+    assert group.attrs["schema_version"] == 2 and group.attrs["codecs"]["attention"] == "uint8"
     assert sorted(group["shards"].group_keys()) == ["shard-00", "shard-01"]
     shard = group["shards"]["shard-01"]
     assert sorted(shard.array_keys()) == sorted([
         "ids_offsets", "input_ids", "resp_offsets", "response_positions", "topk_ids", "topk_logprobs",
-        "tail_logmass", "rows_offsets", "attn_L00", "attn_L00_scale", "attn_L02", "attn_L02_scale",
-        "vision_start", "vision_length", "vision_features", "vision_features_scale", "focus",
+        "tail_logmass", "rows_offsets", "attn_offsets", "attn_L00", "attn_L00_scale", "attn_L02", "attn_L02_scale",
+        "vision_start", "vision_length", "vision_grid", "vision_offsets", "vision_features", "vision_features_scale",
+        "focus",
     ])
-    assert shard["attn_L00"].dtype == np.uint8 and shard["attn_L00"].shape[1:] == (HEADS, NV)
-    assert shard["vision_features"].shape == (2, NV, HIDDEN) and shard["focus"].dtype == np.float32
+    assert shard["attn_L00"].dtype == np.uint8 and shard["attn_L00"].ndim == 1
+    assert shard["vision_features"].shape == (2 * NV, HIDDEN) and shard["focus"].dtype == np.float32
     # Decode sample 0 of this shard by hand from the docstring's rules.
     want = written[shard.attrs["keys"][0]]
-    ids_off, rows_off = shard["ids_offsets"][:], shard["rows_offsets"][:]
-    np.testing.assert_array_equal(shard["input_ids"][ids_off[0]:ids_off[1]], want.input_ids)
-    q = shard["attn_L02"][rows_off[0]:rows_off[1]].astype(np.float32)           # (Lq, H, N_v)
-    scale = shard["attn_L02_scale"][rows_off[0]:rows_off[1]]                    # (Lq, H)
+    ids_off, rows_off, attn_off = shard["ids_offsets"][:], shard["rows_offsets"][:], shard["attn_offsets"][:]
+    ids = shard["input_ids"][ids_off[0]:ids_off[1]].astype(np.int32)
+    vs, nv = int(shard["vision_start"][0]), int(shard["vision_length"][0])
+    assert (ids[vs:vs + nv] == 0).all() and tuple(shard["vision_grid"][0]) == (3, 3)
+    ids[vs:vs + nv] = -200
+    np.testing.assert_array_equal(ids, want.input_ids)
+    lq = rows_off[1] - rows_off[0]
+    q = shard["attn_L02"][attn_off[0]:attn_off[1]].astype(np.float32).reshape(lq, HEADS, nv)  # (Lq, H, N_v)
+    scale = shard["attn_L02_scale"][rows_off[0]:rows_off[1]]                                 # (Lq, H)
     by_hand = (q * scale[..., None]).transpose(1, 0, 2)
     np.testing.assert_array_equal(by_hand, CacheReader(root).get(want.key).attention[2])
 
@@ -490,11 +576,11 @@ def set_root_attrs(root: Path, **changes) -> None:
 @pytest.mark.bad_input
 def test_the_reader_refuses_newer_or_invalid_metadata_naming_the_cache(tmp_path):
     root, _ = make_cache(tmp_path, make_meta(), sizes=(1,))
-    set_root_attrs(root, schema_version=2)
+    set_root_attrs(root, schema_version=3)
     with pytest.raises(CacheSchemaError) as err:
         CacheReader(root)
-    assert str(err.value) == f"cache at {root}: cache schema version 2 is newer than this alignkd (1): upgrade alignkd"
-    set_root_attrs(root, schema_version=1, topk=None)
+    assert str(err.value) == f"cache at {root}: cache schema version 3 is newer than this alignkd (2): upgrade alignkd"
+    set_root_attrs(root, schema_version=2, topk=None)
     with pytest.raises(CacheSchemaError, match=f"cache at {root}: missing key topk"):
         CacheReader(root)
     with pytest.raises(CacheSchemaError, match="not an alignkd cache"):

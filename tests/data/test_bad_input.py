@@ -457,7 +457,7 @@ def test_extraction_caches_exactly_the_usable_samples_and_records_every_other_wi
 
     from alignkd.cache.reader import CacheReader
     from alignkd.cache.verify import verify_cache
-    from alignkd.cache.writer import init_cache
+    from alignkd.cache.store import init_cache
     from alignkd.data.templates import TemplateError, encode
     from alignkd.signals import sample_fingerprint
 

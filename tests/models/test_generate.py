@@ -1,5 +1,5 @@
 """VLM.generate (one prompt forward, then one token per step against the KV cache) against a
-reference that recomputes the whole sequence for every token, for both families."""
+reference that recomputes the whole sequence for every token, for every family."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import torch
 from alignkd.data.batching import make_batch
 from alignkd.models import ModelError, load_vlm
 from alignkd.models.base import GenerationSettings, VLMBatch
+from conftest import CHAT_TEMPLATE, FAMILIES
 
 
 def _prompts(vlm, samples, padding_side="left"):
     questions = [s for s in samples if s.meta.get("task") != "caption"][:5]
-    batch, _ = make_batch(vlm, questions, template="v1", max_length=512, for_generation=True, padding_side=padding_side)
+    batch, _ = make_batch(vlm, questions, template=CHAT_TEMPLATE[vlm.family], max_length=512, for_generation=True, padding_side=padding_side)
     return batch
 
 
@@ -27,7 +28,7 @@ def _recompute_logits(vlm, batch, tokens):
     return vlm.logits(vlm(step).hidden[:, -1])
 
 
-@pytest.mark.parametrize("family", ["mobilevlm", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cached_greedy_decoding_equals_full_recompute(tiny_models, demo_samples, family):
     vlm = load_vlm(tiny_models[family]["teacher"]).eval()
     batch = _prompts(vlm, demo_samples)
@@ -47,7 +48,7 @@ def test_cached_greedy_decoding_equals_full_recompute(tiny_models, demo_samples,
     assert rows == expected
 
 
-@pytest.mark.parametrize("family", ["mobilevlm", "llava"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_sampling_settings(tiny_models, demo_samples, family):
     vlm = load_vlm(tiny_models[family]["student"]).eval()
     batch = _prompts(vlm, demo_samples)

@@ -10,6 +10,7 @@ from alignkd.data.batching import make_batch
 from alignkd.models import ModelError, load_vlm
 from alignkd.models.base import IMAGE_TOKEN
 from alignkd.models.llava import LlavaVLM
+from conftest import CHAT_TEMPLATE, FAMILIES
 
 
 def test_llava_save_then_load_round_trips(tiny_models, demo_samples, tmp_path):
@@ -26,10 +27,10 @@ def test_llava_save_then_load_round_trips(tiny_models, demo_samples, tmp_path):
     assert again.identity()["weights_fingerprint"] == vlm.identity()["weights_fingerprint"]
 
 
-@pytest.mark.parametrize("family", ["llava", "mobilevlm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_projector_output_is_what_the_first_hidden_state_holds_at_vision_positions(tiny_models, demo_samples, family):
     vlm = load_vlm(tiny_models[family]["student"])
-    batch, _ = make_batch(vlm, demo_samples[:3], template="v1", max_length=512, padding_side="left")
+    batch, _ = make_batch(vlm, demo_samples[:3], template=CHAT_TEMPLATE[family], max_length=512, padding_side="left")
     with torch.no_grad():
         embeds, _ = vlm.inputs_embeds(batch)
         first = vlm.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,

@@ -1,11 +1,12 @@
 """The layer-0 text x vision block from queries and keys, against transformers' own eager
-attention weights (the reference), for both families, both templates and both padding sides."""
+attention weights (the reference), for every family, each of its templates and both padding sides."""
 
 import pytest
 import torch
 
 from alignkd.data.batching import make_batch
 from alignkd.models import load_vlm
+from conftest import CHAT_TEMPLATE, FAMILIES
 
 LAYERS = (0, 1)
 
@@ -41,8 +42,8 @@ def _eager_attentions(eager, batch):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("template", ["plain", "v1"])
-@pytest.mark.parametrize("family", ["mobilevlm", "llava"])
+@pytest.mark.parametrize(("family", "template"), [("mobilevlm", "plain"), ("mobilevlm", "v1"), ("llava", "plain"),
+                                                  ("llava", "v1"), ("internvl", "chatml")])
 def test_tapped_block_equals_eager_attention_weights(tiny_models, demo_samples, family, template, padding_side):
     path = tiny_models[family]["teacher"]
     tap = load_vlm(path)
@@ -83,9 +84,10 @@ def test_tap_keeps_fused_attention_and_returns_no_attention_maps(tiny_models, de
     assert not out.attentions  # the hot path never materialises attention maps
 
 
-def test_student_block_sends_gradient_to_layer0_query_and_key_weights(tiny_models, demo_samples):
-    vlm = load_vlm(tiny_models["mobilevlm"]["student"])
-    batch = _mixed_batch(vlm, demo_samples, "v1", "right")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_student_block_sends_gradient_to_layer0_query_and_key_weights(tiny_models, demo_samples, family):
+    vlm = load_vlm(tiny_models[family]["student"])
+    batch = _mixed_batch(vlm, demo_samples, CHAT_TEMPLATE[family], "right")
     out = vlm(batch, tap_layers=(0,))
     out.blocks[0].probs.square().sum().backward()
     attn = vlm.language_model.layers[0].self_attn
