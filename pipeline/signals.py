@@ -135,6 +135,7 @@ def teacher_signals(
 
     records = []
     img = 0
+    grids = vlm.vision_grids(batch)  # None: a fixed square grid
     for b, key in enumerate(batch.keys):
         valid = batch.attention_mask[b].bool()
         positions = valid.nonzero().flatten()
@@ -149,8 +150,10 @@ def teacher_signals(
             if attention_heads == "mean":
                 rows = rows.mean(dim=0)
             attention[layer] = rows.float().cpu().numpy()
+        grid = None
         if has_image:
             feats = out.vision_features[img, :n_vis].float().cpu().numpy()
+            grid = grids[img] if grids is not None else None
             img += 1
         else:
             feats = np.zeros((empty, vlm.hidden_size), dtype=np.float32)
@@ -169,6 +172,7 @@ def teacher_signals(
                 topk_ids=top_ids[r0:r1],
                 topk_logprobs=top_lp[r0:r1],
                 tail_logmass=tails[r0:r1],
+                vision_grid=grid,
             )
         )
     return records

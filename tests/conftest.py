@@ -15,9 +15,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-FAMILIES = ("mobilevlm", "llava", "internvl")
+FAMILIES = ("mobilevlm", "llava", "internvl", "qwen2_5_vl", "qwen2_vl")
 # Each family's fine-tuning (chat) template, for tests that run every family on one template.
-CHAT_TEMPLATE = {"mobilevlm": "v1", "llava": "v1", "internvl": "chatml"}
+CHAT_TEMPLATE = {"mobilevlm": "v1", "llava": "v1", "internvl": "chatml", "qwen2_5_vl": "chatml", "qwen2_vl": "chatml"}
 
 
 @pytest.fixture(scope="session")

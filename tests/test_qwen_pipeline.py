@@ -20,10 +20,7 @@ from alignkd.data.shards import decode_sample, expand_shards, iter_raw_samples, 
 from alignkd.models import ModelArgs, load_vlm
 from alignkd.train import TERMS, LossArgs, OptimArgs, RunArgs, TrainArgs, train
 
-# Until the cache's schema v2 (a per-sample vision-token count) is on this branch, the v1
-# cache holds one count for all samples: every image one size, and the count given to it.
-SIZES = [(48, 48)]  # 36 vision tokens
-FIXED_COUNT = 36
+SIZES = [(48, 48), (64, 32), (40, 56), (96, 64)]  # 36, 32, 35 and 54 vision tokens: one count per sample
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,8 @@ def qwen(tiny_models):
 
 @pytest.fixture(scope="module")
 def shards(demo_data, tmp_path_factory):
-    """The demo training samples with their images resized, in turn, to SIZES (16 samples)."""
+    """The demo training samples with their images resized, in turn, to SIZES (16 samples:
+    every batch of 4 holds all four sizes)."""
     out = tmp_path_factory.mktemp("qwen-data")
 
     def resized():
@@ -62,10 +60,7 @@ def _extract(teacher, shards, root):
         ray=RayArgs(cpus_per_worker=2),
     )
     worker = TeacherWorker(args)
-    described = worker.describe()
-    if FIXED_COUNT is not None:  # schema v1: one count in the cache's root attributes
-        described = {**described, "num_vision_tokens": FIXED_COUNT}
-    meta = _cache_meta(args, described)
+    meta = _cache_meta(args, worker.describe())
     init_cache(root, meta)
     for shard, name in plan_shards(args.data.shards):
         worker.process_shard(shard, name, meta)
@@ -93,15 +88,6 @@ def _quiet(args):
     return train(args, echo=lambda _: None, progress=False)
 
 
-@pytest.fixture
-def v1_count(monkeypatch):
-    """Schema v1 only: the student states the cache's one count (removed with v2)."""
-    if FIXED_COUNT is not None:
-        from alignkd.models.qwen2_5_vl import Qwen2_5_VLVLM
-
-        monkeypatch.setattr(Qwen2_5_VLVLM, "num_vision_tokens", property(lambda self: FIXED_COUNT))
-
-
 def test_the_cache_holds_each_samples_own_vision_token_count(qwen, shards, cache):
     teacher = load_vlm(qwen["teacher"])
     reader = CacheReader(cache)
@@ -114,12 +100,16 @@ def test_the_cache_holds_each_samples_own_vision_token_count(qwen, shards, cache
         counts.add(nv)
         assert record.vision_length == nv and record.vision_features.shape == (nv, teacher.hidden_size)
         assert record.focus.shape == (nv,) and record.attention[0].shape[-1] == nv
+        w, h = s.image.size  # the merged-token grid, rows x columns, as the processor resized the image
+        assert record.vision_grid[0] * record.vision_grid[1] == nv and (record.vision_grid[0] > record.vision_grid[1]) \
+            == (h > w)
     assert len(counts) == len(SIZES)
+    assert reader.meta.num_vision_tokens is None
     assert reader.meta.image_preprocessing["grid"] == teacher.images.settings()["grid"]
 
 
 @pytest.mark.fault
-def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, cache, tmp_path, v1_count):
+def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, cache, tmp_path):
     straight = _quiet(_args(qwen["student"], shards, cache, tmp_path / "straight", max_steps=4))
     logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     for term in ("sup", "logit", "attn", "v_all", "v_focus"):
@@ -148,7 +138,7 @@ def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, ca
 
 
 @pytest.mark.bad_input
-def test_a_student_with_another_image_grid_is_refused_in_one_line(qwen, shards, cache, tmp_path, v1_count):
+def test_a_student_with_another_image_grid_is_refused_in_one_line(qwen, shards, cache, tmp_path):
     student = tmp_path / "student"
     shutil.copytree(qwen["student"], student)
     pre = json.loads((student / "preprocessor_config.json").read_text())
@@ -162,7 +152,7 @@ def test_a_student_with_another_image_grid_is_refused_in_one_line(qwen, shards, 
 
 
 @pytest.mark.bad_input
-def test_a_student_with_another_vocabulary_is_refused_in_one_line(qwen, shards, cache, tmp_path, v1_count):
+def test_a_student_with_another_vocabulary_is_refused_in_one_line(qwen, shards, cache, tmp_path):
     student = tmp_path / "student"
     shutil.copytree(qwen["student"], student)
     vlm = load_vlm(student)

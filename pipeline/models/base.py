@@ -284,6 +284,11 @@ class VLM(nn.Module, abc.ABC):
         token count of an image and its pixel inputs. CLIP-style: a fixed N_v per image."""
         return SquareImages(self.image_processor, self.pad_images, self.num_vision_tokens)
 
+    def vision_grids(self, batch: VLMBatch) -> list[tuple[int, int]] | None:
+        """(rows, columns) of each image's vision tokens in the model's order, for the cache's
+        vision_grid; None for a fixed square grid (the cache then infers it)."""
+        return None
+
     def vision_token_count(self, image: Image.Image) -> int:
         """How many vision tokens `image` becomes."""
         return self.images.count(image)

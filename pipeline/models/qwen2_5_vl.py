@@ -164,6 +164,12 @@ class Qwen2_5_VLVLM(VLM):
         per_image = self.hf.model.get_image_features(pixel_values, image_grid_thw).pooler_output
         return nn.utils.rnn.pad_sequence(list(per_image), batch_first=True)
 
+    def vision_grids(self, batch: VLMBatch) -> list[tuple[int, int]] | None:
+        """Each image's merged-token grid: its patch grid (t, h, w) over the merge size, row-major."""
+        grid = batch.image_inputs.get("image_grid_thw")
+        merge = self.image_processor.merge_size
+        return None if grid is None else [(int(h) // merge, int(w) // merge) for _, h, w in grid.tolist()]
+
     def position_ids(self, batch: VLMBatch) -> torch.Tensor:
         """(3, B, T) M-RoPE positions from the model's own rope index: text advances all three
         axes together, an image's tokens take (t, row, column) offsets from where it starts."""

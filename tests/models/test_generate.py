@@ -24,7 +24,8 @@ def _recompute_logits(vlm, batch, tokens):
     mask = torch.cat([batch.attention_mask, torch.ones_like(tokens)], dim=1)
     step = VLMBatch(keys=batch.keys, input_ids=ids, attention_mask=mask, response_mask=torch.zeros_like(mask).bool(),
                     vision_start=batch.vision_start, num_vision_tokens=batch.num_vision_tokens,
-                    pixel_values=batch.pixel_values)
+                    pixel_values=batch.pixel_values, vision_lengths=batch.vision_lengths,
+                    image_inputs=batch.image_inputs)
     return vlm.logits(vlm(step).hidden[:, -1])
 
 

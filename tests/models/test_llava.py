@@ -35,9 +35,10 @@ def test_projector_output_is_what_the_first_hidden_state_holds_at_vision_positio
         embeds, _ = vlm.inputs_embeds(batch)
         first = vlm.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
                                    output_hidden_states=True).hidden_states[0]
-        projected = vlm.encode_images(batch.pixel_values)  # computed separately
-    for b, start in enumerate(batch.vision_start.tolist()):
-        torch.testing.assert_close(first[b, start : start + vlm.num_vision_tokens], projected[b], rtol=0, atol=0)
+        projected = vlm.encode_images(batch.pixel_values, **batch.image_inputs)  # computed separately
+    for b, (start, nv) in enumerate(zip(batch.vision_start.tolist(), batch.vision_lengths.tolist())):
+        assert nv == (vlm.num_vision_tokens or vlm.images.count(demo_samples[b].image))
+        torch.testing.assert_close(first[b, start : start + nv], projected[b, :nv], rtol=0, atol=0)
         text = batch.input_ids[b] != IMAGE_TOKEN
         # text positions hold the token embeddings, untouched by the splice
         torch.testing.assert_close(first[b][text], vlm.embed(batch.input_ids[b][text]), rtol=0, atol=0)
