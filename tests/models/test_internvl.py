@@ -254,7 +254,7 @@ def test_tap_equals_eager_attention_with_the_image_anywhere_in_the_conversation(
         out = tap(batch, tap_layers=layers)
         embeds, _ = eager.inputs_embeds(batch)
         ref = eager.language_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                                   position_ids=eager.position_ids(batch.attention_mask),
+                                   position_ids=eager.position_ids(batch),
                                    output_attentions=True).attentions
     nv = batch.num_vision_tokens
     assert max(float(out.blocks[layer].probs.max()) for layer in layers) > 0.3
