@@ -269,7 +269,8 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
               type=click.Choice(["mme", "mmbench", "gqa", "scienceqa", "textvqa", "pope"]),
               help="Score one of the paper's benchmarks from local files by its official rule (alignkd.benchmarks).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="With --benchmark: folder for scores.json, answers.jsonl and record.json.")
+              help="With --benchmark: folder for scores.json, answers.jsonl and record.json "
+                   "(default for a run's export: RUN_DIR/benchmarks/NAME, where `alignkd compare` shows it).")
 @click.option("--template", default="v1", show_default=True, help="A conversation template of the model's family.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-samples", default=400, show_default=True)
@@ -289,9 +290,10 @@ def evaluate_cmd(model: str, data: str, benchmark: str | None, out: str | None, 
     try:
         vlm = load_model(ModelArgs(path=model, vision_tower=vision_tower))
         if benchmark:
-            from alignkd.benchmarks.run import BenchmarkArgs, evaluate_benchmark
+            from alignkd.benchmarks.run import BenchmarkArgs, default_out, evaluate_benchmark
 
-            result = evaluate_benchmark(vlm, BenchmarkArgs(benchmark=benchmark, data=data, out=out or "",
+            out = out or default_out(model, benchmark)
+            result = evaluate_benchmark(vlm, BenchmarkArgs(benchmark=benchmark, data=data, out=out,
                                                            template=template, max_new_tokens=max_new_tokens,
                                                            batch_size=batch_size, max_length=max_length, limit=limit))
         else:

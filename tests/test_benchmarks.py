@@ -187,3 +187,35 @@ def test_the_cli_scores_a_demo_student_on_the_demo_split_as_gqa(tiny_models, dem
     answers = [json.loads(line)["answer"] for line in (out / "answers.jsonl").read_text().splitlines()]
     right = sum(a.strip().rstrip(".").lower() == str(s.meta["answer"]).lower() for a, s in zip(answers, asked))
     assert json.loads((out / "scores.json").read_text())["score"] == pytest.approx(100 * right / len(asked))
+
+
+def test_compare_shows_benchmark_scores_beside_training_metrics_and_flags_other_settings(tiny_models, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from alignkd.cli import main
+
+    data = bf.write_pope(tmp_path / "pope")
+    runs = []
+    for name, tokens in (("a", "3"), ("b", "3"), ("c", "5")):
+        run = tmp_path / "runs" / name
+        shutil.copytree(tiny_models["mobilevlm"]["student"], run / "export")
+        (run / "config.json").write_text(json.dumps({"loss": {"sup": 1.0}, "run": {"seed": 0}}))
+        (run / "final.json").write_text(json.dumps({"step": 4, "val_loss": 2.5}))
+        result = CliRunner().invoke(main, ["evaluate", "--model", str(run / "export"), "--benchmark", "pope",
+                                           "--data", str(data), "--max-new-tokens", tokens])
+        assert result.exit_code == 0, result.output
+        assert (run / "benchmarks" / "pope" / "record.json").is_file()  # the default --out of a run's export
+        runs.append(run)
+    same = CliRunner().invoke(main, ["compare", str(runs[0]), str(runs[1])])
+    assert same.exit_code == 0, same.output
+    lines = same.output.splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    assert header[:6] == ["", "run", "terms", "seed", "pope", "val_loss"]
+    row = dict(zip(header, (c.strip() for c in lines[2].split("|"))))
+    score = json.loads((runs[0] / "benchmarks" / "pope" / "scores.json").read_text())["score"]
+    assert row["pope"] == f"{score:.2f}" and row["val_loss"] == "2.5"
+    assert len(lines) == 4  # same settings: no warning
+    other = CliRunner().invoke(main, ["compare", str(runs[0]), str(runs[2])])
+    assert "warning: the pope scores were made with different generation" in other.output

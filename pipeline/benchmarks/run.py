@@ -37,7 +37,7 @@ from alignkd.data.shards import IMAGE_PLACEHOLDER, Sample
 from alignkd.data.templates import Mark
 from alignkd.models.base import VLM, GenerationSettings
 
-__all__ = ["BenchmarkArgs", "evaluate_benchmark", "evaluation_record", "render_prompt"]
+__all__ = ["BenchmarkArgs", "evaluate_benchmark", "evaluation_record", "render_prompt", "default_out"]
 
 
 @dataclass
@@ -50,6 +50,15 @@ class BenchmarkArgs:
     batch_size: int = 8
     max_length: int = 2048
     limit: int = 0  # the first N questions only (0: all); recorded
+
+
+def default_out(model: str | Path, benchmark: str) -> str:
+    """Where an evaluation goes when no --out is given: RUN_DIR/benchmarks/<name>/ for a run's
+    export (a folder beside final.json, where `alignkd compare` finds it), else nowhere ("")."""
+    from alignkd.compare import BENCHMARK_DIR
+
+    run_dir = Path(model).resolve().parent
+    return str(run_dir / BENCHMARK_DIR / benchmark) if (run_dir / "final.json").is_file() else ""
 
 
 def _sample(item: Item) -> Sample:
