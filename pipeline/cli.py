@@ -277,11 +277,13 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
 @click.option("--limit", default=0, show_default=True, help="With --benchmark: the first N questions only (0 = all).")
 @click.option("--max-new-tokens", default=16, show_default=True, help="With --benchmark: greedy answer length.")
 @click.option("--batch-size", default=8, show_default=True, help="With --benchmark: questions per generate call.")
+@click.option("--instruction", default=None,
+              help="With --benchmark: replaces its answer-format line (e.g. '' for none); recorded.")
 @click.option("--vision-tower", default=None, help="Local CLIP folder for MobileVLM's mm_vision_tower.")
 @click.option("--no-generate", is_flag=True, help="Loss only; skip answer accuracy by greedy generation.")
 @click.option("--json", "as_json", is_flag=True)
 def evaluate_cmd(model: str, data: str, benchmark: str | None, out: str | None, template: str, max_length: int,
-                 max_samples: int, limit: int, max_new_tokens: int, batch_size: int, vision_tower: str | None, no_generate: bool,
+                 max_samples: int, limit: int, max_new_tokens: int, batch_size: int, instruction: str | None, vision_tower: str | None, no_generate: bool,
                  as_json: bool) -> None:
     """Held-out response loss and answer accuracy (alignkd.evaluate), or a benchmark's
     official scores with a reproducibility record (alignkd.benchmarks.run)."""
@@ -295,7 +297,8 @@ def evaluate_cmd(model: str, data: str, benchmark: str | None, out: str | None, 
             out = out or default_out(model, benchmark)
             result = evaluate_benchmark(vlm, BenchmarkArgs(benchmark=benchmark, data=data, out=out,
                                                            template=template, max_new_tokens=max_new_tokens,
-                                                           batch_size=batch_size, max_length=max_length, limit=limit))
+                                                           batch_size=batch_size, max_length=max_length, limit=limit,
+                                                           instruction=instruction))
         else:
             from alignkd.evaluate import EvalArgs, evaluate_model
 

@@ -105,17 +105,17 @@ def test_each_benchmarks_local_files_score_as_worked_out_by_hand(name, tmp_path)
 
 def test_the_prompts_carry_each_benchmarks_instruction(tmp_path):
     pope, _ = read_items("pope", bf.write_pope(tmp_path / "pope"))
-    assert pope[0].question == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
+    assert pope[0].prompt() == "Is there a dog in the image?\nAnswer the question using a single word or phrase."
     sqa, _ = read_items("scienceqa", bf.write_scienceqa(tmp_path / "sqa"))
     assert [i.key for i in sqa] == ["11", "12", "15"]
-    assert sqa[0].question == ("Context: Look at the picture.\nWhich material is this?\nA. wood\nB. rock\nC. glass\n"
+    assert sqa[0].prompt() == ("Context: Look at the picture.\nWhich material is this?\nA. wood\nB. rock\nC. glass\n"
                                "Answer with the option's letter from the given choices directly.")
     mmb, _ = read_items("mmbench", bf.write_mmbench(tmp_path / "mmb"))
     assert [i.key for i in mmb] == ["241@0", "241@1", "241@2", "241@3", "242@0", "242@1"]
-    assert mmb[1].question.startswith("What is the main colour of the image?\nA. green\nB. red\nC. yellow\nD. blue\n")
-    assert mmb[5].question.startswith("Look at the whole picture.\nIs the image bright?\nA. no\nB. yes\n")
+    assert mmb[1].prompt().startswith("What is the main colour of the image?\nA. green\nB. red\nC. yellow\nD. blue\n")
+    assert mmb[5].prompt().startswith("Look at the whole picture.\nIs the image bright?\nA. no\nB. yes\n")
     tvqa, _ = read_items("textvqa", bf.write_textvqa(tmp_path / "tvqa"))
-    assert "\nReference OCR token: coca, cola\n" in tvqa[0].question
+    assert tvqa[0].prompt().endswith("\nReference OCR token: coca, cola\nAnswer the question using a single word or phrase.")
 
 
 @pytest.mark.bad_input
@@ -219,3 +219,21 @@ def test_compare_shows_benchmark_scores_beside_training_metrics_and_flags_other_
     assert len(lines) == 4  # same settings: no warning
     other = CliRunner().invoke(main, ["compare", str(runs[0]), str(runs[2])])
     assert "warning: the pope scores were made with different generation" in other.output
+
+
+def test_without_the_instruction_the_gqa_path_gives_the_demo_teacher_its_own_accuracy(demo_data, tmp_path):
+    """The committed demo teacher, asked the demo's questions through the benchmark path with no
+    answer-format line, scores what `alignkd evaluate --data` gives it on the same split."""
+    from alignkd.benchmarks.smoke import demo_split_as_gqa
+    from alignkd.demo import DEMO_TEACHER
+    from alignkd.evaluate import EvalArgs, evaluate_model
+    from alignkd.models import load_vlm
+
+    teacher = load_vlm(DEMO_TEACHER)
+    native = evaluate_model(teacher, EvalArgs(shards=str(demo_data / "test"), max_samples=1000, max_new_tokens=8),
+                            template="v1", max_length=2048)
+    data = demo_split_as_gqa(demo_data / "test", tmp_path / "gqa")
+    result = evaluate_benchmark(teacher, BenchmarkArgs(benchmark="gqa", data=str(data), instruction="", max_new_tokens=8))
+    assert result["record"]["prompt"]["instruction"] == ""
+    assert len(result["answers"]) == native["answered"] > 0
+    assert result["scores"]["score"] == pytest.approx(100 * native["accuracy"])

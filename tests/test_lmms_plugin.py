@@ -32,7 +32,7 @@ def _local_pope_task(pope: Path, root: Path) -> Path:
     for n, item in enumerate(items):
         rows["id"].append(str(n))
         rows["question_id"].append(item.key)
-        rows["question"].append(item.question.split("\n")[0])  # the task adds the instruction itself
+        rows["question"].append(item.question)  # the task adds the instruction itself
         rows["answer"].append(item.truth)
         rows["image_source"].append(item.image.stem)
         rows["image"].append({"bytes": item.image.read_bytes(), "path": None})

@@ -45,13 +45,19 @@ class BenchmarkDataError(ValueError):
 @dataclass
 class Item:
     """One question. `image` is a file or the image's encoded bytes; `question` is the text
-    after the image, instruction included; `truth` is what the scoring rule needs."""
+    after the image (choices included), `instruction` the benchmark's answer-format line
+    after it; `truth` is what the scoring rule needs."""
 
     key: str
     image: Path | bytes
     question: str
     truth: Any
     group: str = ""  # POPE's split, MME's category, MMBench's question index
+    instruction: str = ""
+
+    def prompt(self, instruction: str | None = None) -> str:
+        """The text asked: the question, then the benchmark's instruction (or `instruction`)."""
+        return self.question + (self.instruction if instruction is None else instruction)
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def _read_pope(root: Path) -> tuple[list[Item], list[Path]]:
             try:
                 q = json.loads(line)
                 items.append(Item(f"{split}/{q['question_id']}", _image(root / "images" / q["image"]),
-                                  q["text"] + SHORT, q["label"], split))
+                                  q["text"], q["label"], split, SHORT))
             except (json.JSONDecodeError, KeyError) as e:
                 raise BenchmarkDataError(f"{f}:{n + 1}: not a POPE question line ({e})") from None
     return items, files
@@ -111,7 +117,7 @@ def _score_pope(items: Sequence[Item], answers: Sequence[str]) -> dict[str, Any]
 def _read_gqa(root: Path) -> tuple[list[Item], list[Path]]:
     f = root / "testdev_balanced_questions.json"
     questions = _json(f)
-    items = [Item(qid, _gqa_image(root / "images", q["imageId"]), q["question"] + SHORT, q["answer"])
+    items = [Item(qid, _gqa_image(root / "images", q["imageId"]), q["question"], q["answer"], instruction=SHORT)
              for qid, q in questions.items()]
     return items, [f]
 
@@ -140,9 +146,9 @@ def _read_scienceqa(root: Path) -> tuple[list[Item], list[Path]]:
         if not p.get("image"):
             continue  # the IMG subset
         context = f"Context: {p['hint']}\n" if p.get("hint") else ""
-        question = f"{context}{p['question']}{_choices(p['choices'])}{LETTER}"
+        question = f"{context}{p['question']}{_choices(p['choices'])}"
         items.append(Item(pid, _image(root / "images" / "test" / pid / p["image"]), question,
-                          (_LETTERS[p["answer"]], len(p["choices"]))))
+                          (_LETTERS[p["answer"]], len(p["choices"])), instruction=LETTER))
     return items, files
 
 
@@ -159,7 +165,7 @@ def _read_textvqa(root: Path) -> tuple[list[Item], list[Path]]:
     for q in _json(f)["data"]:
         ocr = f"\nReference OCR token: {', '.join(q['ocr_tokens'])}" if q.get("ocr_tokens") else ""
         items.append(Item(str(q["question_id"]), _image(root / "train_images" / f"{q['image_id']}.jpg"),
-                          q["question"] + ocr + SHORT, q["answers"]))
+                          q["question"] + ocr, q["answers"], instruction=SHORT))
     return items, [f]
 
 
@@ -185,8 +191,8 @@ def _read_mme(root: Path) -> tuple[list[Item], list[Path]]:
                 question, sep, answer = line.partition("\t")
                 if not sep:
                     raise BenchmarkDataError(f"{txt}:{n + 1}: not a 'question<TAB>answer' line")
-                items.append(Item(f"{cat.name}/{image.name}/{n}", image, question.strip() + SHORT, answer.strip(),
-                                  cat.name))
+                items.append(Item(f"{cat.name}/{image.name}/{n}", image, question.strip(), answer.strip(),
+                                  cat.name, SHORT))
     return items, files
 
 
@@ -216,8 +222,8 @@ def _read_mmbench(root: Path) -> tuple[list[Item], list[Path]]:
                     rotated = options[shift:] + options[:shift]
                     question = f"{hint}\n{row['question']}" if hint else row["question"]
                     truth = (_LETTERS[(answer - shift) % len(options)], rotated)
-                    items.append(Item(f"{row['index']}@{shift}", image, question + _choices(rotated) + LETTER,
-                                      truth, row["index"]))
+                    items.append(Item(f"{row['index']}@{shift}", image, question + _choices(rotated),
+                                      truth, row["index"], LETTER))
     return items, files
 
 

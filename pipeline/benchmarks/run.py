@@ -50,6 +50,7 @@ class BenchmarkArgs:
     batch_size: int = 8
     max_length: int = 2048
     limit: int = 0  # the first N questions only (0: all); recorded
+    instruction: str | None = None  # replaces the benchmark's answer-format line (None: its own); recorded
 
 
 def default_out(model: str | Path, benchmark: str) -> str:
@@ -61,11 +62,11 @@ def default_out(model: str | Path, benchmark: str) -> str:
     return str(run_dir / BENCHMARK_DIR / benchmark) if (run_dir / "final.json").is_file() else ""
 
 
-def _sample(item: Item) -> Sample:
+def _sample(item: Item, instruction: str | None) -> Sample:
     raw = item.image if isinstance(item.image, bytes) else item.image.read_bytes()
     with Image.open(io.BytesIO(raw)) as im:
         image = im.convert("RGB")
-    conv = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{item.question}"}]
+    conv = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{item.prompt(instruction)}"}]
     return Sample(key=item.key, image=image, conversations=conv, image_bytes=raw)
 
 
@@ -112,7 +113,8 @@ def evaluation_record(vlm: VLM, args: BenchmarkArgs, settings: GenerationSetting
         "benchmark": {"name": bench.name, "lmms_eval_task": bench.task, "headline": bench.headline,
                       "questions": len(items), "limit": args.limit},
         "prompt": {"family": vlm.family, "template": args.template,
-                   "example": render_prompt(vlm, args.template, items[0].question),
+                   "instruction": items[0].instruction if args.instruction is None else args.instruction,
+                   "example": render_prompt(vlm, args.template, items[0].prompt(args.instruction)),
                    "image_placement": "<image>\\n before the question"},
         "generation": {**asdict(settings), "max_length": args.max_length, "batch_size": args.batch_size},
         "model": vlm.identity(),
@@ -137,7 +139,7 @@ def evaluate_benchmark(vlm: VLM, args: BenchmarkArgs, settings: GenerationSettin
     answers: list[str] = []
     started = time.monotonic()
     for lo in range(0, len(items), args.batch_size):
-        chunk = [_sample(i) for i in items[lo : lo + args.batch_size]]
+        chunk = [_sample(i, args.instruction) for i in items[lo : lo + args.batch_size]]
         batch, skipped = make_batch(vlm, chunk, template=args.template, max_length=args.max_length,
                                     for_generation=True, padding_side="left")
         if skipped:
