@@ -15,6 +15,13 @@ from alignkd.benchmarks.run import BenchmarkArgs, evaluate_benchmark
 
 
 # --- the rules, one hand-worked case each ---------------------------------------------------
+def test_the_rules_module_examples_run():
+    import doctest
+
+    result = doctest.testmod(rules)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_pope_reads_no_from_the_first_sentence_and_scores_yes_as_positive():
     assert rules.pope_answer("No") == "no"
     assert rules.pope_answer("There is not a dog.") == "no"
