@@ -269,8 +269,8 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
               type=click.Choice(["mme", "mmbench", "gqa", "scienceqa", "textvqa", "pope"]),
               help="Score one of the paper's benchmarks from local files by its official rule (alignkd.benchmarks).")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="With --benchmark: folder for scores.json, answers.jsonl and record.json "
-                   "(default for a run's export: RUN_DIR/benchmarks/NAME, where `alignkd compare` shows it).")
+              help="Folder for scores.json and record.json (with --benchmark also answers.jsonl; its default for "
+                   "a run's export: RUN_DIR/benchmarks/NAME, where `alignkd compare` shows it).")
 @click.option("--template", default="v1", show_default=True, help="A conversation template of the model's family.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-samples", default=400, show_default=True)
@@ -300,10 +300,15 @@ def evaluate_cmd(model: str, data: str, benchmark: str | None, out: str | None, 
                                                            batch_size=batch_size, max_length=max_length, limit=limit,
                                                            instruction=instruction))
         else:
-            from alignkd.evaluate import EvalArgs, evaluate_model
+            from alignkd.evaluate import EvalArgs, evaluate_model, evaluation_record
 
-            m = evaluate_model(vlm, EvalArgs(shards=data, max_samples=max_samples, generate=not no_generate),
-                               template=template, max_length=max_length)
+            eval_args = EvalArgs(shards=data, max_samples=max_samples, generate=not no_generate)
+            m = evaluate_model(vlm, eval_args, template=template, max_length=max_length)
+            if out:
+                from alignkd.records import write_result
+
+                record = evaluation_record(vlm, eval_args, template=template, max_length=max_length)
+                write_result(out, {"scores.json": json.dumps(m, indent=2), "record.json": json.dumps(record, indent=2)})
     except _KNOWN_ERRORS as e:
         _fail(e)
     if benchmark:

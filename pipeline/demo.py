@@ -43,7 +43,7 @@ from typing import Any
 
 from alignkd.config import load_job
 from alignkd.data.synthetic import make_demo_data
-from alignkd.evaluate import EvalArgs, evaluate_model
+from alignkd.evaluate import EvalArgs, evaluate_model, evaluation_record
 from alignkd.models import load_vlm
 from alignkd.models.tiny import write_tiny_models
 
@@ -334,8 +334,10 @@ def _compared_with_committed(teacher: Path) -> str:
 def split_eval(model: Path, out: Path, split: str = "test", **kw: Any) -> dict[str, Any]:
     """Accuracy and loss of a model folder on one split of the demo folder `out`, every sample."""
     vlm = load_vlm(model)
-    return evaluate_model(vlm, EvalArgs(shards=str(out / "data" / split), max_samples=100_000, **kw),
-                          template="v1", max_length=512)
+    args = EvalArgs(shards=str(out / "data" / split), max_samples=100_000, **kw)
+    # with what the numbers depend on (prompt, settings, fingerprint, shard hashes, harness)
+    return {**evaluate_model(vlm, args, template="v1", max_length=512),
+            "record": evaluation_record(vlm, args, template="v1", max_length=512)}
 
 
 def split_result(model: Path, split_dir: Path, result: Path, **kw: Any) -> dict[str, Any]:

@@ -244,3 +244,23 @@ def test_without_the_instruction_the_gqa_path_gives_the_demo_teacher_its_own_acc
     assert result["record"]["prompt"]["instruction"] == ""
     assert len(result["answers"]) == native["answered"] > 0
     assert result["scores"]["score"] == pytest.approx(100 * native["accuracy"])
+
+
+def test_evaluate_on_shards_writes_its_record_beside_its_scores(tiny_models, demo_data, tmp_path):
+    from click.testing import CliRunner
+
+    from alignkd.cli import main
+
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_models["llava"]["student"]), "--data",
+                                       str(demo_data / "val"), "--out", str(out), "--max-samples", "8"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((out / "scores.json").read_text())
+    record = json.loads((out / "record.json").read_text())
+    assert scores["samples"] == 8
+    shards = sorted((demo_data / "val").glob("*.tar"))
+    assert record["data"]["files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+    assert record["prompt"]["family"] == "llava" and record["prompt"]["example"].startswith("A chat between")
+    assert "<image>" in record["prompt"]["example"] and record["prompt"]["example"].endswith("ASSISTANT:")
+    assert record["generation"]["do_sample"] is False and record["generation"]["max_length"] == 2048
+    assert record["model"]["family"] == "llava" and len(record["model"]["config_hash"]) == 64

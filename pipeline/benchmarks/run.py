@@ -22,20 +22,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from alignkd import records
 from alignkd.benchmarks.formats import BENCHMARKS, Item, read_items
 from alignkd.data.batching import make_batch
 from alignkd.data.shards import IMAGE_PLACEHOLDER, Sample
-from alignkd.data.templates import Mark
 from alignkd.models.base import VLM, GenerationSettings
+from alignkd.records import sha256_file
 
 __all__ = ["BenchmarkArgs", "evaluate_benchmark", "evaluation_record", "render_prompt", "default_out"]
 
@@ -71,18 +71,8 @@ def _sample(item: Item, instruction: str | None) -> Sample:
 
 
 def render_prompt(vlm: VLM, template: str, question: str) -> str:
-    """The prompt as text, as the template lays it out (the image as <image>, BOS omitted)."""
-    conv = [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}]
-    parts = vlm.template(template).segments(conv, has_image=True, key="prompt")
-    return "".join(IMAGE_PLACEHOLDER if s is Mark.IMAGE else "</s>" if s is Mark.EOS else s for s, _ in parts)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    """The prompt of one question as text (alignkd.records.render_prompt)."""
+    return records.render_prompt(vlm, template, [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}])
 
 
 def _images_digest(items: list[Item]) -> str:
@@ -94,7 +84,7 @@ def _images_digest(items: list[Item]) -> str:
             continue
         seen.add(ident)
         if isinstance(item.image, Path):
-            h.update(f"{item.image.name}\0{_sha256(item.image)}\0".encode())
+            h.update(f"{item.image.name}\0{sha256_file(item.image)}\0".encode())
         else:
             h.update(f"inline\0{ident}\0".encode())
     return h.hexdigest()
@@ -102,29 +92,16 @@ def _images_digest(items: list[Item]) -> str:
 
 def evaluation_record(vlm: VLM, args: BenchmarkArgs, settings: GenerationSettings, items: list[Item],
                       files: list[Path]) -> dict[str, Any]:
-    """Everything the scores depend on (the module docstring's record.json)."""
-    import transformers
-
-    from alignkd import __version__
-    from alignkd.signals import image_preprocessing
-
+    """Everything the scores depend on (the module docstring's record.json; alignkd.records)."""
     bench = BENCHMARKS[args.benchmark]
-    return {
-        "benchmark": {"name": bench.name, "lmms_eval_task": bench.task, "headline": bench.headline,
-                      "questions": len(items), "limit": args.limit},
-        "prompt": {"family": vlm.family, "template": args.template,
-                   "instruction": items[0].instruction if args.instruction is None else args.instruction,
-                   "example": render_prompt(vlm, args.template, items[0].prompt(args.instruction)),
-                   "image_placement": "<image>\\n before the question"},
-        "generation": {**asdict(settings), "max_length": args.max_length, "batch_size": args.batch_size},
-        "model": vlm.identity(),
-        "image_preprocessing": image_preprocessing(vlm),
-        "data": {"root": str(Path(args.data).resolve()),
-                 "files": {str(f.relative_to(args.data)) if f != Path(args.data) else f.name: _sha256(f) for f in files},
-                 "images_sha256": _images_digest(items)},
-        "harness": {"name": "alignkd", "version": __version__, "torch": torch.__version__,
-                    "transformers": transformers.__version__, "dtype": str(vlm.dtype).removeprefix("torch.")},
-    }
+    return records.evaluation_record(
+        vlm, template=args.template, prompt=render_prompt(vlm, args.template, items[0].prompt(args.instruction)),
+        instruction=items[0].instruction if args.instruction is None else args.instruction, settings=settings,
+        data_files=files, data_root=args.data,
+        benchmark={"name": bench.name, "lmms_eval_task": bench.task, "headline": bench.headline,
+                   "questions": len(items), "limit": args.limit},
+        generation={"max_length": args.max_length, "batch_size": args.batch_size},
+        data={"images_sha256": _images_digest(items)})
 
 
 @torch.no_grad()
@@ -148,7 +125,7 @@ def evaluate_benchmark(vlm: VLM, args: BenchmarkArgs, settings: GenerationSettin
         answers += [vlm.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
     vlm.train(was_training)
     scores = BENCHMARKS[args.benchmark].score(items, answers)
-    record = json.loads(json.dumps(evaluation_record(vlm, args, settings, items, files)))  # as written
+    record = evaluation_record(vlm, args, settings, items, files)
     record["seconds"] = round(time.monotonic() - started, 2)
     result = {"scores": scores, "record": record,
               "answers": [{"key": i.key, "answer": a} for i, a in zip(items, answers)]}
@@ -158,10 +135,6 @@ def evaluate_benchmark(vlm: VLM, args: BenchmarkArgs, settings: GenerationSettin
 
 
 def _write(out: Path, result: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("scores.json", json.dumps(result["scores"], indent=2)),
-                       ("record.json", json.dumps(result["record"], indent=2)),
-                       ("answers.jsonl", "".join(json.dumps(a) + "\n" for a in result["answers"]))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text + ("\n" if not text.endswith("\n") else ""))
-        os.replace(tmp, out / name)
+    records.write_result(out, {"scores.json": json.dumps(result["scores"], indent=2),
+                               "record.json": json.dumps(result["record"], indent=2),
+                               "answers.jsonl": "".join(json.dumps(a) + "\n" for a in result["answers"])})
