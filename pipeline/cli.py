@@ -305,7 +305,7 @@ def evaluate_cmd(model: str, data: str, benchmark: str | None, out: str | None, 
             eval_args = EvalArgs(shards=data, max_samples=max_samples, generate=not no_generate)
             m = evaluate_model(vlm, eval_args, template=template, max_length=max_length)
             if out:
-                from alignkd.records import write_result
+                from alignkd.provenance import write_result
 
                 record = evaluation_record(vlm, eval_args, template=template, max_length=max_length)
                 write_result(out, {"scores.json": json.dumps(m, indent=2), "record.json": json.dumps(record, indent=2)})

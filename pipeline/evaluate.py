@@ -4,7 +4,7 @@ generation on data whose records carry an `answer` (the demo task).
     alignkd evaluate --model runs/full/export --data demo-out/data/test
     metrics = evaluate_model(vlm, EvalArgs(shards="demo-out/data/test"), template="v1", max_length=512)
 
-`evaluation_record` is what the numbers depend on (alignkd.records); `alignkd evaluate --out
+`evaluation_record` is what the numbers depend on (alignkd.provenance); `alignkd evaluate --out
 DIR` writes it as DIR/record.json beside DIR/scores.json.
 
 Accuracy compares the generated text, lower-cased and stripped of punctuation, with the
@@ -108,7 +108,7 @@ def evaluation_record(vlm: VLM, args: EvalArgs, *, template: str, max_length: in
     from pathlib import Path
 
     from alignkd.data.shards import expand_shards
-    from alignkd.records import evaluation_record as record, render_prompt
+    from alignkd.provenance import evaluation_record as record, render_prompt
 
     samples, _ = read_samples(args.shards, 1)
     prompt = render_prompt(vlm, template, samples[0].conversations, samples[0].image is not None) if samples else ""

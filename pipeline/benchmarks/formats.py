@@ -187,7 +187,7 @@ def _read_mme(root: Path) -> tuple[list[Item], list[Path]]:
             image = next((p for p in (image_dir / f"{txt.stem}{ext}" for ext in (".jpg", ".png")) if p.is_file()), None)
             if image is None:
                 raise BenchmarkDataError(f"{txt}: no image {txt.stem}.jpg or .png in {image_dir}")
-            for n, line in enumerate(l for l in txt.read_text().splitlines() if l.strip()):
+            for n, line in enumerate(text for text in txt.read_text().splitlines() if text.strip()):
                 question, sep, answer = line.partition("\t")
                 if not sep:
                     raise BenchmarkDataError(f"{txt}:{n + 1}: not a 'question<TAB>answer' line")

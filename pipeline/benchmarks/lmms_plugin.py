@@ -8,7 +8,8 @@ through its own conversation template (`template=`, default v1), its own image p
 and `VLM.generate` (greedy unless the task asks to sample), exactly as `alignkd evaluate
 --benchmark` asks its own questions. model_args: pretrained (the checkpoint folder),
 vision_tower (MobileVLM's local CLIP folder), template, dtype (float32 / bfloat16 / float16),
-device ("auto"), max_new_tokens (a cap on the task's own). Only lmms-eval imports this module.
+device ("auto"), max_new_tokens (a cap on the task's own; 0, the default: none). Only
+lmms-eval imports this module.
 
 pyproject's entry point names `manifest`, which lmms-eval's model registry calls (its
 `lmms_eval.models` entry-point group, lmms-eval >= 0.7).
@@ -35,13 +36,15 @@ def manifest():
     return ModelManifest(model_id="alignkd", simple_class_path="alignkd.benchmarks.lmms_plugin.AlignKDModel")
 
 
-def settings_from(gen_kwargs: dict[str, Any], cap: int) -> GenerationSettings:
-    """A task's generation_kwargs as GenerationSettings: temperature 0 or do_sample false is greedy."""
+def settings_from(gen_kwargs: dict[str, Any], cap: int = 0) -> GenerationSettings:
+    """A task's generation_kwargs as GenerationSettings: temperature 0 or do_sample false is
+    greedy; `cap` (0: none) bounds the task's max_new_tokens."""
     until = gen_kwargs.get("until") or ()
     until = (until,) if isinstance(until, str) else tuple(until)
     temperature = float(gen_kwargs.get("temperature", 0) or 0)
     sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
-    return GenerationSettings(max_new_tokens=min(int(gen_kwargs.get("max_new_tokens", cap)), cap), do_sample=sample,
+    tokens = int(gen_kwargs.get("max_new_tokens") or cap or 128)
+    return GenerationSettings(max_new_tokens=min(tokens, cap) if cap else tokens, do_sample=sample,
                               temperature=temperature if sample else 1.0, top_p=float(gen_kwargs.get("top_p") or 1.0),
                               stop_strings=until)
 
@@ -50,7 +53,7 @@ class AlignKDModel(lmms):
     is_simple = True
 
     def __init__(self, pretrained: str, vision_tower: str | None = None, template: str = "v1", dtype: str = "float32",
-                 device: str = "auto", batch_size: int | str = 1, max_new_tokens: int = 64, max_length: int = 2048,
+                 device: str = "auto", batch_size: int | str = 1, max_new_tokens: int = 0, max_length: int = 2048,
                  **kwargs: Any) -> None:
         super().__init__()
         self.vlm = load_model(ModelArgs(path=pretrained, vision_tower=vision_tower, dtype=dtype,

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from alignkd import records
+from alignkd import provenance
 from alignkd.benchmarks.formats import BENCHMARKS, Item, read_items
 from alignkd.data.batching import make_batch
 from alignkd.data.shards import IMAGE_PLACEHOLDER, Sample
 from alignkd.models.base import VLM, GenerationSettings
-from alignkd.records import sha256_file
+from alignkd.provenance import sha256_file
 
 __all__ = ["BenchmarkArgs", "evaluate_benchmark", "evaluation_record", "render_prompt", "default_out"]
 
@@ -71,8 +71,8 @@ def _sample(item: Item, instruction: str | None) -> Sample:
 
 
 def render_prompt(vlm: VLM, template: str, question: str) -> str:
-    """The prompt of one question as text (alignkd.records.render_prompt)."""
-    return records.render_prompt(vlm, template, [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}])
+    """The prompt of one question as text (alignkd.provenance.render_prompt)."""
+    return provenance.render_prompt(vlm, template, [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{question}"}])
 
 
 def _images_digest(items: list[Item]) -> str:
@@ -92,9 +92,9 @@ def _images_digest(items: list[Item]) -> str:
 
 def evaluation_record(vlm: VLM, args: BenchmarkArgs, settings: GenerationSettings, items: list[Item],
                       files: list[Path]) -> dict[str, Any]:
-    """Everything the scores depend on (the module docstring's record.json; alignkd.records)."""
+    """Everything the scores depend on (the module docstring's record.json; alignkd.provenance)."""
     bench = BENCHMARKS[args.benchmark]
-    return records.evaluation_record(
+    return provenance.evaluation_record(
         vlm, template=args.template, prompt=render_prompt(vlm, args.template, items[0].prompt(args.instruction)),
         instruction=items[0].instruction if args.instruction is None else args.instruction, settings=settings,
         data_files=files, data_root=args.data,
@@ -135,6 +135,6 @@ def evaluate_benchmark(vlm: VLM, args: BenchmarkArgs, settings: GenerationSettin
 
 
 def _write(out: Path, result: dict[str, Any]) -> None:
-    records.write_result(out, {"scores.json": json.dumps(result["scores"], indent=2),
+    provenance.write_result(out, {"scores.json": json.dumps(result["scores"], indent=2),
                                "record.json": json.dumps(result["record"], indent=2),
                                "answers.jsonl": "".join(json.dumps(a) + "\n" for a in result["answers"])})
