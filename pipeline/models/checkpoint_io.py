@@ -14,6 +14,8 @@ preferring safetensors, and never runs a full unpickle on a `.bin` file:
 64
 >>> len(weights_fingerprint(files))                  # sha256 over every file's name, size and content
 64
+>>> temporary_folder("run/export"), final_folder(".export.tmp"), final_folder("export")   # atomic saves
+(PosixPath('run/.export.tmp'), PosixPath('export'), PosixPath('export'))
 
 A folder that holds no weights, an index that names a missing shard, or a `.bin` that is not a
 plain tensor checkpoint raises `ModelError` (one line, naming the file).
