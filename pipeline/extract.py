@@ -439,8 +439,9 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
         idle, pending = deque(workers * 2), {}  # two shards in flight per worker: one computed, one written
         bar = progress_bar(enabled=progress, total=len(plan), initial=len(plan) - len(todo), unit="shard")
         try:
-            while todo or pending:
-                while todo and idle:
+            failure: RuntimeError | None = None  # the first; the other shards in flight still finish
+            while pending or (todo and failure is None):
+                while todo and idle and failure is None:
                     worker = idle.popleft()
                     input_shard, name = todo.popleft()
                     pending[worker.process_shard.remote(input_shard, name, meta)] = (worker, name)
@@ -449,12 +450,9 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                 try:
                     done_shard: ShardDone = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - any worker failure stops the job, cleanly
-                    if not isinstance(e, ray.exceptions.RayActorError):  # an error raised by the shard's code
-                        raise RuntimeError(f"shard {name} failed: {_one_line(e)}") from None
-                    # Its other shard in flight died with it; either may have been the one running.
-                    names = sorted([name] + [n for w, n in pending.values() if w is worker])
-                    raise RuntimeError(f"shard {' or '.join(names)} failed (its worker died, restarts used up: "
-                                       f"ray.max_restarts = {args.ray.max_restarts}): {_one_line(e)}") from None
+                    failure = failure or _shard_failure(e, name, [n for w, n in pending.values() if w is worker],
+                                                        args.ray.max_restarts)
+                    continue
                 idle.append(worker)
                 shard = done_shard.meta
                 mislabelled += done_shard.images_mislabelled
@@ -470,6 +468,8 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                 bar.update(1)
         finally:
             bar.close()
+        if failure is not None:
+            raise failure
     finally:
         for w in workers:
             ray.kill(w)
@@ -481,6 +481,18 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
         bytes_written=nbytes, seconds=time.monotonic() - started, removed_partial=removed,
         images_mislabelled=mislabelled,
     )
+
+
+def _shard_failure(e: Exception, name: str, same_worker: list[str], max_restarts: int) -> RuntimeError:
+    """The one-line error of a failed shard. A dead worker takes the other shard it held with
+    it (either may have been the one running), so both are named."""
+    import ray
+
+    if not isinstance(e, ray.exceptions.RayActorError):  # an error raised by the shard's code
+        return RuntimeError(f"shard {name} failed: {_one_line(e)}")
+    names = sorted([name, *same_worker])
+    return RuntimeError(f"shard {' or '.join(names)} failed (its worker died, restarts used up: "
+                        f"ray.max_restarts = {max_restarts}): {_one_line(e)}")
 
 
 def _check_same_input(shard: ShardMeta, input_shard: str, cache_root: Path | str) -> None:
