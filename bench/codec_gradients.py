@@ -303,9 +303,10 @@ def train_student(job: Any) -> Path:
 
 
 def load_student(job: Any, meta: Any, checkpoint: Path | None = None):
-    """(student, adapters, params): built as the trainer builds them (seeded with run.seed,
-    load_model, build_adapters, the vision tower frozen), then, with `checkpoint`, its
-    student and adapter weights. `params` = what the optimiser updates, in a fixed order."""
+    """(student, adapters, params): built in the trainer's order of calls (torch, numpy and
+    random seeded with run.seed, load_model, build_adapters, the vision tower frozen; not
+    checked bit for bit against a training run's own step-0 adapters, which are never saved),
+    then, with `checkpoint`, its student and adapter weights. `params` = what the optimiser updates, in a fixed order."""
     import numpy as np
     import torch
     from alignkd.models import load_model
@@ -354,14 +355,13 @@ def term_gradients(student: Any, adapters: Any, params: dict[str, Any], batch: A
     on = dataclasses.replace(loss, sup=0.0, ground=0.0, **{t: (1.0 if t in terms else 0.0) for t in TERMS})
     torch.manual_seed(seed)
     values = compute_losses(student, adapters, batch, teacher, on)
-    names, tensors = list(params), list(params.values())
+    tensors = list(params.values())
     out = {}
     for i, t in enumerate(terms):
         grads = torch.autograd.grad(values[t], tensors, retain_graph=i < len(terms) - 1, allow_unused=True)
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                           for g, p in zip(grads, tensors)])
         out[t] = {"value": float(values[t].detach()), "grad": flat}
-    out["_names"] = {"names": names, "sizes": [p.numel() for p in tensors]}
     return out
 
 
