@@ -263,25 +263,63 @@ def train_student_cmd(job: str | None, overrides: tuple[str, ...], no_progress: 
 
 @main.command("evaluate")
 @click.option("--model", required=True, type=click.Path(exists=True, file_okay=False), help="Checkpoint folder.")
-@click.option("--data", required=True, help="Held-out shards: folder, file, glob or brace pattern.")
+@click.option("--data", required=True,
+              help="Held-out shards (folder, file, glob or brace pattern); with --benchmark, the benchmark's local folder.")
+@click.option("--benchmark", default=None,
+              type=click.Choice(["mme", "mmbench", "gqa", "scienceqa", "textvqa", "pope"]),
+              help="Score one of the paper's benchmarks from local files by its official rule (alignkd.benchmarks).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for scores.json and record.json (with --benchmark also answers.jsonl; its default for "
+                   "a run's export: RUN_DIR/benchmarks/NAME, where `alignkd compare` shows it).")
 @click.option("--template", default="v1", show_default=True, help="A conversation template of the model's family.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-samples", default=400, show_default=True)
+@click.option("--limit", default=0, show_default=True, help="With --benchmark: the first N questions only (0 = all).")
+@click.option("--max-new-tokens", default=16, show_default=True, help="With --benchmark: greedy answer length.")
+@click.option("--batch-size", default=8, show_default=True, help="With --benchmark: questions per generate call.")
+@click.option("--instruction", default=None,
+              help="With --benchmark: replaces its answer-format line (e.g. '' for none); recorded.")
 @click.option("--vision-tower", default=None, help="Local CLIP folder for MobileVLM's mm_vision_tower.")
 @click.option("--no-generate", is_flag=True, help="Loss only; skip answer accuracy by greedy generation.")
 @click.option("--json", "as_json", is_flag=True)
-def evaluate_cmd(model: str, data: str, template: str, max_length: int, max_samples: int, vision_tower: str | None,
-                 no_generate: bool, as_json: bool) -> None:
-    """Held-out response loss and answer accuracy by greedy generation (alignkd.evaluate)."""
-    from alignkd.evaluate import EvalArgs, evaluate_model
+def evaluate_cmd(model: str, data: str, benchmark: str | None, out: str | None, template: str, max_length: int,
+                 max_samples: int, limit: int, max_new_tokens: int, batch_size: int, instruction: str | None, vision_tower: str | None, no_generate: bool,
+                 as_json: bool) -> None:
+    """Held-out response loss and answer accuracy (alignkd.evaluate), or a benchmark's
+    official scores with a reproducibility record (alignkd.benchmarks.run)."""
     from alignkd.models import ModelArgs, load_model
 
     try:
         vlm = load_model(ModelArgs(path=model, vision_tower=vision_tower))
-        m = evaluate_model(vlm, EvalArgs(shards=data, max_samples=max_samples, generate=not no_generate),
-                           template=template, max_length=max_length)
+        if benchmark:
+            from alignkd.benchmarks.run import BenchmarkArgs, default_out, evaluate_benchmark
+
+            out = out or default_out(model, benchmark)
+            result = evaluate_benchmark(vlm, BenchmarkArgs(benchmark=benchmark, data=data, out=out,
+                                                           template=template, max_new_tokens=max_new_tokens,
+                                                           batch_size=batch_size, max_length=max_length, limit=limit,
+                                                           instruction=instruction))
+        else:
+            from alignkd.evaluate import EvalArgs, evaluate_model, evaluation_record
+
+            eval_args = EvalArgs(shards=data, max_samples=max_samples, generate=not no_generate)
+            m = evaluate_model(vlm, eval_args, template=template, max_length=max_length)
+            if out:
+                from alignkd.provenance import write_result
+
+                record = evaluation_record(vlm, eval_args, template=template, max_length=max_length)
+                write_result(out, {"scores.json": json.dumps(m, indent=2), "record.json": json.dumps(record, indent=2)})
     except _KNOWN_ERRORS as e:
         _fail(e)
+    if benchmark:
+        scores = result["scores"]
+        if as_json:
+            click.echo(json.dumps(scores, indent=2))
+            return
+        head = result["record"]["benchmark"]
+        click.echo(f"{benchmark}: {scores['score']:.2f} ({head['headline']}) over {head['questions']} questions"
+                   + (f" -> {out}" if out else ""))
+        return
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return

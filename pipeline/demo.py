@@ -43,7 +43,7 @@ from typing import Any
 
 from alignkd.config import load_job
 from alignkd.data.synthetic import make_demo_data
-from alignkd.evaluate import EvalArgs, evaluate_model
+from alignkd.evaluate import EvalArgs, evaluate_model, evaluation_record
 from alignkd.models import load_vlm
 from alignkd.models.tiny import write_tiny_models
 
@@ -96,7 +96,8 @@ def _share_tower(teacher: Path, student: Path) -> None:
     """Give the student checkpoint the teacher's vision tower, as MobileVLM V2's 1.7B and 7B
     share one pretrained CLIP: the demo's toy tower is trained with the teacher (its stand-in
     for CLIP pre-training) and then frozen in both. Rewrites student/model.safetensors only
-    when the towers differ (written under a temporary name, then renamed)."""
+    when the towers differ (written under a temporary name, then renamed), and the copy in
+    student/vision_tower/ that the authors' loader builds the tower from (MobileVLM.save_pretrained)."""
     from safetensors.torch import load_file, save_file
 
     t = {k: v for k, v in load_file(str(teacher / "model.safetensors")).items() if ".vision_tower." in k}
@@ -107,6 +108,12 @@ def _share_tower(teacher: Path, student: Path) -> None:
                            f"to rebuild the tiny models")
     if all(s[k].equal(t[k]) for k in t):
         return
+    copy = student / "vision_tower" / "model.safetensors"
+    if copy.is_file():  # first: a rerun after a crash in between finds the main file still differing
+        tmp = copy.with_name("model.safetensors.tmp")
+        save_file({k.removeprefix("model.vision_tower.vision_tower."): v for k, v in t.items()}, str(tmp),
+                  metadata={"format": "pt"})
+        tmp.rename(copy)
     tmp = student / "model.safetensors.tmp"
     save_file({**s, **t}, str(tmp), metadata={"format": "pt"})
     tmp.rename(student / "model.safetensors")
@@ -327,8 +334,10 @@ def _compared_with_committed(teacher: Path) -> str:
 def split_eval(model: Path, out: Path, split: str = "test", **kw: Any) -> dict[str, Any]:
     """Accuracy and loss of a model folder on one split of the demo folder `out`, every sample."""
     vlm = load_vlm(model)
-    return evaluate_model(vlm, EvalArgs(shards=str(out / "data" / split), max_samples=100_000, **kw),
-                          template="v1", max_length=512)
+    args = EvalArgs(shards=str(out / "data" / split), max_samples=100_000, **kw)
+    # with what the numbers depend on (prompt, settings, fingerprint, shard hashes, harness)
+    return {**evaluate_model(vlm, args, template="v1", max_length=512),
+            "record": evaluation_record(vlm, args, template="v1", max_length=512)}
 
 
 def split_result(model: Path, split_dir: Path, result: Path, **kw: Any) -> dict[str, Any]:

@@ -4,6 +4,9 @@ generation on data whose records carry an `answer` (the demo task).
     alignkd evaluate --model runs/full/export --data demo-out/data/test
     metrics = evaluate_model(vlm, EvalArgs(shards="demo-out/data/test"), template="v1", max_length=512)
 
+`evaluation_record` is what the numbers depend on (alignkd.provenance); `alignkd evaluate --out
+DIR` writes it as DIR/record.json beside DIR/scores.json.
+
 Accuracy compares the generated text, lower-cased and stripped of punctuation, with the
 record's `answer`; captions (task "caption") count towards the loss only. Per-task accuracy
 is reported too, since chance differs by task (colour 1/6, shape 1/4, position 1/9, ...).
@@ -21,7 +24,7 @@ from alignkd.data.batching import make_batch
 from alignkd.data.shards import read_samples
 from alignkd.models.base import VLM, GenerationSettings, VLMBatch
 
-__all__ = ["EvalArgs", "evaluate_model", "greedy_answers", "normalise_answer"]
+__all__ = ["EvalArgs", "evaluate_model", "evaluation_record", "greedy_answers", "normalise_answer"]
 
 
 @dataclass
@@ -46,7 +49,7 @@ def _batch(vlm: VLM, samples: list, *, template: str, max_length: int, for_gener
 
 def greedy_answers(vlm: VLM, batch: VLMBatch, max_new_tokens: int) -> list[str]:
     """Greedy answers to left-padded prompts, decoded to text (`VLM.generate`, KV cache)."""
-    rows = vlm.generate(batch, GenerationSettings(max_new_tokens=max_new_tokens))
+    rows = vlm.generate(batch, GenerationSettings(max_new_tokens=max_new_tokens))  # greedy
     return [vlm.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
@@ -96,3 +99,22 @@ def evaluate_model(vlm: VLM, args: EvalArgs, *, template: str, max_length: int) 
         "accuracy_by_task": {k: sum(v) / len(v) for k, v in sorted(correct.items())},
         "answered_by_task": {k: len(v) for k, v in sorted(correct.items())},
     }
+
+
+def evaluation_record(vlm: VLM, args: EvalArgs, *, template: str, max_length: int) -> dict[str, Any]:
+    """The reproducibility record of `evaluate_model(vlm, args, ...)`: the prompt (one rendered
+    from the first sample), generation settings, model fingerprint, the shards' sha256 and
+    the harness."""
+    from pathlib import Path
+
+    from alignkd.data.shards import expand_shards
+    from alignkd.provenance import evaluation_record as record, render_prompt
+
+    samples, _ = read_samples(args.shards, 1)
+    prompt = render_prompt(vlm, template, samples[0].conversations, samples[0].image is not None) if samples else ""
+    files = [Path(p) for p in expand_shards(args.shards)]
+    root = Path(args.shards) if Path(args.shards).is_dir() else files[0].parent
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens) if args.generate else None
+    return record(vlm, template=template, prompt=prompt, settings=settings, data_files=files, data_root=root,
+                  generation={"max_length": max_length, "batch_size": args.batch_size},
+                  data={"max_samples": args.max_samples, "blank_images": args.blank_images})

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +143,7 @@ class TeacherWorker:
         self.args = args
         self.index = worker_index
         self.vlm = load_model(args.teacher)
+        self._forward = threading.Lock()  # one shard at a time runs the teacher (process_shard)
 
     def describe(self) -> dict[str, Any]:
         """The teacher-dependent part of the cache's root metadata."""
@@ -166,34 +169,62 @@ class TeacherWorker:
         }
 
     def process_shard(self, input_shard: str, shard_name: str, meta: CacheMeta) -> ShardDone:
-        """Teacher signals of every usable sample of one input shard -> one cache shard."""
+        """Teacher signals of every usable sample of one input shard -> one cache shard.
+
+        Three stages overlap: a thread reads, decodes, tokenizes and preprocesses the next
+        batches (at most `_PREFETCH` ahead), this thread runs the teacher on each batch as soon
+        as it is ready, and the shard's encoding, compression and write run after the forward
+        phase has let go of the teacher (`_forward`), so that in a Ray actor running two calls at
+        once (`max_concurrency=2`, see _spawn_workers) the next shard's forward runs meanwhile.
+        Batches, their order and every record are those of the sequential loop: the cache bytes
+        do not depend on the overlap."""
         import torch
 
         from alignkd.cache.store import remove_partial_shard
         from alignkd.cache.writer import write_shard
-        from alignkd.data.batching import make_batch
-        from alignkd.data.shards import BadSample, decode_sample, iter_raw_samples
         from alignkd.signals import teacher_signals
 
         args, vlm = self.args, self.vlm
         cache_root = _cache_root(args.cache.path)
         remove_partial_shard(cache_root, shard_name)  # an earlier, killed attempt at this shard
         fault = faults.kill_armed(cache_root, shard_name)
+        records: list[Any] = []
+        batches = _Prefetch(self._batches(input_shard), _PREFETCH)
+        try:
+            with self._forward:
+                for batch, samples, full in batches:
+                    if batch is not None:
+                        with torch.no_grad():
+                            out = vlm(batch, tap_layers=tuple(args.cache.layers))
+                        records.extend(teacher_signals(vlm, batch, out, samples, layers=args.cache.layers,
+                                                       topk=args.cache.topk, attention_heads=args.cache.attention_heads))
+                    if fault and full:  # tests: die for real, mid-shard, once
+                        faults.kill_once(cache_root, shard_name)
+        finally:
+            batches.close()
+        written = write_shard(cache_root, shard_name, records, batches.skipped, meta=meta, input_shard=input_shard,
+                              input_size=os.path.getsize(input_shard), after_array=faults.write_fault(shard_name),
+                              before_publish=faults.publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
+        return ShardDone(written, batches.mislabelled)
 
-        records, skipped, pending = [], [], []
-        mislabelled = 0
+    def _batches(self, input_shard: str) -> Iterator[tuple[Any, list[Any], bool, list[tuple[str, str]], int]]:
+        """(batch on the teacher's device or None, its samples, whether it was a full batch,
+        the samples skipped since the previous one, images decoded by content among them) for
+        every batch of the shard, in order."""
+        from alignkd.data.batching import make_batch
+        from alignkd.data.shards import BadSample, decode_sample, iter_raw_samples
 
-        def run_batch() -> None:
-            batch, not_encoded = make_batch(vlm, pending, template=args.data.template,
-                                            max_length=args.data.max_length)
-            skipped.extend(not_encoded)
-            if batch is not None:
-                batch = batch.to(vlm.device, dtype=vlm.dtype)
-                with torch.no_grad():
-                    out = vlm(batch, tap_layers=tuple(args.cache.layers))
-                records.extend(teacher_signals(vlm, batch, out, pending, layers=args.cache.layers,
-                                               topk=args.cache.topk, attention_heads=args.cache.attention_heads))
+        args, vlm = self.args, self.vlm
+        pending, skipped, mislabelled = [], [], 0
+
+        def batch(full: bool):
+            made, not_encoded = make_batch(vlm, pending, template=args.data.template, max_length=args.data.max_length)
+            if made is not None:
+                made = made.to(vlm.device, dtype=vlm.dtype)
+            out = (made, list(pending), full, [*skipped, *not_encoded], mislabelled)
             pending.clear()
+            skipped.clear()
+            return out
 
         for raw in iter_raw_samples(input_shard):
             try:
@@ -204,15 +235,67 @@ class TeacherWorker:
             pending.append(sample)
             mislabelled += sample.image_mislabelled
             if len(pending) == args.data.batch_size:
-                run_batch()
-                if fault:  # tests: die for real, mid-shard, once
-                    faults.kill_once(cache_root, shard_name)
-        if pending:
-            run_batch()
-        written = write_shard(cache_root, shard_name, records, skipped, meta=meta, input_shard=input_shard,
-                              input_size=os.path.getsize(input_shard), after_array=faults.write_fault(shard_name),
-                              before_publish=faults.publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
-        return ShardDone(written, mislabelled)
+                yield batch(full=True)
+                mislabelled = 0
+        if pending or skipped:
+            yield batch(full=False)
+
+
+_PREFETCH = 2
+"""Batches read and preprocessed ahead of the teacher's forward, per shard being worked on."""
+
+
+class _Prefetch:
+    """Iterate (batch, samples, full) over a `_batches` generator run in a background thread,
+    at most `depth` batches ahead; skipped samples and the mislabelled count are gathered in
+    order. An exception in the thread is raised here, at the batch where it happened; `close`
+    stops the thread (it is a daemon: a killed worker does not wait for it)."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator, depth: int):
+        self.skipped: list[tuple[str, str]] = []
+        self.mislabelled = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="alignkd-prefetch")
+        self._thread.start()
+
+    def _run(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self._queue.put(e)
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            batch, samples, full, skipped, mislabelled = item
+            self.skipped.extend(skipped)
+            self.mislabelled += mislabelled
+            yield batch, samples, full
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 def _cache_root(path: str) -> Path | str:
@@ -275,6 +358,7 @@ def _spawn_workers(args: ExtractArgs, echo: Callable[[str], None] = print) -> li
     actor = ray.remote(
         num_cpus=cpus,
         num_gpus=gpus,
+        max_concurrency=2,  # one shard's write overlaps the next one's forward (TeacherWorker.process_shard)
         max_restarts=args.ray.max_restarts,
         max_task_retries=args.ray.max_restarts,
     )(TeacherWorker)
@@ -352,11 +436,12 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
 
         written, n_samples, n_skipped, nbytes, mislabelled = [], 0, 0, 0, 0
         by_reason: dict[str, int] = {}
-        idle, pending = deque(workers), {}
+        idle, pending = deque(workers * 2), {}  # two shards in flight per worker: one computed, one written
         bar = progress_bar(enabled=progress, total=len(plan), initial=len(plan) - len(todo), unit="shard")
         try:
-            while todo or pending:
-                while todo and idle:
+            failure: RuntimeError | None = None  # the first; the other shards in flight still finish
+            while pending or (todo and failure is None):
+                while todo and idle and failure is None:
                     worker = idle.popleft()
                     input_shard, name = todo.popleft()
                     pending[worker.process_shard.remote(input_shard, name, meta)] = (worker, name)
@@ -365,9 +450,9 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                 try:
                     done_shard: ShardDone = ray.get(ready[0])
                 except Exception as e:  # noqa: BLE001 - any worker failure stops the job, cleanly
-                    died = isinstance(e, ray.exceptions.RayActorError)  # not an error raised by the shard's code
-                    why = f" (its worker died, restarts used up: ray.max_restarts = {args.ray.max_restarts})" if died else ""
-                    raise RuntimeError(f"shard {name} failed{why}: {_one_line(e)}") from None
+                    failure = failure or _shard_failure(e, name, [n for w, n in pending.values() if w is worker],
+                                                        args.ray.max_restarts)
+                    continue
                 idle.append(worker)
                 shard = done_shard.meta
                 mislabelled += done_shard.images_mislabelled
@@ -383,6 +468,8 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                 bar.update(1)
         finally:
             bar.close()
+        if failure is not None:
+            raise failure
     finally:
         for w in workers:
             ray.kill(w)
@@ -394,6 +481,18 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
         bytes_written=nbytes, seconds=time.monotonic() - started, removed_partial=removed,
         images_mislabelled=mislabelled,
     )
+
+
+def _shard_failure(e: Exception, name: str, same_worker: list[str], max_restarts: int) -> RuntimeError:
+    """The one-line error of a failed shard. A dead worker takes the other shard it held with
+    it (either may have been the one running), so both are named."""
+    import ray
+
+    if not isinstance(e, ray.exceptions.RayActorError):  # an error raised by the shard's code
+        return RuntimeError(f"shard {name} failed: {_one_line(e)}")
+    names = sorted([name, *same_worker])
+    return RuntimeError(f"shard {' or '.join(names)} failed (its worker died, restarts used up: "
+                        f"ray.max_restarts = {max_restarts}): {_one_line(e)}")
 
 
 def _check_same_input(shard: ShardMeta, input_shard: str, cache_root: Path | str) -> None:

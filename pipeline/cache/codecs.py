@@ -105,13 +105,13 @@ class Codec:
         else:
             if length is not None and values.shape[-1] != length:
                 raise ValueError(f"{self.name}: rows have {values.shape[-1]} values, expected {length}")
-            q = values.astype(np.float32)
-        if not self.scaled:
-            return q
+            if not self.scaled:
+                return values.astype(np.float32)
+            q = values  # cast and scaled in one pass below (a cache read's largest cost)
         scale = np.asarray(parts["scale"], dtype=np.float32)
         if scale.shape != q.shape[:-1]:
             raise ValueError(f"{self.name}: scale shape {scale.shape} does not match values {q.shape}")
-        return q * scale[..., None]
+        return np.multiply(q, scale[..., None], dtype=np.float32)
 
     def stored_bytes(self, shape: tuple[int, ...]) -> int:
         """Bytes the encoded parts of an array of `shape` take, before lossless compression."""

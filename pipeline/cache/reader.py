@@ -18,8 +18,9 @@ What is read when:
     shard's file list (none missing or extra, sizes; hashes of the metadata and index files),
     its arrays against the schema (names, dtypes, shapes, offsets), and its small offset arrays
     are loaded; at most `max_open_shards` stay open (least recently used are closed);
-  * `get` reads only the chunks holding that sample, and hashes each chunk file the first
-    time it is read (when it enters the chunk cache) against the shard's file list.
+  * `get` reads only the chunks holding that sample, and checks each chunk file against the
+    shard's file list as zarr reads it (remote.VerifyingStore: the bytes are hashed on their
+    way to the decoder, so a chunk is read once), the first time it enters the chunk cache.
 Damage is a CacheSchemaError naming the shard and file, raised before any of its data is
 returned. Hashing only what is read costs about one sha256 pass over the compressed bytes a
 run reads anyway, instead of re-hashing a terabyte cache on every start; `alignkd
@@ -47,11 +48,12 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
 from alignkd.cache import remote
 from alignkd.cache.codecs import get_codec
 from alignkd.cache.records import SampleSignals, vision_grid
-from alignkd.cache.integrity import check_shard_files, file_digest
+from alignkd.cache.integrity import check_shard_files
 from alignkd.cache.store import list_complete_shards, read_cache_meta, read_shard_meta
 from alignkd.cache_schemas import (
     IMAGE_TOKEN,
@@ -301,7 +303,9 @@ class _OpenShard:
             root = path.rsplit("/", 2)[0] if self.remote else path.parent.parent
             raise CacheSchemaError(f"shard {path} is damaged: {problems[0]}{more}; "
                                    f"`alignkd verify-cache {root}` lists every damaged shard")
-        store = remote.zarr_store(path, files=shard.files) if self.remote else str(path)
+        # Every file zarr reads is checked against the list as it is read (one read, not two).
+        store = remote.zarr_store(path, files=shard.files) if self.remote else remote.VerifyingStore(
+            LocalStore(str(path), read_only=True), files=shard.files, where=str(path))
         group = zarr.open_group(store, mode="r", zarr_format=3)
         self.arrays: dict[str, zarr.Array] = {}
         for name, spec in specs.items():
@@ -356,24 +360,10 @@ class _OpenShard:
         return out[0] if isinstance(where, int) else out
 
     def _chunk(self, name: str, index: int, size: int) -> np.ndarray:
-        def load() -> np.ndarray:
-            self._check_chunk(name, index)
+        def load() -> np.ndarray:  # the store checks the chunk's file as zarr reads it
             return self.arrays[name][index * size : (index + 1) * size]
 
         return self._chunks.get((str(self.path), name, index), load)
-
-    def _check_chunk(self, name: str, index: int) -> None:
-        """The chunk file against the shard's file list. A chunk with no file is all fill
-        value by Zarr's rules; that is right only if the list has no file for it either (the
-        listing was checked when the shard was opened)."""
-        if self.remote:
-            return  # the store checks each object as it fetches it
-        array = self.arrays[name]
-        rel = f"{name}/{array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))}"
-        want = self.files.get(rel)
-        if want is not None and file_digest(self.path / rel) != want:
-            raise CacheSchemaError(f"shard {self.path} is damaged: file {rel} has changed (its sha256 differs "
-                                   "from the shard's file list); `alignkd verify-cache` lists every damaged shard")
 
     def decode_block(self, name: str, codec_name: str, values: tuple[int, int], rows: tuple[int, int],
                      heads: int | None, length: int) -> np.ndarray:

@@ -50,7 +50,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from zarr.abc.store import ByteRequest
+from zarr.abc.store import ByteRequest, Store
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, WrapperStore
 
@@ -238,16 +238,17 @@ def zarr_store(url: str, files: Mapping[str, FileDigest] | None = None) -> Fsspe
 class VerifyingStore(WrapperStore):
     """A read-only store that checks each object it returns against a shard's file list.
 
-    On a local disk the reader hashes a chunk file before zarr reads it (a second read from the
-    page cache costs little); from object storage that would download every chunk twice. So the
-    check happens here, on the bytes zarr is about to decode: each listed object read whole has
-    its size and sha256 compared, and a listed object that is missing is damage, not zeros."""
+    Hashing a file before zarr reads it would read every chunk twice (from object storage:
+    download it twice). So the check happens here, on the bytes zarr is about to decode: each
+    listed object read whole has its size and sha256 compared, and a listed object that is
+    missing is damage, not zeros (zarr would read a missing chunk as fill values). The reader
+    wraps both its local (LocalStore) and its URL (FsspecStore) shards in it."""
 
-    def __init__(self, store: FsspecStore, *, files: Mapping[str, FileDigest], where: str) -> None:
+    def __init__(self, store: Store, *, files: Mapping[str, FileDigest], where: str) -> None:
         super().__init__(store)
         self._files, self._where = files, where
 
-    def _with_store(self, store: FsspecStore) -> VerifyingStore:
+    def _with_store(self, store: Store) -> VerifyingStore:
         return type(self)(store, files=self._files, where=self._where)
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:

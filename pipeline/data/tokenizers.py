@@ -61,6 +61,15 @@ def build_sentencepiece_tokenizer(texts: Iterable[str], out_dir: str | Path, voc
             unk_id=3,
             byte_fallback=True,
             character_coverage=1.0,
+            # LLaMA's own settings: text reaches the model as written (no NFKC, no folding of
+            # whitespace runs, newlines kept), digits split, one leading "▁" added. transformers'
+            # converted tokenizer does exactly this; the SentencePiece default (nmt_nfkc, extra
+            # whitespace removed) made the authors' slow tokenizer give other ids than ours.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
             minloglevel=2,
         )
         (out / "tokenizer.model").write_bytes((Path(tmp) / "tokenizer.model").read_bytes())

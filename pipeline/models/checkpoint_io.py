@@ -14,6 +14,8 @@ preferring safetensors, and never runs a full unpickle on a `.bin` file:
 64
 >>> len(weights_fingerprint(files))                  # sha256 over every file's name, size and content
 64
+>>> temporary_folder("run/export"), final_folder(".export.tmp"), final_folder("export")   # atomic saves
+(PosixPath('run/.export.tmp'), PosixPath('export'), PosixPath('export'))
 
 A folder that holds no weights, an index that names a missing shard, or a `.bin` that is not a
 plain tensor checkpoint raises `ModelError` (one line, naming the file).
@@ -26,6 +28,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,7 +39,8 @@ from safetensors.torch import load_file, save_file
 
 from alignkd.models.base import ModelError
 
-__all__ = ["WEIGHT_FILES", "weight_files", "load_state_dict", "save_safetensors", "config_hash", "weights_fingerprint"]
+__all__ = ["WEIGHT_FILES", "TOKENIZER_FILES", "weight_files", "load_state_dict", "save_safetensors", "config_hash",
+           "weights_fingerprint", "copy_source_files", "temporary_folder", "final_folder"]
 
 # In order of preference. The MobileVLM authors ship `pytorch_model.bin` (7B: sharded + index).
 WEIGHT_FILES = (
@@ -45,6 +49,13 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+
+# What a checkpoint folder holds beside its config and weights that the model's own code reads
+# as written: the tokenizer (with its special-token and `legacy` settings) and the generation
+# defaults. An export copies them byte for byte from the checkpoint it started from.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+GENERATION_FILES = ("generation_config.json",)
 
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _BLOCK = 8 * 2**20
@@ -206,3 +217,46 @@ def weights_fingerprint(files: Iterable[str | Path]) -> str:
             while block := f.read(_BLOCK):
                 h.update(block)
     return h.hexdigest()
+
+
+def copy_source_files(source: str | Path | None, folder: str | Path, names: Iterable[str]) -> list[str]:
+    """Copy the files `names` that exist in the folder `source` into `folder`, byte for byte,
+    and remove those of `names` that `folder` holds but `source` does not (a stale
+    tokenizer.json would be read before a copied tokenizer.model). Returns the names copied;
+    [] when `source` is not a folder holding any of them (the caller then writes its own).
+    Copying a folder onto itself copies nothing and returns the names it holds."""
+    names = tuple(names)
+    if source is None or not Path(source).is_dir():
+        return []
+    source, folder = Path(source), Path(folder)
+    present = [n for n in names if (source / n).is_file()]
+    if not present:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    if source.resolve() == folder.resolve():
+        return present
+    for name in names:
+        target = folder / name
+        if name in present:
+            tmp = folder / f".{name}.tmp"
+            shutil.copyfile(source / name, tmp)
+            os.replace(tmp, target)
+        elif target.is_file():
+            target.unlink()
+    return present
+
+
+def temporary_folder(final: str | Path) -> Path:
+    """Where a checkpoint bound for `final` is written before being renamed into place."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp")
+
+
+def final_folder(folder: str | Path) -> Path:
+    """The inverse of `temporary_folder`: where a checkpoint written into `folder` will live
+    (`folder` itself unless it is a temporary name). Savers that record their own absolute
+    path (MobileVLM's vision tower) write this one."""
+    folder = Path(folder)
+    if folder.name.startswith(".") and folder.name.endswith(".tmp") and len(folder.name) > 5:
+        return folder.with_name(folder.name[1:-4])
+    return folder

@@ -16,13 +16,32 @@ dtype=torch.bfloat16, device="cuda")` projects an image to (1, 144, 4096); with 
 >>> vlm.save_pretrained("out/student")                 # the authors' layout, CLIP configs in vision_tower/
 >>> sorted(p.name for p in Path("out/student").iterdir())
 ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'vision_tower']
+>>> sorted(p.name for p in Path("out/student/vision_tower").iterdir())   # CLIP, loadable alone
+['config.json', 'model.safetensors', 'preprocessor_config.json']
+>>> json.loads(Path("out/student/config.json").read_text())["mm_projector_type"]   # not 12 x 12: marked
+'alignkd_ldpnetv2_3x3'
 
 The checkpoint's `mm_vision_tower` names the CLIP model by its hub name; nothing is fetched,
 so its local folder (config.json + preprocessor_config.json) is found in this order: the
-`vision_tower` argument, `mm_vision_tower` itself if it is a directory (absolute, or relative to
-the checkpoint), `<checkpoint>/vision_tower/` (our own saves write it). The CLIP weights come
-from the checkpoint (the authors ship them under `model.vision_tower.vision_tower.vision_model.*`)
-or, when it holds none, from the CLIP folder.
+`vision_tower` argument, `<checkpoint>/vision_tower/` (our own saves write it), then
+`mm_vision_tower` itself if it is a directory (absolute, or relative to the checkpoint). The
+CLIP weights come from the checkpoint (the authors ship them under
+`model.vision_tower.vision_tower.vision_model.*`) or, when it holds none, from the CLIP folder.
+
+Saves are read by the authors' loader (`mobilevlm.model.mobilevlm.load_pretrained_model`) as it
+reads their releases, or refused by it at load time; tests/models/test_authors_loader.py
+mirrors its rules. What `save_pretrained` does for that:
+  - tokenizer and generation files are copied byte for byte from the folder the tokenizer and
+    the model were loaded from (their slow tokenizer reads `tokenizer.model` and the
+    `legacy` / `add_bos_token` settings of tokenizer_config.json);
+  - vision_tower/ holds CLIP's weights too, since their loader builds the tower from the folder
+    `mm_vision_tower` names; a name their `build_vision_tower` would refuse (it takes an
+    existing path or a name starting with "openai" or "laion"; the tiny towers are called
+    "alignkd/clip-tiny") is written as the absolute path of that vision_tower/ folder;
+  - their LDPv2 projector pools to a fixed 12 x 12 grid whatever the config says, and the
+    weights' shapes do not depend on the grid, so a model with another grid would load and run
+    wrongly: its `mm_projector_type` is written as "alignkd_ldpnetv2_GxG", which their
+    `build_vision_projector` refuses ("Unknown projector type"). This loader reads both.
 
 Key names, authors' checkpoint -> this module:
     model.embed_tokens.* | model.layers.* | model.norm.*        -> language_model.*  (LlamaModel)
@@ -39,6 +58,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,14 +77,29 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from alignkd.models.base import VLM, CheckpointSummary, ModelError, clip_patch_features
-from alignkd.models.checkpoint_io import config_hash, load_state_dict, save_safetensors, weights_fingerprint
+from alignkd.models.checkpoint_io import (
+    GENERATION_FILES,
+    TOKENIZER_FILES,
+    config_hash,
+    copy_source_files,
+    final_folder,
+    load_state_dict,
+    save_safetensors,
+    weights_fingerprint,
+)
 from alignkd.models.tap import TAP_ATTN
 from alignkd.models.vicuna import VICUNA_TEMPLATES
 
-__all__ = ["LDPv2Projector", "MobileVLM"]
+__all__ = ["LDPv2Projector", "MobileVLM", "projector_type", "projector_grid"]
 
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
-DEFAULT_GRID = 12
+DEFAULT_GRID = 12  # the authors' projector pools to 12 x 12, fixed in their code
+PROJECTOR_TYPE = "ldpnetv2"
+# Our name for an LDPv2 projector with another grid (see the module docstring): it must not
+# start with "ldpnet", "mlp" or be "linear", the types the authors' build_vision_projector builds.
+_MARKED_PROJECTOR = re.compile(r"alignkd_ldpnetv2_(\d+)x(\d+)")
+# The mm_vision_tower names the authors' build_vision_tower accepts besides existing paths.
+_HUB_TOWER_PREFIXES = ("openai", "laion")
 
 # Keys of the authors' config.json that describe the Llama decoder (everything else is mm_* or
 # bookkeeping). rope_theta / rope_scaling are the transformers-4 spelling the authors' files use.
@@ -180,7 +215,7 @@ class MobileVLM(VLM):
         self.vision_tower = CLIPVisionModel(vision_config)
         self.vision_tower.requires_grad_(False)  # MobileVLM V2 keeps CLIP frozen in both stages
         self.mm_projector = LDPv2Projector(
-            config["mm_hidden_size"], text_config.hidden_size, config.get("alignkd_projector_grid", DEFAULT_GRID)
+            config["mm_hidden_size"], text_config.hidden_size, projector_grid(config, source)
         )
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -335,7 +370,7 @@ class MobileVLM(VLM):
         config = json.loads(config_file.read_text())
         text = _llama_config(config, config_file)
         tokenizer = AutoTokenizer.from_pretrained(path, config=text)  # see from_pretrained
-        grid = config.get("alignkd_projector_grid", DEFAULT_GRID)
+        grid = projector_grid(config, config_file)
         return CheckpointSummary(cls.family, grid**2, text.hidden_size, text.num_attention_heads,
                                  text.num_hidden_layers, text.vocab_size, tokenizer)
 
@@ -383,22 +418,37 @@ class MobileVLM(VLM):
     # --- saving -----------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None) -> None:
         """The authors' layout: config.json, model.safetensors (their key names, CLIP included),
-        tokenizer files, plus vision_tower/ with the CLIP configs so the folder loads alone."""
+        the tokenizer and generation files, and vision_tower/ (CLIP's config, preprocessing and
+        weights) so the folder loads alone, here and in the authors' code (module docstring).
+
+        Tokenizer files come byte for byte from the folder the tokenizer was loaded from, the
+        generation file from the checkpoint this model was loaded from; a tokenizer built in
+        memory is saved by transformers instead. The absolute path written for a tiny tower is
+        where the folder will live: `path`, or for a temporary name (checkpoint_io's
+        `temporary_folder`) the folder it is renamed to.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_safetensors(self._authors_state_dict(), path, max_shard_bytes=max_shard_bytes)
-        config = dict(self.config, torch_dtype=_dtype_name(self.lm_head.weight.dtype))
+        config = {k: v for k, v in self.config.items() if k != "alignkd_projector_grid"}  # the type names the grid
+        config.update(torch_dtype=_dtype_name(self.lm_head.weight.dtype),
+                      mm_projector_type=projector_type(self.mm_projector.grid),
+                      mm_vision_tower=_saved_tower_name(str(self.config["mm_vision_tower"]), path, self._path))
         tmp = path / ".config.json.tmp"
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path / "config.json")
-        self.tokenizer.save_pretrained(path)
-        # Keep the SentencePiece model too, the only tokenizer file the authors' code reads.
-        sp_model = getattr(self.tokenizer, "vocab_file", None)
-        if sp_model and Path(sp_model).is_file() and Path(sp_model).resolve() != (path / "tokenizer.model").resolve():
-            shutil.copyfile(sp_model, path / "tokenizer.model")
+        if not copy_source_files(getattr(self.tokenizer, "name_or_path", None), path, TOKENIZER_FILES):
+            self.tokenizer.save_pretrained(path)
+            # Keep the SentencePiece model too, the only tokenizer file the authors' code reads.
+            sp_model = getattr(self.tokenizer, "vocab_file", None)
+            if sp_model and Path(sp_model).is_file() and Path(sp_model).resolve() != (path / "tokenizer.model").resolve():
+                shutil.copyfile(sp_model, path / "tokenizer.model")
+        copy_source_files(self._path, path, GENERATION_FILES)
         tower_dir = path / "vision_tower"
         self.vision_tower.config.save_pretrained(tower_dir)
         self.image_processor.save_pretrained(tower_dir)
+        # transformers-4 CLIPVisionModel key names (`vision_model.*`), which 5 reads as well
+        save_safetensors({f"vision_model.{k}": v for k, v in self.vision_tower.state_dict().items()}, tower_dir)
 
     def _authors_state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -410,17 +460,46 @@ class MobileVLM(VLM):
 
 
 # --- config ------------------------------------------------------------------------------
+def projector_type(grid: int) -> str:
+    """mm_projector_type for an LDPv2 projector pooling to grid x grid (module docstring)."""
+    return PROJECTOR_TYPE if grid == DEFAULT_GRID else f"alignkd_ldpnetv2_{grid}x{grid}"
+
+
+def projector_grid(config: dict[str, Any], source: str | Path) -> int:
+    """The projector's grid side: from a marked mm_projector_type, else `alignkd_projector_grid`
+    (how alignkd wrote it before the marker, e.g. the committed demo teacher), else 12."""
+    kind = config.get("mm_projector_type")
+    if kind == PROJECTOR_TYPE:
+        return int(config.get("alignkd_projector_grid", DEFAULT_GRID))
+    marked = _MARKED_PROJECTOR.fullmatch(str(kind))
+    if not marked or marked.group(1) != marked.group(2):
+        raise ModelError(f"{source}: mm_projector_type is {kind!r}; only {PROJECTOR_TYPE!r} (MobileVLM V2) and "
+                         f"alignkd's 'alignkd_ldpnetv2_GxG' are supported")
+    grid = int(marked.group(1))
+    if config.get("alignkd_projector_grid", grid) != grid:
+        raise ModelError(f"{source}: mm_projector_type {kind!r} and alignkd_projector_grid "
+                         f"{config['alignkd_projector_grid']} disagree")
+    return grid
+
+
+def _saved_tower_name(name: str, folder: Path, loaded_from: Path | None) -> str:
+    """mm_vision_tower as saved into `folder`: kept if the authors' build_vision_tower takes it
+    (a hub name it knows, an existing absolute path other than the vision_tower/ of the
+    checkpoint this model was loaded from), else the absolute path of the folder's own
+    vision_tower/, where save_pretrained writes the tower."""
+    own_before = loaded_from is not None and os.path.isabs(name) and Path(name) == (loaded_from / "vision_tower").resolve()
+    if name.startswith(_HUB_TOWER_PREFIXES) or (os.path.isabs(name) and os.path.isdir(name) and not own_before):
+        return name
+    return str(final_folder(folder).resolve() / "vision_tower")
+
+
 def _check_config(config: dict[str, Any], source: str | Path) -> None:
     if config.get("model_type") != "mobilevlm":
         raise ModelError(f"{source}: model_type is {config.get('model_type')!r}, expected 'mobilevlm'")
     absent = [k for k in _REQUIRED_KEYS if k not in config]
     if absent:
         raise ModelError(f"{source}: missing keys {absent}")
-    if config["mm_projector_type"] != "ldpnetv2":
-        raise ModelError(
-            f"{source}: mm_projector_type is {config['mm_projector_type']!r}; "
-            "only 'ldpnetv2' (MobileVLM V2) is supported"
-        )
+    projector_grid(config, source)  # a ModelError for any other projector
     feature = config.get("mm_vision_select_feature", "patch")
     if feature != "patch":
         raise ModelError(f"{source}: mm_vision_select_feature is {feature!r}; only 'patch' (no CLS) is supported")
@@ -473,7 +552,7 @@ def _mobilevlm_config(
         "use_cache": True,
         "image_aspect_ratio": "pad",
         "mm_hidden_size": vision.hidden_size,
-        "mm_projector_type": "ldpnetv2",
+        "mm_projector_type": projector_type(grid),
         "mm_use_im_patch_token": False,
         "mm_use_im_start_end": False,
         "mm_vision_select_feature": "patch",
@@ -484,8 +563,6 @@ def _mobilevlm_config(
     }
     if text.head_dim != text.hidden_size // text.num_attention_heads:
         config["head_dim"] = text.head_dim
-    if grid != DEFAULT_GRID:
-        config["alignkd_projector_grid"] = grid  # ours; the real models use the default 12
     return config
 
 
@@ -495,13 +572,13 @@ def _resolve_vision_tower(path: Path, config: dict[str, Any], vision_tower: str 
         if not (folder / "config.json").is_file():
             raise ModelError(f"vision tower folder {folder} has no config.json")
         return folder
+    own = path / "vision_tower"  # ours: written with the weights, wherever the folder has moved since
+    if (own / "config.json").is_file():
+        return own
     name = str(config["mm_vision_tower"])
     named = Path(name) if os.path.isabs(name) else path / name
     if named.is_dir():
         return named
-    own = path / "vision_tower"
-    if (own / "config.json").is_file():
-        return own
     raise ModelError(
         f"{source} names vision tower {name!r}: pass its local folder (e.g. --set teacher.vision_tower=/path/to/clip)"
     )

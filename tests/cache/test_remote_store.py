@@ -393,7 +393,7 @@ def test_a_worker_killed_between_upload_and_marker_leaves_a_partial_shard_that_t
     ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     injected("SIGKILL of a Ray worker between a shard's upload and its marker")
-    with pytest.raises(RuntimeError, match=f"shard {victim} failed"):
+    with pytest.raises(RuntimeError, match=f"shard (\\S+ or )?{victim}( or \\S+)? failed"):  # and its other shard
         _extract(_extract_args(tiny_models, demo_data, url, max_restarts=0))  # no retry: the job stops
     assert (tmp_path / "cache" / f".fault-{victim}").exists()  # it really died, at that point
 

@@ -202,13 +202,19 @@ def test_save_then_load_round_trips_weights_and_outputs(vlm, tmp_path, images):
     vlm.save_pretrained(out)
     assert (out / "vision_tower" / "config.json").is_file()
     assert (out / "vision_tower" / "preprocessor_config.json").is_file()
-    assert not any(p.suffix in (".safetensors", ".bin") for p in (out / "vision_tower").iterdir())
+    # CLIP's weights beside its configs (the authors' loader builds the tower from this folder),
+    # under transformers-4 CLIPVisionModel names, equal to the tower in model.safetensors
+    tower = load_file(out / "vision_tower" / "model.safetensors")
+    assert set(tower) == {f"vision_model.{k}" for k in vlm.vision_tower.state_dict()}
+    for k, v in vlm.vision_tower.state_dict().items():
+        assert torch.equal(tower[f"vision_model.{k}"], v)
     assert (out / "tokenizer.model").is_file()  # the authors' code reads only this
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "mobilevlm"
     assert config["architectures"] == ["MobileLlamaForCausalLM"]
-    assert config["mm_projector_type"] == "ldpnetv2"
+    assert config["mm_projector_type"] == f"alignkd_ldpnetv2_{fx.GRID}x{fx.GRID}"  # not the authors' 12 x 12
+    assert "alignkd_projector_grid" not in config  # the type names the grid, once
     assert config["mm_vision_tower"] == fx.HUB_CLIP
     assert config["mm_vision_select_layer"] == -2 and config["mm_vision_select_feature"] == "patch"
     assert config["image_aspect_ratio"] == "pad"

@@ -1,0 +1,197 @@
+"""Benchmark (issue 16 item 3): random reads of a paper-shaped cache, and their share of a
+paper-sized student step.
+
+A cache is written with the default codecs and the MobileVLM V2 7B teacher's shapes (32 heads,
+hidden 4096, 144 vision tokens, vocabulary 32000, top-64, per-head layer-0 attention) for
+samples of the typical pre-training length (PAPER_DATA["pretrain"] in _common.py: 250 text rows
+after the image, 250 response rows; an assumption, not a measurement), in shards of
+`--samples-per-shard`. The signals are random but shaped like real ones (softmax rows, heavy-
+tailed features), so the compressor sees realistic entropy. Then:
+
+  cold      one reader, a random permutation of every sample, each `CacheReader.get` timed;
+            most chunks are read for the first time (a chunk holds about one sample of each
+            large signal), so this is the chunk-cache-miss cost: read, sha256, decompress,
+            dequantise;
+  loader    the same order through a torch DataLoader with `--workers` processes (each its own
+            reader, as train-student's workers): samples/s of the whole pool.
+
+The projection: a student step of the paper's 1.7B student on an H100 in bf16 takes
+6 x params x tokens FLOPs per sample at an ASSUMED 40% of the 989 TFLOP/s dense peak; the
+reading share is (cold ms per sample) / (workers per GPU) / (step ms per sample). Target: at
+most 5% with the DataLoader workers a GPU usually gets (`--project-workers`, default 8).
+
+    python bench/cache_random_reads.py                      # bench/results/cache_random_reads.{json,md}
+    python bench/cache_random_reads.py --samples 64 --samples-per-shard 32 --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+H100_BF16_FLOPS = 989e12
+MFU = 0.40
+
+
+def paper_meta():
+    from alignkd.cache_schemas import CacheMeta, CodecSpec, TeacherInfo
+
+    t = C.PAPER_TEACHER
+    teacher = TeacherInfo(family="mobilevlm", path="-", config_hash="0" * 64, weights_fingerprint="0" * 64,
+                          vision_tower=None, num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
+                          hidden_size=t["hidden_size"], vocab_size=C.PAPER_VOCAB)
+    return CacheMeta(teacher=teacher, tokenizer_hash="0" * 64, template="plain", max_length=C.PAPER_MAX_LENGTH,
+                     num_vision_tokens=C.PAPER_NV, image_preprocessing={}, layers=(0,), attention_heads="per_head",
+                     topk=C.PAPER_TOPK, codecs=CodecSpec(), job={"bench": "cache_random_reads"},
+                     alignkd_version="bench", created="2026-12-03T00:00:00+00:00")
+
+
+def paper_sample(rng: np.random.Generator, key: str, meta, text_rows: int, response_rows: int):
+    from alignkd.cache.records import SampleSignals
+    from alignkd.cache_schemas import IMAGE_TOKEN
+
+    nv, heads, d, k = meta.num_vision_tokens, meta.teacher.num_heads, meta.teacher.hidden_size, meta.topk
+    t = 1 + nv + text_rows
+    ids = rng.integers(3, meta.teacher.vocab_size, t).astype(np.int32)
+    ids[1:1 + nv] = IMAGE_TOKEN
+    scores = rng.standard_normal((heads, text_rows, nv), dtype=np.float32) * 2
+    attention = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True) * 0.3  # rows need not sum to 1
+    feats = (rng.standard_t(3, (nv, d)) * 0.5).astype(np.float32)
+    lp = np.sort(np.log(rng.dirichlet(np.ones(k * 4), response_rows)[:, :k] + 1e-9), axis=1)[:, ::-1]
+    return SampleSignals(
+        key=key, fingerprint=hashlib.sha256(key.encode()).hexdigest(), input_ids=ids,
+        response_positions=np.arange(t - response_rows, t, dtype=np.int32), vision_start=1, vision_length=nv,
+        attention={0: attention}, vision_features=feats, focus=attention.mean(0).sum(0),
+        topk_ids=rng.integers(0, meta.teacher.vocab_size, (response_rows, k)).astype(np.int32),
+        topk_logprobs=np.ascontiguousarray(lp, dtype=np.float32), tail_logmass=np.full(response_rows, -3.0, np.float32),
+    )
+
+
+def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, response_rows: int, seed: int) -> float:
+    import shutil
+
+    from alignkd.cache.store import init_cache
+    from alignkd.cache.writer import write_shard
+
+    shutil.rmtree(root, ignore_errors=True)
+    meta = paper_meta()
+    init_cache(root, meta)
+    rng = np.random.default_rng(seed)
+    t = time.perf_counter()
+    for s, lo in enumerate(range(0, samples, per_shard)):
+        batch = [paper_sample(rng, f"{lo + i:07d}", meta, text_rows, response_rows)
+                 for i in range(min(per_shard, samples - lo))]
+        write_shard(root, f"train-{s:06d}", batch, [], meta=meta, input_shard=f"train-{s:06d}.tar", input_size=0)
+    return time.perf_counter() - t
+
+
+class _Keys:
+    """A map-style dataset of cache keys whose items are the records (what DistillDataset reads)."""
+
+    def __init__(self, path: Path, keys: list[str]):
+        from alignkd.cache.reader import CacheReader
+
+        self.reader, self.keys = CacheReader(path), keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> int:
+        s = self.reader.get(self.keys[i])
+        return s.vision_features.shape[0]  # something small back to the main process
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=400)
+    ap.add_argument("--samples-per-shard", type=int, default=100,
+                    help="paper-scale shards hold ~1000; a chunk holds about one sample either way")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader processes measured here")
+    ap.add_argument("--project-workers", type=int, default=8, help="DataLoader processes per GPU in the projection")
+    ap.add_argument("--work", default="/tmp/alignkd-bench/random-reads")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    C.bench_env()
+    import torch
+
+    torch.set_num_threads(1)
+    case = C.paper_cases()["pretrain/typical"]
+    text_rows, response_rows = int(case["text_rows"]), int(case["response_rows"])
+    root = Path(args.work) / "cache"
+    write_s = write_cache(root, args.samples, args.samples_per_shard, text_rows, response_rows, args.seed)
+
+    from alignkd.cache.reader import CacheReader
+    from alignkd.cache.store import read_shard_meta
+
+    reader = CacheReader(root)
+    keys = reader.keys()
+    order = np.random.default_rng(args.seed + 1).permutation(len(keys)).tolist()
+    stored = sum(sum(read_shard_meta(root, n).nbytes.values()) for n in reader.shards)
+    times = []
+    for i in order:
+        t = time.perf_counter()
+        reader.get(keys[i])
+        times.append(time.perf_counter() - t)
+    cold_ms = 1000 * statistics.median(times)
+
+    loader = torch.utils.data.DataLoader(_Keys(root, [keys[i] for i in order]), batch_size=8,
+                                         num_workers=args.workers, shuffle=False)
+    t = time.perf_counter()
+    n = sum(len(b) for b in loader)
+    loader_s = time.perf_counter() - t
+
+    student = C.PRESETS["paper"].student
+    tokens = C.paper_tokens(C.PAPER_DATA["pretrain"])
+    params = C.decoder_params(student) + 2 * C.PAPER_VOCAB * student["hidden_size"]
+    step_ms = 1000 * 6 * params * tokens / (H100_BF16_FLOPS * MFU)
+    share = cold_ms / args.project_workers / step_ms
+    result = {
+        "benchmark": "cache_random_reads (issue 16, item 3)",
+        "samples": len(keys), "samples_per_shard": args.samples_per_shard, "text_rows": text_rows,
+        "response_rows": response_rows, "codecs": paper_meta().codecs.to_dict(),
+        "stored_bytes_per_sample": stored / len(keys), "write_s": write_s,
+        "cold_ms_per_sample": {"median": cold_ms, "mean": 1000 * statistics.fmean(times),
+                               "p90": 1000 * float(np.percentile(times, 90))},
+        "loader": {"workers": args.workers, "samples": n, "seconds": loader_s, "samples_s": n / loader_s},
+        "projection": {"student_params": params, "tokens_per_sample": tokens, "assumed_mfu": MFU,
+                       "h100_bf16_flops": H100_BF16_FLOPS, "step_ms_per_sample": step_ms,
+                       "workers_per_gpu": args.project_workers, "read_share": share, "target": 0.05,
+                       "target_met": share <= 0.05},
+        "machine": C.machine("cpu", 1),
+    }
+    md = [
+        "# Random reads of a paper-shaped cache (issue 16, item 3)",
+        "",
+        f"{len(keys)} samples of the MobileVLM V2 7B teacher's shapes (32 heads x {text_rows} text rows x 144 vision "
+        f"tokens of per-head attention, 144 x 4096 features, top-64 on {response_rows} response rows), default "
+        f"codecs (uint8 / int8 / fp16, zstd 3), {args.samples_per_shard} samples per shard: "
+        f"{stored / len(keys) / 2**20:.2f} MiB stored per sample. Random order, every sample once.",
+        "",
+        C.md_table(["", "value"], [
+            ["one reader, cold chunks: ms per sample (median; mean; p90)",
+             f"{cold_ms:.2f}; {result['cold_ms_per_sample']['mean']:.2f}; {result['cold_ms_per_sample']['p90']:.2f}"],
+            [f"DataLoader, {args.workers} workers: samples/s", f"{n / loader_s:.1f}"],
+            ["paper student step (1.7B, bf16 H100 at an assumed 40% MFU): ms per sample", f"{step_ms:.2f}"],
+            [f"reading share of the step with {args.project_workers} workers per GPU", f"{share:.1%}"],
+        ]),
+        "",
+        f"Target: reading at most 5% of a student step: **{'met' if share <= 0.05 else 'missed'}**. The step time is "
+        "a FLOP projection (6 x parameters x tokens), not a GPU measurement; the read cost is this machine's CPU.",
+        "",
+        C.machine_line(result["machine"]),
+    ]
+    C.write_results(C.RESULTS, "cache_random_reads" + ("_smoke" if args.smoke else ""), result, "\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
