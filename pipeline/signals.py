@@ -40,29 +40,36 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 
 def image_preprocessing(vlm: VLM) -> dict[str, Any]:
-    """The image processor's settings, as the cache records them; a dynamic-resolution family
-    adds its token-grid settings (`VLM.images.settings()`, Qwen2.5-VL: "grid" with min/max
+    """The image processor's settings, as the cache records them; a tiling processor adds
+    whether it tiles (InternVL's `crop_to_patches`, `max_patches`), and a dynamic-resolution
+    family its token-grid settings (`VLM.images.settings()`, Qwen2.5-VL: "grid" with min/max
     pixels, patch, merge and temporal patch sizes)."""
     proc = vlm.image_processor
-    return {
+    record = {
         "pad_to_square": bool(vlm.pad_images),
         "processor": type(proc).__name__,
         "image_mean": list(proc.image_mean),
         "image_std": list(proc.image_std),
         "size": dict(proc.size) if proc.size else None,
         "crop_size": dict(proc.crop_size) if getattr(proc, "crop_size", None) else None,
-        **vlm.images.settings(),
     }
+    if hasattr(proc, "crop_to_patches"):  # only where the processor can tile: older records stay as they were
+        record["tiles"] = {"crop_to_patches": bool(proc.crop_to_patches),
+                           "max_patches": int(proc.max_patches) if proc.crop_to_patches else None}
+    images = getattr(vlm, "images", None)
+    return {**record, **(images.settings() if images is not None else {})}
 
 
 def image_view(preprocessing: dict[str, Any]) -> dict[str, Any]:
     """What part of an image the vision tokens cover, from an `image_preprocessing` record:
-    padded to a square or not, and the fraction of the resized image a centre crop keeps
-    (height, width; 1.0 without a crop), and for a dynamic-resolution processor its "grid"
-    (the image's resized size and so its token grid follow from min/max pixels, patch and
-    merge sizes: equal settings give both models the same grid for the same image). Teacher
-    and student must agree on it for their vision tokens to mean the same regions; mean, std
-    and (fixed) resolution may differ."""
+    padded to a square or not; how it is resized ("shortest_edge": the aspect ratio kept and
+    the long side cropped, as CLIP does; "stretch": straight to a fixed height and width, as
+    InternVL's tiles); the fraction of the resized image a centre crop keeps (height, width;
+    1.0 without a crop); tiling, where the processor can tile; and for a dynamic-resolution
+    processor its "grid" (the image's resized size and so its token grid follow from min/max
+    pixels, patch and merge sizes: equal settings give both models the same grid for the same
+    image). Teacher and student must agree on it for their vision tokens to mean the same
+    regions; mean, std and (fixed) resolution may differ."""
     size, crop = preprocessing.get("size") or {}, preprocessing.get("crop_size") or {}
     edge = size.get("shortest_edge")
     if crop and edge:
@@ -71,9 +78,12 @@ def image_view(preprocessing: dict[str, Any]) -> dict[str, Any]:
         fraction = [crop["height"] / size["height"], crop["width"] / size["width"]]
     else:
         fraction = [1.0, 1.0]
-    view = {"pad_to_square": preprocessing.get("pad_to_square"), "crop_fraction": [round(f, 6) for f in fraction]}
-    if preprocessing.get("grid") is not None:
-        view["grid"] = preprocessing["grid"]
+    resize = "shortest_edge" if edge else "stretch" if {"height", "width"} <= size.keys() else None
+    view = {"pad_to_square": preprocessing.get("pad_to_square"), "resize": resize,
+            "crop_fraction": [round(f, 6) for f in fraction]}
+    for key in ("tiles", "grid"):
+        if preprocessing.get(key) is not None:
+            view[key] = preprocessing[key]
     return view
 
 

@@ -210,8 +210,8 @@ def check_cache_serves(cache: Any, student: VLM, args: TrainArgs) -> None:
         problems.append(f"vision tokens: cache {count(meta.num_vision_tokens)}, student {count(student.num_vision_tokens)}")
     teacher_view, student_view = image_view(meta.image_preprocessing), image_view(image_preprocessing(student))
     if teacher_view != student_view:
-        differ = ", ".join(f"{k} {teacher_view[k]} (teacher) vs {student_view[k]} (student)"
-                           for k in teacher_view if teacher_view[k] != student_view[k])
+        differ = ", ".join(f"{k} {teacher_view.get(k)} (teacher) vs {student_view.get(k)} (student)"
+                           for k in {**teacher_view, **student_view} if teacher_view.get(k) != student_view.get(k))
         problems.append(f"image geometry: {differ}; the vision tokens would not cover the same image regions")
     if loss.attn > 0:
         if loss.attn_layer not in meta.layers:

@@ -363,14 +363,16 @@ def test_image_view_is_what_part_of_the_image_the_vision_tokens_cover():
     from alignkd.signals import image_view
 
     clip = {"pad_to_square": True, "size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
-    assert image_view(clip) == {"pad_to_square": True, "crop_fraction": [1.0, 1.0]}
+    assert image_view(clip) == {"pad_to_square": True, "resize": "shortest_edge", "crop_fraction": [1.0, 1.0]}
     # another resolution, the same view: only the regions must match, not the pixels
     assert image_view({**clip, "size": {"shortest_edge": 384}, "crop_size": {"height": 384, "width": 384}}) == \
         image_view(clip)
     assert image_view({**clip, "size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}}) == \
-        {"pad_to_square": True, "crop_fraction": [0.875, 0.875]}
-    assert image_view({"pad_to_square": False, "size": {"height": 48, "width": 48}, "crop_size": None}) == \
-        {"pad_to_square": False, "crop_fraction": [1.0, 1.0]}
+        {"pad_to_square": True, "resize": "shortest_edge", "crop_fraction": [0.875, 0.875]}
+    stretched = {"pad_to_square": False, "size": {"height": 48, "width": 48}, "crop_size": None}
+    assert image_view(stretched) == {"pad_to_square": False, "resize": "stretch", "crop_fraction": [1.0, 1.0]}
+    # the same square crop reached by stretching or by cropping the long side: other regions
+    assert image_view(stretched) != image_view({**clip, "pad_to_square": False})
 
 
 @pytest.mark.bad_input

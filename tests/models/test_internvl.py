@@ -114,7 +114,8 @@ def test_preprocessing_is_one_stretched_tile_as_the_image_processor_makes_it(tea
     tiled = teacher.image_processor([image], crop_to_patches=True, return_tensors="pt")["pixel_values"]
     assert tiled.shape[0] > 1
     view = image_view(image_preprocessing(teacher))
-    assert view == {"pad_to_square": False, "crop_fraction": [1.0, 1.0]}
+    assert view == {"pad_to_square": False, "resize": "stretch", "crop_fraction": [1.0, 1.0],
+                    "tiles": {"crop_to_patches": False, "max_patches": None}}
 
 
 def test_projector_output_equals_transformers_image_features(teacher, demo_samples):
@@ -266,8 +267,6 @@ def test_tap_equals_eager_attention_with_the_image_anywhere_in_the_conversation(
             torch.testing.assert_close(out.blocks[layer].probs[b, :, :n_rows], expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="shared change needed: image_preprocessing/image_view record neither the "
-                   "resize mode (stretch vs shortest edge + centre crop) nor tiling (crop_to_patches)")
 def test_image_view_tells_a_stretched_tile_from_a_centre_crop_and_from_tiles(teacher):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
