@@ -139,7 +139,8 @@ def prepare(work: Path, n_train: int, n_val: int, n_test: int) -> Setup:
 def write_variant(lossless: Path, root: Path, name: str) -> Path:
     """The lossless cache's records, shard by shard, written again under codec set `name`."""
     from alignkd.cache.reader import CacheReader
-    from alignkd.cache.writer import init_cache, list_complete_shards, write_shard
+    from alignkd.cache.store import init_cache, list_complete_shards
+    from alignkd.cache.writer import write_shard
 
     src = CacheReader(lossless)
     meta = dataclasses.replace(src.meta, codecs=codec_spec(name))

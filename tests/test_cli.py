@@ -78,10 +78,13 @@ def test_make_tiny_models_writes_loadable_checkpoints_in_both_layouts(tmp_path):
 
 @pytest.mark.bad_input
 def test_make_tiny_models_refuses_an_unregistered_family_in_one_line_listing_the_families(tmp_path):
-    result = CliRunner().invoke(main, ["make-tiny-models", "--out", str(tmp_path / "m"), "--family", "qwen2_vl"])
+    from alignkd.models import FAMILIES
+
+    result = CliRunner().invoke(main, ["make-tiny-models", "--out", str(tmp_path / "m"), "--family", "qwen3_vl"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
-    assert lines == ["error: family 'qwen2_vl' is not supported (supported: mobilevlm, llava, internvl)"]
+    assert lines == [f"error: family 'qwen3_vl' is not supported (supported: {', '.join(FAMILIES)})"]
+    assert len(FAMILIES) == 5
     assert not (tmp_path / "m").exists()
 
 

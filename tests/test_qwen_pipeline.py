@@ -48,7 +48,7 @@ def shards(demo_data, tmp_path_factory):
 
 def _extract(teacher, shards, root):
     """The extraction stage in-process (no Ray), as tests/conftest.py's build_cache."""
-    from alignkd.cache.writer import init_cache
+    from alignkd.cache.store import init_cache
     from alignkd.cache_schemas import CodecSpec
     from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards
 

@@ -80,7 +80,7 @@ def test_the_scan_catches_what_it_looks_for(tmp_path):
 def test_cache_checkpoint_and_report_files_are_json_safetensors_or_plain_numeric_chunks(tiny_cache, tmp_path):
     from alignkd.checkpoint import save_checkpoint
 
-    numeric = {"int32", "int64", "uint8", "int8", "float16", "float32"}
+    numeric = {"int32", "int64", "uint8", "int8", "uint16", "uint32", "float16", "float32"}
     chunks = 0
     for path in sorted(Path(tiny_cache).rglob("*")):
         if path.name == "zarr.json":
