@@ -38,15 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
 from alignkd.data.shards import IMAGE_PLACEHOLDER
 from alignkd.data.templates import ConversationTemplate, Mark, Segment, TemplateError
-from alignkd.models.base import VLM, CheckpointSummary, ModelError
-from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
+from alignkd.models.base import CheckpointSummary, ModelError
+from alignkd.models.hf import TransformersVLM
 
 __all__ = ["InternVLVLM", "InternVLChatTemplate", "INTERNVL_TEMPLATES", "CHAT_TEMPLATE", "tokens_per_tile"]
 
@@ -158,41 +157,14 @@ def _image_processor(path: Path | str) -> GotOcr2ImageProcessorPil:
     return proc
 
 
-class InternVLVLM(VLM):
+class InternVLVLM(TransformersVLM):
     family = "internvl"
     templates = INTERNVL_TEMPLATES
     pad_images = False  # a tile is the image stretched to the tower's square input, not padded
 
     def __init__(self, hf: InternVLForConditionalGeneration, tokenizer: Any, image_processor: Any, *,
                  path: str | Path | None = None):
-        super().__init__()
-        self.hf = hf
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.path = Path(path) if path is not None else None
-        for p in self.hf.model.vision_tower.parameters():  # frozen, as the other families' towers
-            p.requires_grad_(False)
-
-    # The transformers modules, by the names the base class expects.
-    @property
-    def language_model(self) -> nn.Module:
-        return self.hf.model.language_model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.hf.lm_head
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.hf.model.multi_modal_projector
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.hf.model.vision_tower
-
-    @property
-    def text_config(self) -> Any:
-        return self.hf.config.text_config
+        super().__init__(hf, tokenizer, image_processor, path=path)
 
     @property
     def num_vision_tokens(self) -> int:
@@ -286,25 +258,14 @@ class InternVLVLM(VLM):
         template, and without the BOS this module names), image processor, and the
         processor_config.json that gives InternVLProcessor its tokens per tile."""
         path = Path(path)
-        self.hf.save_pretrained(path)
         self.tokenizer.bos_token = None
         try:
-            self.tokenizer.save_pretrained(path)
+            super().save_pretrained(path)
         finally:
             self.tokenizer.bos_token = IM_START
-        self.image_processor.save_pretrained(path)
         processor = {"processor_class": "InternVLProcessor", "image_seq_length": self.num_vision_tokens}
         (path / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
-    def identity(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "path": str(self.path) if self.path else None,
-            "config_hash": config_hash(json.loads((self.path / "config.json").read_text())) if self.path
-            else config_hash(self.hf.config.to_dict()),
-            "weights_fingerprint": weights_fingerprint(weight_files(self.path)) if self.path else None,
-            "vision_tower": None,
-        }
 
 
 @functools.cache

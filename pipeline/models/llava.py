@@ -20,52 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from alignkd.models.base import VLM, CheckpointSummary, ModelError, clip_patch_features
-from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
+from alignkd.models.base import CheckpointSummary, ModelError, clip_patch_features
+from alignkd.models.hf import TransformersVLM
 from alignkd.models.vicuna import VICUNA_TEMPLATES
 
 __all__ = ["LlavaVLM"]
 
 
-class LlavaVLM(VLM):
+class LlavaVLM(TransformersVLM):
     family = "llava"
     templates = VICUNA_TEMPLATES
 
     def __init__(self, hf: LlavaForConditionalGeneration, tokenizer: Any, image_processor: Any, *,
                  path: str | Path | None = None, pad_images: bool = True):
-        super().__init__()
-        self.hf = hf
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(hf, tokenizer, image_processor, path=path)
         self.pad_images = pad_images
-        self.path = Path(path) if path is not None else None
-        for p in self.hf.model.vision_tower.parameters():  # frozen, as in LLaVA and MobileVLM
-            p.requires_grad_(False)
-
-    # The transformers modules, by the names the base class expects.
-    @property
-    def language_model(self) -> nn.Module:
-        return self.hf.model.language_model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.hf.lm_head
-
-    @property
-    def projector(self) -> nn.Module:
-        return self.hf.model.multi_modal_projector
-
-    @property
-    def vision_tower(self) -> nn.Module:
-        return self.hf.model.vision_tower
-
-    @property
-    def text_config(self) -> Any:
-        return self.hf.config.text_config
 
     @property
     def num_vision_tokens(self) -> int:
@@ -128,19 +100,3 @@ class LlavaVLM(VLM):
                              image_token_index=tokenizer.unk_token_id, vision_feature_layer=-2,
                              vision_feature_select_strategy="default")
         return cls.from_configs(config, tokenizer=tokenizer, image_processor=image_processor, seed=seed)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        self.hf.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-
-    def identity(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "path": str(self.path) if self.path else None,
-            "config_hash": config_hash(json.loads((self.path / "config.json").read_text())) if self.path
-            else config_hash(self.hf.config.to_dict()),
-            "weights_fingerprint": weights_fingerprint(weight_files(self.path)) if self.path else None,
-            "vision_tower": None,
-        }

@@ -54,9 +54,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from alignkd.data.batching import VLMBatch
 from alignkd.data.images import PreparedImages
 from alignkd.data.templates import IMAGE_TOKEN
-from alignkd.models.base import VLM, CheckpointSummary, ModelError
+from alignkd.models.base import CheckpointSummary, ModelError
 from alignkd.models.chatml import ChatMLTemplate
-from alignkd.models.checkpoint_io import config_hash, weight_files, weights_fingerprint
+from alignkd.models.hf import TransformersVLM
 
 __all__ = ["Qwen2_5_VLVLM", "Qwen2VLVLM", "QwenImages", "QWEN_SPECIAL_TOKENS"]
 
@@ -107,7 +107,7 @@ class QwenImages:
                          "temporal_patch_size": proc.temporal_patch_size}}
 
 
-class Qwen2_5_VLVLM(VLM):
+class Qwen2_5_VLVLM(TransformersVLM):
     family = "qwen2_5_vl"
     templates = {"chatml": ChatMLTemplate()}  # Qwen's own chat format (models/chatml.py)
     pad_images = False  # the processor keeps the aspect ratio
@@ -116,23 +116,8 @@ class Qwen2_5_VLVLM(VLM):
 
     def __init__(self, hf: Qwen2_5_VLForConditionalGeneration, tokenizer: Any,
                  image_processor: Qwen2VLImageProcessorPil, *, path: str | Path | None = None):
-        super().__init__()
-        self.hf = hf
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.path = Path(path) if path is not None else None
-        _check_processor(hf.config.vision_config, image_processor, self.path)
-        for p in self.vision_tower.parameters():  # the ViT is frozen; its merger is the projector
-            p.requires_grad_(False)
-
-    # The transformers modules, by the names the base class expects.
-    @property
-    def language_model(self) -> nn.Module:
-        return self.hf.model.language_model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.hf.lm_head
+        _check_processor(hf.config.vision_config, image_processor, Path(path) if path is not None else None)
+        super().__init__(hf, tokenizer, image_processor, path=path)  # freezes the ViT; its merger is the projector
 
     @property
     def projector(self) -> nn.Module:
@@ -257,22 +242,6 @@ class Qwen2_5_VLVLM(VLM):
             spatial_merge_size=2, temporal_patch_size=2, window_size=2 * 2 * patch,
             fullatt_block_indexes=[vision["num_hidden_layers"] - 1], out_hidden_size=text["hidden_size"])
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """A plain Qwen2.5-VL checkpoint folder (transformers' own from_pretrained loads it)."""
-        path = Path(path)
-        self.hf.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-
-    def identity(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "path": str(self.path) if self.path else None,
-            "config_hash": config_hash(json.loads((self.path / "config.json").read_text())) if self.path
-            else config_hash(self.hf.config.to_dict()),
-            "weights_fingerprint": weights_fingerprint(weight_files(self.path)) if self.path else None,
-            "vision_tower": None,
-        }
 
 
 class Qwen2VLVLM(Qwen2_5_VLVLM):
