@@ -48,8 +48,15 @@ def demo_samples(demo_data):
 
 
 def build_cache(tiny_models, demo_data, root, attention_heads="per_head", family="mobilevlm"):
+    """The extraction stage in-process (no Ray) for a tiny teacher of `family` over the demo
+    training shards, with the family's chat template (v1 for the Vicuna families)."""
+    return extract_in_process(tiny_models[family]["teacher"], demo_data / "train", root,
+                              template=CHAT_TEMPLATE[family], batch_size=8, attention_heads=attention_heads)
+
+
+def extract_in_process(teacher, shards, root, *, template, batch_size, attention_heads="per_head"):
     """The extraction stage in-process (no Ray): the same worker code, in this process,
-    lossless codecs, layers [0], top-8, the family's chat template (v1), max_length 256."""
+    lossless codecs, layers [0], top-8, max_length 256."""
     from alignkd.cache.store import init_cache
     from alignkd.cache_schemas import CodecSpec
     from alignkd.data import DataArgs
@@ -57,8 +64,8 @@ def build_cache(tiny_models, demo_data, root, attention_heads="per_head", family
     from alignkd.models import ModelArgs
 
     args = ExtractArgs(
-        teacher=ModelArgs(path=str(tiny_models[family]["teacher"]), device="cpu"),
-        data=DataArgs(shards=str(demo_data / "train"), template=CHAT_TEMPLATE[family], max_length=256, batch_size=8),
+        teacher=ModelArgs(path=str(teacher), device="cpu"),
+        data=DataArgs(shards=str(shards), template=template, max_length=256, batch_size=batch_size),
         cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads,
                         codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
         ray=RayArgs(cpus_per_worker=2),

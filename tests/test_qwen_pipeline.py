@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from conftest import extract_in_process
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from alignkd.cache.reader import CacheReader
@@ -46,30 +47,10 @@ def shards(demo_data, tmp_path_factory):
     return out
 
 
-def _extract(teacher, shards, root):
-    """The extraction stage in-process (no Ray), as tests/conftest.py's build_cache."""
-    from alignkd.cache.store import init_cache
-    from alignkd.cache_schemas import CodecSpec
-    from alignkd.extract import CacheArgs, ExtractArgs, RayArgs, TeacherWorker, _cache_meta, plan_shards
-
-    args = ExtractArgs(
-        teacher=ModelArgs(path=str(teacher), device="cpu"),
-        data=DataArgs(shards=str(shards), template="chatml", max_length=256, batch_size=4),
-        cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads="per_head",
-                        codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
-        ray=RayArgs(cpus_per_worker=2),
-    )
-    worker = TeacherWorker(args)
-    meta = _cache_meta(args, worker.describe())
-    init_cache(root, meta)
-    for shard, name in plan_shards(args.data.shards):
-        worker.process_shard(shard, name, meta)
-    return root
-
-
 @pytest.fixture(scope="module")
 def cache(qwen, shards, tmp_path_factory):
-    return _extract(qwen["teacher"], shards, tmp_path_factory.mktemp("qwen-cache") / "c")
+    return extract_in_process(qwen["teacher"], shards, tmp_path_factory.mktemp("qwen-cache") / "c",
+                              template="chatml", batch_size=4)
 
 
 def _args(student, shards, cache, run_dir, **run):
