@@ -2,7 +2,7 @@
 specs, shard names and the strict JSON (de)serialisation they all go through.
 
 The version-specific parts (the current root metadata `CacheMeta`, which arrays a shard
-holds) are in v2.py (current) and v1.py (read, no longer written); the package exports the
+holds) are in v3.py (current) and v1.py (read, no longer written); the package exports the
 current version's names.
 """
 
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 BOOKKEEPING_FIELDS = ("created", "job", "alignkd_version", "teacher.path")
-"""CacheMeta fields that may differ between two runs writing into the same cache (see v2.py)."""
+"""CacheMeta fields that may differ between two runs writing into the same cache (see v3.py)."""
 
 IMAGE_TOKEN = -200
 """The id at vision positions of input_ids, in the cache and in every batch (as in MobileVLM;

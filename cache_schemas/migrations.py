@@ -12,9 +12,12 @@ the shards hold: a version-1 cache's shards are not rewritten, so it gets `shard
 the reader decodes them with v1.shard_arrays (to the same records). Its `num_vision_tokens` is
 the one fixed count version 1 had.
 
-Adding version 3: write `_v2_to_v3(d) -> d` here (it must set "schema_version": 3 and fill
+2 -> 3: version 3 adds `signals` ("cached" | "recompute", v3.py); every version-2 cache stored
+all its signals, so it becomes "cached". Its shards are unchanged.
+
+Adding version 4: write `_v3_to_v4(d) -> d` here (it must set "schema_version": 4 and fill
 whatever the new version adds, so that older caches read unchanged), register it as
-MIGRATIONS[2], bump SCHEMA_VERSION, and describe the layout in cache_schemas/v3.py.
+MIGRATIONS[3], bump SCHEMA_VERSION, and describe the layout in cache_schemas/v4.py.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alignkd.cache_schemas.common import CacheSchemaError
-from alignkd.cache_schemas.v2 import SCHEMA_VERSION
+from alignkd.cache_schemas.v3 import SCHEMA_VERSION
 
 __all__ = ["MIGRATIONS", "migrate"]
 
@@ -36,7 +39,13 @@ def _v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
     return {**d, "schema_version": 2, "shard_layout": 1}
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+def _v2_to_v3(d: dict[str, Any]) -> dict[str, Any]:
+    if "signals" in d:
+        raise CacheSchemaError("unknown key signals in a version-2 cache")
+    return {**d, "schema_version": 3, "signals": "cached"}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 """from_version -> function(meta_dict at from_version) -> meta_dict at from_version + 1."""
 
 

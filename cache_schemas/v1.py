@@ -1,7 +1,7 @@
-"""Version 1 of the teacher-signal cache layout: read, no longer written (v2.py is current).
+"""Version 1 of the teacher-signal cache layout: read, no longer written (v3.py is current).
 
 A version-1 cache reads through the migration registry (migrations.py): its root metadata
-becomes version 2 with `shard_layout: 1`, and its shards keep the arrays below, which the
+becomes version 3 with `shard_layout: 1`, and its shards keep the arrays below, which the
 reader decodes to the same per-sample records as version 2's. Writing into one is refused
 (the shard layouts differ). What follows is the layout as it was written.
 
@@ -46,7 +46,7 @@ along axis 0; the reader transposes it back. Text-only samples have Lq = 0 and a
 vision_features and focus. Every array of a shard is listed, with dtype and shape, by
 `shard_arrays(meta)`; the writer creates exactly these and the reader checks them.
 
-The rules for URLs, integrity, codecs and sameness are version 2's (v2.py).
+The rules for URLs, integrity, codecs and sameness are version 3's (v3.py).
 """
 
 from __future__ import annotations

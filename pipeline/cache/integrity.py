@@ -4,7 +4,7 @@
     check_shard_files(shard_dir, shard.files, hash_files=False)   # ["file ... is missing", ...]
 
 Every file of a shard directory except its own zarr.json is listed in its ShardMeta (see
-cache_schemas/v2.py, "Integrity"); the writer takes the list from the finished temporary
+cache_schemas/v3.py, "Integrity"); the writer takes the list from the finished temporary
 directory, the reader and `verify-cache` compare against it. The fsync helpers make a
 directory's contents durable before the rename that publishes it.
 """

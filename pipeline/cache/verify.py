@@ -7,7 +7,7 @@
     report = verify_cache("demo-out/cache")        # CacheVerification
     report.damaged                                 # {"train-000003": ["file attn_L00/c/0/0/0 is missing"]}
 
-What is checked (the file list, `ShardMeta.files`, is described in cache_schemas/v2.py):
+What is checked (the file list, `ShardMeta.files`, is described in cache_schemas/v3.py):
   * the root metadata and each shard's attributes against the schema (CacheSchemaError for
     the root: without it nothing can be read; a shard whose attributes fail is damaged);
   * each shard directory's files against its list: none missing, none extra, each of the

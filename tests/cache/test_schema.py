@@ -20,7 +20,7 @@ from alignkd.cache_schemas import (
     check_shard_name,
     shard_arrays,
 )
-from alignkd.cache_schemas import common, v1, v2
+from alignkd.cache_schemas import common, v1, v3
 from alignkd.config import ConfigError
 from alignkd.config import from_dict as config_from_dict
 
@@ -222,7 +222,7 @@ def test_a_registered_migration_brings_an_old_cache_up_to_date(monkeypatch):
 
     monkeypatch.setitem(MIGRATIONS, 0, v0_to_v1)
     old = make_meta().to_dict()
-    del old["shard_layout"]  # version 1 had none (the real 1 -> 2 migration adds it)
+    del old["shard_layout"], old["signals"]  # version 1 had neither (the real 1 -> 2 -> 3 migrations add them)
     old["top_k"] = old.pop("topk")
     old["schema_version"] = 0
     original = copy.deepcopy(old)
@@ -238,14 +238,41 @@ def test_a_migration_that_does_not_bump_the_version_is_refused(monkeypatch):
         CacheMeta.from_dict(old)
 
 
-def test_version_1_becomes_version_2_with_its_own_shard_layout():
+def test_version_1_becomes_the_current_version_with_its_own_shard_layout():
     v1 = make_meta().to_dict()
-    del v1["shard_layout"]
+    del v1["shard_layout"], v1["signals"]
     v1["schema_version"] = 1
-    assert sorted(MIGRATIONS) == [1]
+    assert sorted(MIGRATIONS) == [1, 2]
     migrated = CacheMeta.from_dict(v1)
-    assert migrated.schema_version == 2 and migrated.shard_layout == 1
+    assert migrated.schema_version == 3 and migrated.shard_layout == 1 and migrated.signals == "cached"
     assert migrated.differences(make_meta()) == ["shard_layout"]  # nothing else changes meaning
+
+
+def test_version_2_becomes_version_3_as_a_cache_of_cached_signals():
+    v2 = make_meta().to_dict()
+    del v2["signals"]
+    v2["schema_version"] = 2
+    migrated = CacheMeta.from_dict(v2)
+    assert migrated == make_meta() and migrated.signals == "cached"
+
+
+@pytest.mark.bad_input
+def test_a_version_2_cache_that_names_its_signals_is_refused():
+    refuse({**make_meta().to_dict(), "schema_version": 2}, "unknown key signals in a version-2 cache")
+
+
+@pytest.mark.bad_input
+def test_a_recompute_cache_of_a_deeper_layer_is_refused():
+    refuse(make_meta(signals="recompute").to_dict(), "layers: a recompute cache rebuilds layer 0 only")
+    assert CacheMeta.from_dict(make_meta(signals="recompute", layers=(0,)).to_dict()).signals == "recompute"
+
+
+def test_a_recompute_cache_stores_no_attention_features_or_focus():
+    cached = shard_arrays(make_meta(layers=(0,)))
+    kept = shard_arrays(make_meta(signals="recompute", layers=(0,)))
+    assert set(cached) - set(kept) == {"rows_offsets", "attn_offsets", "attn_L00", "attn_L00_scale", "vision_offsets",
+                                       "vision_features", "vision_features_scale", "focus"}
+    assert all(kept[name] == cached[name] for name in kept)
 
 
 @pytest.mark.bad_input
@@ -284,7 +311,7 @@ def test_every_field_not_declared_bookkeeping_takes_part_in_differences():
     assert set(common.BOOKKEEPING_FIELDS) == {"created", "job", "alignkd_version", "teacher.path"}
     d = make_meta().to_dict()
     leaves = [(k,) for k in d if k not in ("teacher", "codecs")] + [(k, j) for k in ("teacher", "codecs") for j in d[k]]
-    assert len(leaves) == 13 + 9 + 5
+    assert len(leaves) == 14 + 9 + 5
     for path in leaves:
         changed = copy.deepcopy(d)
         node = changed
@@ -302,7 +329,7 @@ def test_every_field_not_declared_bookkeeping_takes_part_in_differences():
 @pytest.mark.parametrize("attention,features", [("uint8", "int8"), ("uint4", "int4"), ("fp32", "fp16")])
 def test_every_shard_array_is_documented_in_the_schema_docstring(heads, attention, features):
     meta = make_meta(attention_heads=heads, codecs=CodecSpec(attention=attention, features=features))
-    for version, layout in ((v2, 2), (v1, 1)):  # each layout's arrays are drawn in its own docstring
+    for version, layout in ((v3, 2), (v1, 1)):  # each layout's arrays are drawn in its own docstring
         specs = shard_arrays(dataclasses.replace(meta, shard_layout=layout))
         for name in specs:
             generic = name.replace("attn_L00", "attn_L{layer:02d}").replace("attn_L02", "attn_L{layer:02d}")

@@ -316,7 +316,7 @@ def test_the_cache_is_plain_zarr_with_the_documented_array_names(tmp_path):
     meta = make_meta(codecs=CodecSpec(attention="uint8", features="int8", logprobs="fp16"))
     root, written = make_cache(tmp_path, meta, sizes=(3, 2))
     group = zarr.open_group(str(root), mode="r")
-    assert group.attrs["schema_version"] == 2 and group.attrs["codecs"]["attention"] == "uint8"
+    assert group.attrs["schema_version"] == 3 and group.attrs["codecs"]["attention"] == "uint8"
     assert sorted(group["shards"].group_keys()) == ["shard-00", "shard-01"]
     shard = group["shards"]["shard-01"]
     assert sorted(shard.array_keys()) == sorted([
@@ -576,11 +576,11 @@ def set_root_attrs(root: Path, **changes) -> None:
 @pytest.mark.bad_input
 def test_the_reader_refuses_newer_or_invalid_metadata_naming_the_cache(tmp_path):
     root, _ = make_cache(tmp_path, make_meta(), sizes=(1,))
-    set_root_attrs(root, schema_version=3)
+    set_root_attrs(root, schema_version=4)
     with pytest.raises(CacheSchemaError) as err:
         CacheReader(root)
-    assert str(err.value) == f"cache at {root}: cache schema version 3 is newer than this alignkd (2): upgrade alignkd"
-    set_root_attrs(root, schema_version=2, topk=None)
+    assert str(err.value) == f"cache at {root}: cache schema version 4 is newer than this alignkd (3): upgrade alignkd"
+    set_root_attrs(root, schema_version=3, topk=None)
     with pytest.raises(CacheSchemaError, match=f"cache at {root}: missing key topk"):
         CacheReader(root)
     with pytest.raises(CacheSchemaError, match="not an alignkd cache"):

@@ -1,10 +1,14 @@
-"""Version 2 of the teacher-signal cache layout: the single source of truth for what is on disk.
+"""Version 3 of the teacher-signal cache layout: the single source of truth for what is on disk.
 
 The cache is a directory tree of Zarr v3 groups and arrays, readable by any Zarr v3 client.
 Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is pickled.
 
     {cache}/                        zarr group; attributes = CacheMeta.to_dict()
       zarr.json
+      teacher_slice/                only when CacheMeta.signals is "recompute" (see below)
+        slice.safetensors           the teacher's tensors the two alignment signals depend on
+        slice.json                  SliceMeta.to_dict(): which teacher, how to rebuild the
+                                    modules, the tower's fingerprint, the tensors' size and sha256
       shards/                       zarr group, no attributes
         .{name}.tmp-{hex}/          a shard being written, or left by a crash: never read,
                                     `remove_partial` deletes it (names starting with "." are
@@ -19,6 +23,8 @@ Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is
           topk_ids             (R, k)       ID
           topk_logprobs        (R, k)       codecs.logprobs: float16 | float32
           tail_logmass         (R,)         codecs.logprobs: float16 | float32 (-inf allowed)
+          --- the arrays below down to `focus`, except the vision span, are there only when
+              CacheMeta.signals is "cached" (RECOMPUTED_ARRAYS lists them) ---
           rows_offsets         (N+1,)       int64    sample i's attention rows (text queries): [rows_offsets[i]:...]
           attn_offsets         (N+1,)       int64    sample i's attention values: [attn_offsets[i]:attn_offsets[i+1]]
           attn_L{layer:02d}    (A,)         one array per cached layer: sample i's block, row-major
@@ -40,6 +46,23 @@ Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is
     P_d = D, except for the 4-bit codecs, which pack two values per byte: ceil(N_v / 2),
     ceil(D / 2). ID = uint16 when the teacher's vocabulary has at most 65536 ids, else uint32;
     POS = uint16 when max_length is at most 65536, else uint32 (`id_dtype`, `position_dtype`).
+
+Two modes (`CacheMeta.signals`), one job file for the student either way:
+  * "cached" (the default): every signal is stored per sample, as drawn above.
+  * "recompute": the layer-0 attention block, P^T and the focus scores are not stored. They
+    depend only on the teacher's token embeddings, its projector applied to the vision tower's
+    features, and its layer-0 norm, query and key weights and rotary, and the student computes
+    the tower's features anyway when both share one frozen tower (MobileVLM V2 1.7B and 7B).
+    So those teacher tensors are written once, at teacher_slice/, and the student stage
+    recomputes the three signals from them exactly (alignkd.recompute). Shards then hold the
+    token ids, the top-k log-probs and the vision span only. Only layer 0 can be recomputed
+    (deeper layers need the whole decoder below them): `layers` must be (0,).
+  The slice is written under a temporary name and renamed (at a URL: slice.json uploaded
+  last), so a slice.json beside its tensors means a complete slice; the tensors' sha256 is in
+  slice.json and checked when the student stage loads them.
+
+What changed from version 2, and why: the `signals` field (above). A version-2 cache is a
+"cached" one (migrations.py fills the field); its shards are unchanged (`shard_layout` 2).
 
 What changed from version 1 (v1.py), and why:
   * The number of vision tokens is per sample (`vision_length`, `vision_grid`): dynamic-
@@ -107,6 +130,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import math
+import re
 from typing import Any, Literal
 
 from alignkd.cache_schemas import v1
@@ -116,6 +140,7 @@ from alignkd.cache_schemas.common import (
     ArraySpec,
     CacheSchemaError,
     CodecSpec,
+    FileDigest,
     TeacherInfo,
     _check_types,
     _coded,
@@ -135,10 +160,24 @@ __all__ = [
     "id_dtype",
     "position_dtype",
     "packed_width",
+    "RECOMPUTED_ARRAYS",
+    "TEACHER_SLICE",
+    "SLICE_TENSORS",
+    "SLICE_META",
+    "SliceMeta",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The metadata version this code writes and reads; older versions are migrated (migrations.py)."""
+
+TEACHER_SLICE = "teacher_slice"
+SLICE_TENSORS = "slice.safetensors"
+SLICE_META = "slice.json"
+"""The folder at the cache root holding a recompute-mode cache's teacher slice, and its two files."""
+
+RECOMPUTED_ARRAYS = ("rows_offsets", "attn_offsets", "attn_L", "vision_offsets", "vision_features", "focus")
+"""Arrays (by name, or name prefix for the per-layer attention and scale arrays) a "recompute"
+cache does not store: the student stage rebuilds the signals they hold from the slice."""
 
 SHARD_LAYOUT = 2
 """The shard arrays this code writes (the tree above); a cache migrated from version 1 says 1."""
@@ -174,6 +213,7 @@ class CacheMeta:
     image_preprocessing: dict[str, Any]
     layers: tuple[int, ...]
     attention_heads: Literal["per_head", "mean"]
+    signals: Literal["cached", "recompute"] = "cached"  # "recompute": attention, P^T, focus rebuilt from teacher_slice/
     topk: int
     codecs: CodecSpec
     job: dict[str, Any]
@@ -201,6 +241,11 @@ class CacheMeta:
             raise CacheSchemaError("num_vision_tokens: a version-1 shard layout needs one fixed count")
         if not self.layers:
             raise CacheSchemaError("layers: at least one layer is needed")
+        if self.signals == "recompute" and self.layers != (0,):
+            raise CacheSchemaError(f"layers: a recompute cache rebuilds layer 0 only (deeper layers need the whole "
+                                   f"decoder below them), got {list(self.layers)}")
+        if self.signals == "recompute" and self.shard_layout != SHARD_LAYOUT:
+            raise CacheSchemaError("signals: a recompute cache needs the current shard layout")
         if len(set(self.layers)) != len(self.layers):
             raise CacheSchemaError(f"layers: {list(self.layers)} has duplicates")
         for layer in self.layers:
@@ -233,6 +278,55 @@ class CacheMeta:
         dicts, the deepest key where they differ ("image_preprocessing.size")."""
         return _differences(self.to_dict(), other.to_dict())
 
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SliceMeta:
+    """teacher_slice/slice.json of a recompute cache: what the student stage needs to rebuild
+    the layer-0 attention block and P^T from the slice's tensors (alignkd.recompute).
+
+    family          the teacher's family (a key of alignkd.models.FAMILIES)
+    teacher_config_hash, teacher_weights_fingerprint   the teacher's, as in CacheMeta.teacher
+    dtype           of every stored tensor: the dtype the teacher ran in at extraction
+    decoder         the decoder config entries layer 0's norm, query, key and rotary read
+    projector       the family's projector spec (`VLM.projector_spec`): how to rebuild it, and
+                    which tower features it reads ("input")
+    tower_fingerprint   sha256 of the teacher's vision tower weights as float32: a student may
+                    recompute from its own tower's features only when its tower has this one
+    tensors         slice.safetensors' size and sha256
+    """
+
+    family: str
+    teacher_config_hash: str
+    teacher_weights_fingerprint: str
+    dtype: Literal["float32", "bfloat16", "float16"]
+    decoder: dict[str, Any]
+    projector: dict[str, Any]
+    tower_fingerprint: str
+    tensors: FileDigest
+
+    def validate(self) -> None:
+        _check_types(self)
+        for name in ("family", "teacher_config_hash", "teacher_weights_fingerprint"):
+            if not getattr(self, name):
+                raise CacheSchemaError(f"{name}: must not be empty")
+        for name, digest in (("tower_fingerprint", self.tower_fingerprint), ("tensors.sha256", self.tensors.sha256)):
+            if not _SHA256.fullmatch(digest):
+                raise CacheSchemaError(f"{name}: {digest!r} is not a sha256 hex digest")
+        if self.tensors.size < 1:
+            raise CacheSchemaError(f"tensors.size: must be at least 1, got {self.tensors.size}")
+        if "input" not in self.projector:
+            raise CacheSchemaError("projector: missing key input (the tower features the projector reads)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any, *, source: str | None = None) -> SliceMeta:
+        return _from_dict(cls, raw, source)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def shard_arrays(meta: CacheMeta) -> dict[str, ArraySpec]:
@@ -273,6 +367,8 @@ def shard_arrays(meta: CacheMeta) -> dict[str, ArraySpec]:
         *_coded("vision_features", ("V",), d, c.features, "vision_offsets"),
         ArraySpec("focus", "float32", ("V",), signal="focus", codec="fp32", offsets="vision_offsets"),
     ]
+    if meta.signals == "recompute":
+        specs = [s for s in specs if not s.name.startswith(RECOMPUTED_ARRAYS)]
     return {s.name: s for s in specs}
 
 
