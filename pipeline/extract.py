@@ -59,6 +59,9 @@ class CacheArgs:
     path: str = ""  # a folder, or an fsspec URL: "s3://bucket/cache", "gs://..." (alignkd.cache.remote)
     layers: list[int] = field(default_factory=lambda: [0])  # "shallow layer(s)"; focus uses the first
     attention_heads: Literal["per_head", "mean"] = "per_head"  # "mean" serves only L_attn's `mean` variant
+    # "recompute": store no attention, P^T or focus per sample, but a slice of the teacher once
+    # (teacher_slice/), from which train-student rebuilds them (alignkd.recompute; layer 0 only)
+    signals: Literal["cached", "recompute"] = "cached"
     topk: int = 64  # teacher next-token candidates kept per response position (plus one tail bin)
     codecs: CodecSpec = field(default_factory=CodecSpec)
     scratch: str = ""  # cache at a URL: local folder where a worker builds each shard before upload ("": $TMPDIR)
@@ -68,6 +71,9 @@ class CacheArgs:
             raise ValueError("layers must be a non-empty list of layer indices >= 0")
         if self.topk < 1:
             raise ValueError("topk must be at least 1")
+        if self.signals == "recompute" and self.layers != [0]:
+            raise ValueError(f"cache.signals 'recompute' rebuilds layer 0 only (deeper layers need the whole decoder "
+                             f"below them): set cache.layers = [0], not {self.layers}")
 
 
 @dataclass
@@ -167,6 +173,15 @@ class TeacherWorker:
             "num_vision_tokens": vlm.num_vision_tokens,
             "image_preprocessing": image_preprocessing(vlm),
         }
+
+    def write_teacher_slice(self) -> int:
+        """A recompute cache's teacher slice (alignkd.recompute), written once at the cache root
+        before any shard; returns its tensors' bytes."""
+        from alignkd.cache.teacher_slice import write_teacher_slice
+        from alignkd.recompute import slice_fields, slice_tensors
+
+        written = write_teacher_slice(_cache_root(self.args.cache.path), slice_tensors(self.vlm), slice_fields(self.vlm))
+        return written.tensors.size
 
     def process_shard(self, input_shard: str, shard_name: str, meta: CacheMeta) -> ShardDone:
         """Teacher signals of every usable sample of one input shard -> one cache shard.
@@ -385,6 +400,7 @@ def _cache_meta(args: ExtractArgs, described: dict[str, Any]) -> CacheMeta:
         image_preprocessing=described["image_preprocessing"],
         layers=tuple(args.cache.layers),
         attention_heads=args.cache.attention_heads,
+        signals=args.cache.signals,
         topk=args.cache.topk,
         codecs=args.cache.codecs,
         job=to_dict(args),
@@ -410,6 +426,10 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
                              "cannot write to it; use a folder or a shared URL")
         filesystem(args.cache.path)  # a missing client (s3fs, gcsfs) fails now, not once the teacher is loaded
     _template(args)
+    if args.cache.signals == "recompute" and describe_checkpoint(args.teacher.path).projector_spec is None:
+        family = checkpoint_family(args.teacher.path).family
+        raise ConfigError(f"cache.signals: 'recompute' is not available for a {family} teacher (its slice would need "
+                          f"its own vision tower and decoder code; see alignkd.recompute): use 'cached'")
     started = time.monotonic()
     plan = plan_shards(args.data.shards)
     cache_root = _cache_root(args.cache.path)
@@ -425,6 +445,11 @@ def extract(args: ExtractArgs, *, echo: Callable[[str], None] = print, progress:
         meta = _cache_meta(args, described)
         init_cache(cache_root, meta)  # refuses a cache built by another teacher / tokenizer / config
         removed = remove_partial(cache_root)
+        if meta.signals == "recompute":  # (again on a rerun: the same teacher gives the same slice)
+            try:
+                ray.get(workers[0].write_teacher_slice.remote())
+            except ray.exceptions.RayTaskError as e:  # e.g. a family that cannot be sliced
+                raise ValueError(f"teacher slice: {_one_line(e)}") from None
 
         done = set(list_complete_shards(cache_root))
         for input_shard, name in plan:

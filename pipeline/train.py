@@ -81,6 +81,7 @@ from alignkd.losses import (
 from alignkd.models import ModelArgs, load_model
 from alignkd.models.base import VLM, VLMBatch
 from alignkd.progress import progress_bar
+from alignkd.recompute import load_teacher_slice, projector_inputs
 
 __all__ = ["OptimArgs", "LossArgs", "RunArgs", "TrainArgs", "train", "compute_losses", "build_adapters",
            "check_cache_serves", "TERMS"]
@@ -254,12 +255,19 @@ def _truncate_topk(ids: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor, k: i
 
 
 def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, teacher: Any,
-                   loss: LossArgs, keep: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   loss: LossArgs, keep: dict[str, torch.Tensor] | None = None, *,
+                   teacher_slice: Any = None) -> dict[str, torch.Tensor]:
     """Each enabled term (unweighted) and "total" (weighted sum). Disabled terms are skipped.
     `keep`, when given, receives "student_vision" (P^S of the samples with an image) and, with
-    a V term on, "vision_target" (what the V MSE holds them to), for the diagnostics."""
+    a V term on, "vision_target" (what the V MSE holds them to), for the diagnostics.
+    `teacher_slice` (a recompute cache's, alignkd.recompute) rebuilds the teacher's attention,
+    P^T and focus from the student's own tower features before any term reads them."""
     tap = (loss.attn_layer,) if loss.attn > 0 or loss.ground > 0 else ()
-    out = student(batch, tap_layers=tap)
+    recompute = teacher_slice is not None and (loss.attn > 0 or loss.v_all > 0 or loss.v_focus > 0)
+    with projector_inputs(student) if recompute else nullcontext() as seen:
+        out = student(batch, tap_layers=tap)
+    if recompute:
+        teacher = teacher_slice.complete(teacher, batch, seen)
     terms: dict[str, torch.Tensor] = {}
     if loss.sup > 0 or loss.logit > 0:
         resp = batch.response_mask.clone()
@@ -363,12 +371,15 @@ class _Objective(torch.nn.Module):
     student, and DDP syncs only what runs inside its module's forward); FSDP's root, for the
     same reason (the head and the adapters run outside the student's forward)."""
 
-    def __init__(self, student: VLM, adapters: AlignKDAdapters, loss: LossArgs):
+    def __init__(self, student: VLM, adapters: AlignKDAdapters, loss: LossArgs, teacher_slice: Any = None):
         super().__init__()
         self.student, self.adapters, self.loss = student, adapters, loss
+        # In a tuple, out of the module tree: frozen teacher tensors that DDP / FSDP must not
+        # wrap and checkpoints must not hold (the cache holds them).
+        self._slice = (teacher_slice,)
 
     def forward(self, batch: VLMBatch, teacher: Any) -> dict[str, torch.Tensor]:
-        return compute_losses(self.student, self.adapters, batch, teacher, self.loss)
+        return compute_losses(self.student, self.adapters, batch, teacher, self.loss, teacher_slice=self._slice[0])
 
 
 # --- 4. the loop ------------------------------------------------------------------------------
@@ -420,14 +431,18 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     student = load_model(replace(args.student, device=procs.device(args.student.resolved_device())))
     if args.run.gradient_checkpointing:
         student.language_model.activation_checkpointing_enable()
+    teacher_slice = None
     if cache is not None:
         check_cache_serves(cache, student, args)
+        if cache.meta.signals == "recompute":  # attention, P^T and focus rebuilt each step (alignkd.recompute)
+            teacher_slice = load_teacher_slice(cache, student, train_tower=args.optim.train_vision_tower)
         if procs.main:
             where = args.cache if "://" in args.cache else str(Path(args.cache).resolve())  # a URL stays one
             (run_dir / "cache.json").write_text(json.dumps(
                 {"path": where, "teacher": to_dict(cache.meta.teacher),
                  "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
-                 "codecs": to_dict(cache.meta.codecs), "fingerprint": cache.fingerprint()}, indent=2))
+                 "codecs": to_dict(cache.meta.codecs), "signals": cache.meta.signals,
+                 "fingerprint": cache.fingerprint()}, indent=2))
     dataset = DistillDataset(shards=args.data.shards, cache=cache, processor=StudentProcessor.of(student),
                              template=args.data.template, max_length=args.data.max_length,
                              keep_in_memory=args.run.keep_in_memory)
@@ -449,7 +464,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
     student.vision_tower.requires_grad_(args.optim.train_vision_tower)
     use_bf16 = args.run.autocast == "bf16" or (args.run.autocast == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-    objective = model = _Objective(student, adapters, args.loss)
+    objective = model = _Objective(student, adapters, args.loss, teacher_slice)
     if fsdp:  # in place: student and adapters now hold their shards
         model = shard_model(objective, student.language_model.layers, bf16=use_bf16)
     optimizer = _optimizer(student, adapters, args.optim)
@@ -474,7 +489,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
             copy_adapters = build_adapters(copy, cache.meta, args.loss) if cache is not None else AlignKDAdapters()
         copy.vision_tower.requires_grad_(args.optim.train_vision_tower)
         copy.train(student.training)  # as the trained one (in eval mode until the loop starts)
-        plain = _Objective(copy, copy_adapters.to(device), args.loss)
+        plain = _Objective(copy, copy_adapters.to(device), args.loss, teacher_slice)
         plain.load_state_dict(weights, strict=True)
         return plain
 
@@ -502,7 +517,7 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
         probe = dataset.collate([dataset[i] for i in range(min(len(dataset), args.data.batch_size))])
 
         def diagnose(at: int, plain: _Objective) -> dict[str, Any]:
-            found = _diagnose(plain.student, plain.adapters, probe, args.loss, autocast)
+            found = _diagnose(plain.student, plain.adapters, probe, args.loss, autocast, teacher_slice)
             for text in watch.update({"step": at, **found}):
                 echo(text)
                 found.setdefault("warnings", []).append(text)
@@ -613,7 +628,7 @@ def _silent(_: str) -> None:
 
 
 def _diagnose(student: VLM, adapters: AlignKDAdapters, probe: tuple[VLMBatch, Any], loss: LossArgs,
-              autocast: Any) -> dict[str, Any]:
+              autocast: Any, teacher_slice: Any = None) -> dict[str, Any]:
     """alignkd.diagnostics' gradient shares and spreads on the fixed batch `probe`, under the
     training step's autocast; no parameter's .grad and no random state is touched, so a run
     with diagnostics trains exactly as one without."""
@@ -624,7 +639,8 @@ def _diagnose(student: VLM, adapters: AlignKDAdapters, probe: tuple[VLMBatch, An
     keep: dict[str, torch.Tensor] = {}
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
         with autocast:
-            terms = compute_losses(student, adapters, batch, teacher and teacher.to(device), loss, keep)
+            terms = compute_losses(student, adapters, batch, teacher and teacher.to(device), loss, keep,
+                                   teacher_slice=teacher_slice)
         found: dict[str, Any] = gradient_report(terms, {t: getattr(loss, t) for t in TERMS}, params)
     found.update(spread_report(keep.get("student_vision"), keep.get("vision_target")))
     return found

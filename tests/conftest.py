@@ -54,9 +54,10 @@ def build_cache(tiny_models, demo_data, root, attention_heads="per_head", family
                               template=CHAT_TEMPLATE[family], batch_size=8, attention_heads=attention_heads)
 
 
-def extract_in_process(teacher, shards, root, *, template, batch_size, attention_heads="per_head"):
+def extract_in_process(teacher, shards, root, *, template, batch_size, attention_heads="per_head", signals="cached"):
     """The extraction stage in-process (no Ray): the same worker code, in this process,
-    lossless codecs, layers [0], top-8, max_length 256."""
+    lossless codecs, layers [0], top-8, max_length 256; `signals` "recompute" writes the
+    teacher slice first, as `extract` does."""
     from alignkd.cache.store import init_cache
     from alignkd.cache_schemas import CodecSpec
     from alignkd.data import DataArgs
@@ -66,13 +67,15 @@ def extract_in_process(teacher, shards, root, *, template, batch_size, attention
     args = ExtractArgs(
         teacher=ModelArgs(path=str(teacher), device="cpu"),
         data=DataArgs(shards=str(shards), template=template, max_length=256, batch_size=batch_size),
-        cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads,
+        cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads, signals=signals,
                         codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
         ray=RayArgs(cpus_per_worker=2),
     )
     worker = TeacherWorker(args)
     meta = _cache_meta(args, worker.describe())
     init_cache(root, meta)
+    if signals == "recompute":
+        worker.write_teacher_slice()
     for shard, name in plan_shards(args.data.shards):
         worker.process_shard(shard, name, meta)
     return root
@@ -82,6 +85,15 @@ def extract_in_process(teacher, shards, root, *, template, batch_size, attention
 def tiny_cache(tiny_models, demo_data, tmp_path_factory):
     """A lossless cache of the tiny MobileVLM teacher over the demo training shards."""
     return build_cache(tiny_models, demo_data, tmp_path_factory.mktemp("cache") / "c")
+
+
+@pytest.fixture(scope="session")
+def tiny_recompute_cache(tiny_models, demo_data, tmp_path_factory):
+    """The same extraction as tiny_cache's in recompute mode: ids and top-k per sample, the
+    teacher slice once."""
+    return extract_in_process(tiny_models["mobilevlm"]["teacher"], demo_data / "train",
+                              tmp_path_factory.mktemp("cache-recompute") / "c", template="v1", batch_size=8,
+                              signals="recompute")
 
 
 # ---------------------------------------------------------------------------- reliability report

@@ -194,7 +194,6 @@ class CacheReader:
         meta, codecs = self._meta, self._meta.codecs
         t0, t1 = shard.span("ids_offsets", row)
         r0, r1 = shard.span("resp_offsets", row)
-        l0, l1 = shard.span("rows_offsets", row)
         start, length = int(shard.vision_start[row]), int(shard.vision_length[row])
         heads = meta.teacher.num_heads if meta.attention_heads == "per_head" else None
         layout1 = meta.shard_layout == 1
@@ -203,8 +202,10 @@ class CacheReader:
         if start >= 0:  # stored as 0 in version 2; IMAGE_TOKEN already in version 1
             input_ids[start : start + length] = IMAGE_TOKEN
         attention = {}
-        for layer in meta.layers:
+        cached = meta.signals == "cached"  # a recompute cache's attention, P^T and focus come from its teacher slice
+        for layer in meta.layers if cached else ():
             name_l = attention_array(layer)
+            l0, l1 = shard.span("rows_offsets", row)
             if layout1:  # rows (Lq, H, N_v) of one fixed width; a text-only sample has none
                 rows = shard.decode(name_l, codecs.attention, slice(l0, l1), meta.num_vision_tokens)[..., :length]
             else:
@@ -212,7 +213,9 @@ class CacheReader:
                                           heads, length)
             # Stored as (Lq, H, N_v) rows; a sample's block is (H, Lq, N_v).
             attention[layer] = np.ascontiguousarray(rows.transpose(1, 0, 2)) if rows.ndim == 3 else rows
-        if layout1:  # one row of N_v tokens per sample, zeros for a text-only one
+        if not cached:  # no rows: alignkd.recompute fills them in the student stage
+            features, focus = np.zeros((0, meta.teacher.hidden_size), np.float32), np.zeros(0, np.float32)
+        elif layout1:  # one row of N_v tokens per sample, zeros for a text-only one
             features = shard.decode("vision_features", codecs.features, row, meta.teacher.hidden_size)[:length]
             focus = shard.read("focus", row)[:length]
         else:

@@ -11,8 +11,10 @@ the cache reader hands them back (dequantised). Shapes per sample:
                                 every image of a fixed-grid family, per image for dynamic ones
     attention          {layer: (H, Lq, N_v) or (Lq, N_v)} float32, text-query x vision-key
                                 block of that layer; rows are positions vision_end .. T-1;
-                                (Lq, N_v) when the job caches the head mean only
-    vision_features    (N_v, D_T) float32, the teacher's projector output P^T
+                                (Lq, N_v) when the job caches the head mean only; as
+                                read from a "recompute" cache: {} (alignkd.recompute rebuilds it)
+    vision_features    (N_v, D_T) float32, the teacher's projector output P^T ((0, D_T) as read
+                                from a "recompute" cache, and focus (0,))
     focus              (N_v,)   float32, sum over text queries of the head-mean layer-0 attention
     topk_ids           (R, k)   int32, the teacher's k most likely next tokens at each R position
     topk_logprobs      (R, k)   float32, their log-probs (temperature 1), descending

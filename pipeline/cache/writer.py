@@ -6,7 +6,7 @@
 
 `root` is a directory or an fsspec URL ("s3://bucket/cache", "gs://...", "file://..."); the
 function takes either and does the same job for both (a URL's steps are in remote.py). The
-layout (array names, dtypes, shapes) is alignkd.cache_schemas.v2, the quantisers are
+layout (array names, dtypes, shapes) is alignkd.cache_schemas.v3, the quantisers are
 alignkd.cache.codecs, the checks of each sample alignkd.cache.records, the cache's root and
 its listing alignkd.cache.store, the file lists alignkd.cache.integrity.
 
@@ -306,15 +306,19 @@ def _shard_arrays(
     yield "topk_ids", flat("topk_ids", lambda s: np.asarray(s.topk_ids).reshape(-1, meta.topk))
     yield from coded("topk_logprobs", c.logprobs, (f32(s.topk_logprobs) for s in samples))
     yield from coded("tail_logmass", c.logprobs, (f32(s.tail_logmass) for s in samples))
-    yield "rows_offsets", offsets["rows_offsets"]
-    yield "attn_offsets", offsets["attn_offsets"]
-    for layer in meta.layers:
+    cached = meta.signals == "cached"  # a recompute cache stores no attention, P^T or focus (the slice rebuilds them)
+    if cached:
+        yield "rows_offsets", offsets["rows_offsets"]
+        yield "attn_offsets", offsets["attn_offsets"]
+    for layer in meta.layers if cached else ():
         # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so that they line up with the row scales.
         blocks = (f32(s.attention[layer])[..., : s.vision_length] for s in samples)
         yield from coded(attention_array(layer), c.attention, (b.transpose(1, 0, 2) if per_head else b for b in blocks))
     yield "vision_start", np.array([s.vision_start for s in samples], dtype=np.int32)
     yield "vision_length", np.array([s.vision_length for s in samples], dtype=np.int32)
     yield "vision_grid", np.array([vision_grid(s) for s in samples], dtype=np.int32).reshape(n, 2)
+    if not cached:
+        return
     yield "vision_offsets", offsets["vision_offsets"]
     yield from coded("vision_features", c.features, (f32(s.vision_features)[: s.vision_length] for s in samples))
     focus = np.zeros(counts["V"], np.float32)

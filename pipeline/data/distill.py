@@ -188,10 +188,13 @@ def _teacher_batch(signals: list[SampleSignals], seq_len: int, num_vision: int |
             out[b, ..., : rows.shape[-2], : rows.shape[-1]] = rows
         attention[layer] = torch.from_numpy(out)
     query_mask = torch.zeros(len(signals), lq, dtype=torch.bool)
-    features = np.zeros((len(signals), nv, dim), dtype=np.float32)
-    focus = np.zeros((len(signals), nv), dtype=np.float32)
+    # A recompute cache stores no attention, P^T or focus: they stay empty (B, 0, ...) here and
+    # alignkd.recompute fills them on the student's device.
+    width = nv if signals[0].attention else 0
+    features = np.zeros((len(signals), width, dim), dtype=np.float32)
+    focus = np.zeros((len(signals), width), dtype=np.float32)
     for b, s in enumerate(signals):
-        n = next(iter(s.attention.values())).shape[-2]
+        n = len(s.input_ids) - (s.vision_start + s.vision_length) if s.vision_start >= 0 else 0  # Lq of the sample
         query_mask[b, :n] = True
         features[b, : s.vision_length] = s.vision_features[: s.vision_length]
         focus[b, : s.vision_length] = s.focus[: s.vision_length]

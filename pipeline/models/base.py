@@ -64,7 +64,7 @@ from alignkd.models.tap import TAP_ATTN, TextVisionBlock, capture_qk, text_visio
 
 __all__ = [
     "IMAGE_TOKEN", "VLMBatch", "VLMOutput", "VLM", "ModelError", "CheckpointSummary", "pad_to_square",
-    "preprocess_images", "clip_patch_features", "GenerationSettings",
+    "preprocess_images", "clip_patch_features", "text_positions", "GenerationSettings",
 ]
 
 
@@ -83,6 +83,7 @@ class CheckpointSummary:
     num_layers: int
     vocab_size: int
     tokenizer: Any
+    projector_spec: dict[str, Any] | None = None  # VLM.projector_spec, where the family has one
 
 
 @dataclass
@@ -144,6 +145,12 @@ def _next_tokens(logits: torch.Tensor, settings: GenerationSettings, generator: 
         outside = probs.cumsum(-1) - probs >= settings.top_p  # the tokens ranked above already hold top_p
         logits = logits.masked_fill(torch.zeros_like(outside).scatter(1, order, outside), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 1-D rotary positions counting real tokens only (`VLM.position_ids` of the
+    families with one rotary axis; the teacher slice of alignkd.recompute uses it too)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def clip_patch_features(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> torch.Tensor:
@@ -300,7 +307,20 @@ class VLM(nn.Module, abc.ABC):
     def position_ids(self, batch: VLMBatch) -> torch.Tensor:
         """(B, T) rotary positions. They count real tokens only, so left padding does not
         shift rotary phases. A family with multi-axis rotary (M-RoPE) returns (3, B, T)."""
-        return (batch.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return text_positions(batch.attention_mask)
+
+    # --- family-specific, optional: the teacher slice of a recompute cache (alignkd.recompute) ---
+    def projector_spec(self) -> dict[str, Any]:
+        """JSON data from which `build_projector` rebuilds this model's projector alone, with
+        "input": which tower features it reads (the layer, whether CLS is dropped). A family
+        without one cannot be the teacher of a recompute cache."""
+        raise ModelError(f"cache.signals 'recompute' is not available for a {self.family} teacher (the teacher slice "
+                         f"needs a Llama decoder and a projector over features a shared tower gives); use 'cached'")
+
+    @classmethod
+    def build_projector(cls, spec: dict[str, Any]) -> nn.Module:
+        """The projector described by `projector_spec`, weights as the init leaves them."""
+        raise ModelError(f"a {cls.family} projector cannot be rebuilt alone")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.get_input_embeddings()(input_ids)

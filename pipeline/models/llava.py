@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from alignkd.models.base import CheckpointSummary, ModelError, clip_patch_features
@@ -55,6 +57,17 @@ class LlavaVLM(TransformersVLM):
                                     drop_cls=cfg.vision_feature_select_strategy == "default")
         return self.hf.model.multi_modal_projector(feats)
 
+    def projector_spec(self) -> dict[str, Any]:
+        return _projector_spec(self.hf.config)
+
+    @classmethod
+    def build_projector(cls, spec: dict[str, Any]) -> nn.Module:
+        config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden_size"]),
+                             text_config=LlamaConfig(hidden_size=spec["hidden_size"]),
+                             projector_hidden_act=spec["act"], multimodal_projector_bias=spec["bias"],
+                             vision_feature_layer=spec["input"]["feature_layer"])
+        return LlavaMultiModalProjector(config)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                         attn_implementation: str = "tap", pad_images: bool = True) -> LlavaVLM:
@@ -86,7 +99,7 @@ class LlavaVLM(TransformersVLM):
         text, vc = llava.text_config, llava.vision_config
         nv = (vc.image_size // vc.patch_size) ** 2 + (llava.vision_feature_select_strategy != "default")
         return CheckpointSummary(cls.family, nv, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
-                                 text.vocab_size, AutoTokenizer.from_pretrained(path))
+                                 text.vocab_size, AutoTokenizer.from_pretrained(path), projector_spec=_projector_spec(llava))
 
     @classmethod
     def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
@@ -100,3 +113,14 @@ class LlavaVLM(TransformersVLM):
                              image_token_index=tokenizer.unk_token_id, vision_feature_layer=-2,
                              vision_feature_select_strategy="default")
         return cls.from_configs(config, tokenizer=tokenizer, image_processor=image_processor, seed=seed)
+
+
+def _projector_spec(config: LlavaConfig) -> dict[str, Any]:
+    """`VLM.projector_spec` of a LLaVA config: the two-layer MLP over one CLIP layer's features."""
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ModelError("LLaVA checkpoints with several vision_feature_layer values are not supported")
+    return {"type": "llava_mlp", "vision_hidden_size": config.vision_config.hidden_size,
+            "hidden_size": config.text_config.hidden_size, "act": config.projector_hidden_act,
+            "bias": config.multimodal_projector_bias,
+            "input": {"feature_layer": layer, "drop_cls": config.vision_feature_select_strategy == "default"}}

@@ -244,6 +244,13 @@ class MobileVLM(VLM):
     def num_vision_tokens(self) -> int:
         return self.mm_projector.grid**2
 
+    def projector_spec(self) -> dict[str, Any]:
+        return _projector_spec(self.config, "config.json")
+
+    @classmethod
+    def build_projector(cls, spec: dict[str, Any]) -> LDPv2Projector:
+        return LDPv2Projector(spec["mm_hidden_size"], spec["hidden_size"], spec["grid"])
+
     @property
     def projector(self) -> nn.Module:
         return self.mm_projector
@@ -372,7 +379,8 @@ class MobileVLM(VLM):
         tokenizer = AutoTokenizer.from_pretrained(path, config=text)  # see from_pretrained
         grid = projector_grid(config, config_file)
         return CheckpointSummary(cls.family, grid**2, text.hidden_size, text.num_attention_heads,
-                                 text.num_hidden_layers, text.vocab_size, tokenizer)
+                                 text.num_hidden_layers, text.vocab_size, tokenizer,
+                                 projector_spec=_projector_spec(config, config_file))
 
     @classmethod
     def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
@@ -480,6 +488,14 @@ def projector_grid(config: dict[str, Any], source: str | Path) -> int:
         raise ModelError(f"{source}: mm_projector_type {kind!r} and alignkd_projector_grid "
                          f"{config['alignkd_projector_grid']} disagree")
     return grid
+
+
+def _projector_spec(config: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """`VLM.projector_spec` from an authors'-style config.json: LDPv2 over the CLIP layer
+    `mm_vision_select_layer` without CLS (the only feature selection this loader takes)."""
+    return {"type": PROJECTOR_TYPE, "mm_hidden_size": config["mm_hidden_size"], "hidden_size": config["hidden_size"],
+            "grid": projector_grid(config, source),
+            "input": {"feature_layer": config.get("mm_vision_select_layer", -2), "drop_cls": True}}
 
 
 def _saved_tower_name(name: str, folder: Path, loaded_from: Path | None) -> str:

@@ -1,0 +1,129 @@
+"""Recompute mode (alignkd.recompute): the teacher slice rebuilds the layer-0 attention, P^T
+and focus of the full teacher's fp32 extraction (a reference cache written by the cached
+path, not the code against itself), train-student gives the same losses on either kind of
+cache with one job file, and every way a slice cannot serve is one line naming why."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alignkd.cache.reader import CacheReader
+from alignkd.cache_schemas import SLICE_META, SLICE_TENSORS, TEACHER_SLICE
+from alignkd.cli import main
+from alignkd.data import DataArgs
+from alignkd.data.distill import DistillDataset, StudentProcessor
+from alignkd.models import ModelArgs, load_vlm
+from alignkd.recompute import load_teacher_slice, projector_inputs
+from alignkd.train import LossArgs, OptimArgs, RunArgs, TrainArgs, train
+
+
+def _dataset(tiny_models, demo_data, cache_path, student):
+    return DistillDataset(shards=str(demo_data / "train"), cache=CacheReader(cache_path),
+                          processor=StudentProcessor.of(student), template="v1", max_length=256)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_models):
+    return load_vlm(tiny_models["mobilevlm"]["student"])
+
+
+def test_recomputed_attention_features_and_focus_equal_the_full_teachers_fp32_extraction(
+        tiny_models, demo_data, tiny_cache, tiny_recompute_cache, student):
+    cached = _dataset(tiny_models, demo_data, tiny_cache, student)
+    recompute = _dataset(tiny_models, demo_data, tiny_recompute_cache, student)
+    teacher_slice = load_teacher_slice(recompute.cache, student, train_tower=False)
+    assert recompute.keys == cached.keys
+    n = len(cached)
+    for lo in range(0, n, 16):  # every sample, in batches mixing padding lengths
+        items = range(lo, min(n, lo + 16))
+        batch, reference = cached.collate([cached[i] for i in items])
+        batch_r, partial = recompute.collate([recompute[i] for i in items])
+        assert partial.attention == {} and partial.vision_features.shape[1] == 0  # nothing stored per sample
+        with projector_inputs(student) as seen:
+            student(batch_r, tap_layers=(0,))
+        got = teacher_slice.complete(partial, batch_r, seen)
+        assert torch.equal(batch.input_ids, batch_r.input_ids)
+        for name in ("query_mask", "vision_mask", "image_mask", "topk_ids"):
+            assert torch.equal(getattr(got, name), getattr(reference, name)), name
+        for name in ("vision_features", "focus"):
+            a, b = getattr(got, name), getattr(reference, name)
+            assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape, name
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert got.attention.keys() == reference.attention.keys() == {0}
+        assert got.attention[0].shape == reference.attention[0].shape and got.attention[0].dtype == torch.float32
+        torch.testing.assert_close(got.attention[0], reference.attention[0], rtol=0, atol=1e-5)
+        assert reference.attention[0].abs().max() > 0.01  # real rows, not two blocks of zeros
+
+
+def _args(tiny_models, demo_data, cache, run_dir, **optim):
+    return TrainArgs(
+        student=ModelArgs(path=str(tiny_models["mobilevlm"]["student"]), device="cpu"),
+        data=DataArgs(shards=str(demo_data / "train"), template="v1", max_length=256, batch_size=4),
+        cache=str(cache),
+        optim=OptimArgs(lr=1e-3, projector_lr=1e-3, adapter_lr=1e-2, **optim),
+        loss=LossArgs(focus_k=4),
+        run=RunArgs(dir=str(run_dir), max_steps=3, save_every=0),
+    )
+
+
+def test_train_student_gives_the_same_losses_on_a_recompute_cache_as_on_a_cached_one(
+        tiny_models, demo_data, tiny_cache, tiny_recompute_cache, tmp_path):
+    runs = {}
+    for kind, cache in (("cached", tiny_cache), ("recompute", tiny_recompute_cache)):
+        train(_args(tiny_models, demo_data, cache, tmp_path / kind), echo=lambda _: None, progress=False)
+        runs[kind] = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+        assert json.loads((tmp_path / kind / "cache.json").read_text())["signals"] == kind
+    assert [r["step"] for r in runs["recompute"]] == [0, 1, 2, 3]
+    for a, b in zip(runs["cached"], runs["recompute"]):
+        for term in ("sup", "logit", "attn", "v_all", "v_focus", "total", "grad_share_attn"):
+            if term in a:
+                assert b[term] == pytest.approx(a[term], rel=1e-4, abs=1e-7), (a["step"], term)
+
+
+@pytest.mark.bad_input
+def test_a_student_with_another_vision_tower_is_refused_naming_the_tower(tiny_models, tiny_recompute_cache, tmp_path):
+    other = load_vlm(tiny_models["mobilevlm"]["student"])
+    with torch.no_grad():
+        next(other.vision_tower.parameters()).add_(1e-3)
+    with pytest.raises(ValueError) as err:
+        load_teacher_slice(CacheReader(tiny_recompute_cache), other, train_tower=False)
+    message = str(err.value)
+    assert "\n" not in message and "the student's vision tower" in message and "is not the teacher's" in message
+    with pytest.raises(ValueError, match="optim.train_vision_tower is on"):
+        load_teacher_slice(CacheReader(tiny_recompute_cache), other, train_tower=True)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("damage", ["missing_tensors", "missing_meta", "flipped_byte", "bad_json"])
+def test_a_damaged_or_missing_slice_is_one_line_naming_the_file(tiny_models, tiny_recompute_cache, student,
+                                                                tmp_path, damage):
+    root = tmp_path / "c"
+    shutil.copytree(tiny_recompute_cache, root)
+    folder = root / TEACHER_SLICE
+    if damage == "missing_tensors":
+        (folder / SLICE_TENSORS).unlink()
+    elif damage == "missing_meta":
+        (folder / SLICE_META).unlink()
+    elif damage == "flipped_byte":
+        data = bytearray((folder / SLICE_TENSORS).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (folder / SLICE_TENSORS).write_bytes(bytes(data))
+    else:
+        (folder / SLICE_META).write_text("{")
+    name = SLICE_META if damage in ("missing_meta", "bad_json") else SLICE_TENSORS
+    with pytest.raises(ValueError) as err:
+        load_teacher_slice(CacheReader(root), student, train_tower=False)
+    message = str(err.value)
+    assert "\n" not in message and str(folder / name) in message
+
+
+def test_a_recompute_cache_stores_only_ids_topk_and_the_vision_span(tiny_recompute_cache):
+    reader = CacheReader(tiny_recompute_cache)
+    assert reader.meta.signals == "recompute"
+    arrays = set(reader.shard_meta(reader.shards[0]).nbytes)
+    assert not arrays & {"attn_L00", "vision_features", "focus", "rows_offsets", "attn_offsets"}
+    assert {"input_ids", "topk_ids", "topk_logprobs", "vision_start", "vision_length"} <= arrays
