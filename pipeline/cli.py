@@ -154,6 +154,13 @@ def _print_estimate(est: dict) -> None:
         click.echo(f"  {name:<16} {_human(per):>10}/sample {_human(est['total_bytes'][name]):>12}")
     click.echo(f"  {'zarr metadata':<16} {'':>17} {_human(est['metadata_bytes']):>12}")
     click.echo(f"  {'total':<16} {_human(sum(est['bytes_per_sample'].values())):>10}/sample {_human(est['total']):>12}")
+    click.echo(f"both modes (cache.signals; this job: {est['signals']}; after quantisation, before compression):")
+    for mode, m in est["modes"].items():
+        if m["total"] is None:
+            click.echo(f"  {mode:<16} not available for this teacher's family")
+            continue
+        once = f" + teacher slice {_human(m['once_bytes'])} once" if mode == "recompute" else ""
+        click.echo(f"  {mode:<16} {_human(m['bytes_per_sample']):>10}/sample {_human(m['total']):>12}{once}")
 
 
 @main.command("inspect-cache")

@@ -34,7 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -567,6 +567,9 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     })
     signal_of = {name: spec.signal for name, spec in shard_arrays(meta).items()}
     per_signal: dict[str, list[float]] = {}
+    # Both modes for the same job, whichever it asks for (issue 17 item 4): per sample, and once.
+    mode_metas = {"cached": replace(meta, signals="cached"), "recompute": replace(meta, signals="recompute", layers=(0,))}
+    per_mode: dict[str, list[int]] = {mode: [] for mode in mode_metas}
     # Every k-th sample over all shards (a header-only pass counts them), not the first n,
     # which may not be typical of the whole set.
     reader = ShardReader([p for p, _ in plan])
@@ -584,8 +587,11 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
             continue
         seen += 1
         t, image = len(enc.input_ids), enc.vision_start >= 0
-        arrays = sample_nbytes(meta, tokens=t, responses=sum(enc.response_mask[1:]),
-                               rows=t - (enc.vision_start + nv) if image else 0, vision=nv if image else 0)
+        counts = dict(tokens=t, responses=sum(enc.response_mask[1:]), rows=t - (enc.vision_start + nv) if image else 0,
+                      vision=nv if image else 0)
+        arrays = sample_nbytes(meta, **counts)
+        for mode, m in mode_metas.items():
+            per_mode[mode].append(sum(sample_nbytes(m, **counts).values()))
         sizes: dict[str, int] = {}
         for name, b in arrays.items():
             sizes[signal_of[name]] = sizes.get(signal_of[name], 0) + b
@@ -597,6 +603,13 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     # Each array of each shard also has a zarr.json of about 620 bytes (measured on demo caches).
     metadata = len(plan) * len(signal_of) * 620
     usable = total_samples * seen / tried  # skipped samples store nothing
+    modes: dict[str, dict[str, Any]] = {}
+    for mode, sizes in per_mode.items():
+        once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype)
+        per = float(np.mean(sizes))
+        arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * 620
+        modes[mode] = {"bytes_per_sample": per, "once_bytes": once,
+                       "total": None if once is None else per * usable + once + arrays_meta}
     return {
         "samples": total_samples,
         "sampled": seen,
@@ -605,4 +618,18 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
         "metadata_bytes": metadata,
         "total": sum(mean.values()) * usable + metadata,
         "compressor": args.cache.codecs.compressor,
+        "signals": args.cache.signals,
+        "modes": modes,  # "once_bytes": the teacher slice of a recompute cache (None: the family has none)
     }
+
+
+def _slice_bytes(ckpt: Any, dtype: str) -> int | None:
+    """A recompute cache's teacher slice for this checkpoint, in the dtype the teacher runs in."""
+    from alignkd.recompute import estimate_slice_bytes
+
+    if ckpt.projector_spec is None or ckpt.text_config is None:
+        return None
+    try:
+        return estimate_slice_bytes(ckpt.family, ckpt.text_config, ckpt.projector_spec, dtype)
+    except ValueError:  # not a Llama decoder
+        return None

@@ -51,7 +51,7 @@ from alignkd.models.base import VLM, ModelError, VLMBatch, text_positions
 from alignkd.models.tap import text_vision_block
 
 __all__ = ["TeacherSlice", "slice_tensors", "slice_fields", "tower_fingerprint", "load_teacher_slice",
-           "projector_inputs", "DECODER_KEYS"]
+           "projector_inputs", "decoder_config", "estimate_slice_bytes", "DECODER_KEYS"]
 
 DECODER_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "rms_norm_eps", "attention_bias", "max_position_embeddings", "rope_parameters")
@@ -137,12 +137,21 @@ class TeacherSlice(nn.Module):
         )
 
 
-def _decoder_config(vlm: VLM) -> dict[str, Any]:
-    config = vlm.text_config
-    if getattr(config, "model_type", None) != "llama":
-        raise ModelError(f"cache.signals 'recompute' needs a Llama decoder in the teacher; this {vlm.family} "
-                         f"teacher's is {getattr(config, 'model_type', None)!r}: use 'cached'")
-    return {k: getattr(config, k) for k in DECODER_KEYS if getattr(config, k, None) is not None}
+def decoder_config(text_config: Any, family: str) -> dict[str, Any]:
+    """SliceMeta.decoder of a teacher's decoder config (a ModelError unless it is Llama's)."""
+    kind = getattr(text_config, "model_type", None)
+    if kind != "llama":
+        raise ModelError(f"cache.signals 'recompute' needs a Llama decoder in the teacher; this {family} "
+                         f"teacher's is {kind!r}: use 'cached'")
+    return {k: getattr(text_config, k) for k in DECODER_KEYS if getattr(text_config, k, None) is not None}
+
+
+def estimate_slice_bytes(family: str, text_config: Any, projector_spec: dict[str, Any], dtype: str) -> int:
+    """Bytes of the slice's tensors for a teacher of this config, stored in `dtype` (the
+    safetensors header and slice.json add a few KiB): from the module's shapes, no weights."""
+    empty = TeacherSlice.build_empty(family, decoder_config(text_config, family), projector_spec)
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return sum(t.numel() for t in empty.state_dict().values()) * itemsize
 
 
 def tower_fingerprint(tower: nn.Module) -> str:
@@ -160,7 +169,7 @@ def slice_fields(vlm: VLM) -> dict[str, Any]:
     ident = vlm.identity()
     return {"family": vlm.family, "teacher_config_hash": ident["config_hash"],
             "teacher_weights_fingerprint": ident["weights_fingerprint"], "dtype": str(vlm.dtype).removeprefix("torch."),
-            "decoder": _decoder_config(vlm), "projector": vlm.projector_spec(),
+            "decoder": decoder_config(vlm.text_config, vlm.family), "projector": vlm.projector_spec(),
             "tower_fingerprint": tower_fingerprint(vlm.vision_tower)}
 
 

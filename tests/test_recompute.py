@@ -3,7 +3,6 @@ and focus of the full teacher's fp32 extraction (a reference cache written by th
 path, not the code against itself), train-student gives the same losses on either kind of
 cache with one job file, and every way a slice cannot serve is one line naming why."""
 
-import dataclasses
 import json
 import shutil
 
@@ -127,3 +126,30 @@ def test_a_recompute_cache_stores_only_ids_topk_and_the_vision_span(tiny_recompu
     arrays = set(reader.shard_meta(reader.shards[0]).nbytes)
     assert not arrays & {"attn_L00", "vision_features", "focus", "rows_offsets", "attn_offsets"}
     assert {"input_ids", "topk_ids", "topk_logprobs", "vision_start", "vision_length"} <= arrays
+
+
+def test_inspect_cache_reports_both_modes_sizes_for_either_kind_of_cache(tiny_cache, tiny_recompute_cache):
+    for cache, mode in ((tiny_cache, "cached"), (tiny_recompute_cache, "recompute")):
+        result = CliRunner().invoke(main, ["inspect-cache", str(cache), "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["mode"] == mode
+        cached, recompute = report["modes"]["cached"], report["modes"]["recompute"]
+        assert recompute["bytes_per_sample"] < cached["bytes_per_sample"] and recompute["slice_bytes"] > 0
+        text = CliRunner().invoke(main, ["inspect-cache", str(cache)]).output
+        assert f"this cache: {mode}" in text and "teacher slice" in text
+    # The arrays both modes store are the same arrays: measured equal in the two caches.
+    a = json.loads(CliRunner().invoke(main, ["inspect-cache", str(tiny_cache), "--json"]).output)
+    b = json.loads(CliRunner().invoke(main, ["inspect-cache", str(tiny_recompute_cache), "--json"]).output)
+    assert a["modes"]["recompute"]["slice_bytes"] == pytest.approx(b["modes"]["recompute"]["slice_bytes"], rel=0.02)
+
+
+def test_the_dry_run_reports_both_modes_sizes_for_the_job(tiny_models, demo_data, tmp_path):
+    result = CliRunner().invoke(main, [
+        "extract-teacher", "--job", "jobs/demo/extract.toml", "--dry-run",
+        "--set", f"teacher.path={tiny_models['mobilevlm']['teacher']}", "--set", f"data.shards={demo_data / 'train'}",
+        "--set", f"cache.path={tmp_path / 'c'}"])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.output.splitlines()[-2:]}
+    assert "this job: cached" in result.output and "teacher slice" in lines["recompute"] and "cached" in lines
+    assert not (tmp_path / "c").exists()

@@ -12,11 +12,13 @@ of the per-shard maxima, and the mean weighted by each shard's element count (it
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 from alignkd.cache.reader import CacheReader
-from alignkd.cache_schemas import shard_arrays
+from alignkd.cache.teacher_slice import slice_nbytes
+from alignkd.cache_schemas import sample_nbytes, shard_arrays
 
 __all__ = ["inspect_cache", "format_table"]
 
@@ -45,12 +47,14 @@ def inspect_cache(path: str | os.PathLike) -> dict[str, Any]:
         row["mean_error"] = sum(e["mean"] * count for e, count in errors) / n if n else None
 
     total = sum(row["bytes"] for row in signals.values())
+    modes = _modes(reader, shards, samples) if samples else {}
     float_signals = [row for row in signals.values() if row["raw_fp16_bytes"] is not None]
     float_bytes = sum(row["bytes"] for row in float_signals)
     float_raw = sum(row["raw_fp16_bytes"] for row in float_signals)
     return {
         "path": str(reader.path),
         "schema_version": meta.schema_version,
+        "mode": meta.signals,  # cache.signals: "cached" or "recompute"
         "teacher": {"family": meta.teacher.family, "path": meta.teacher.path, "config_hash": meta.teacher.config_hash},
         "template": meta.template,
         "layers": list(meta.layers),
@@ -70,7 +74,70 @@ def inspect_cache(path: str | os.PathLike) -> dict[str, Any]:
             "float_raw_fp16_bytes": float_raw,
             "float_ratio": float_raw / float_bytes if float_bytes else None,
         },
+        "modes": modes,
     }
+
+
+_SAMPLED_SHARDS = 16  # shards whose index arrays are read to size the mode this cache is not in
+
+
+def _modes(reader: CacheReader, shards: list[Any], samples: int) -> dict[str, dict[str, Any]]:
+    """Both modes' bytes for this cache's samples (issue 17 item 4): the arrays both modes
+    store are measured here (same arrays, same codecs); what only the cached mode stores
+    (attention, P^T, focus) is measured in a cached cache and, in a recompute one, sized by the
+    schema before compression from the per-sample counts of up to 16 shards' index arrays;
+    the teacher slice is measured in a recompute cache and, in a cached one, estimated from
+    the teacher checkpoint's config when its folder is still at meta.teacher.path."""
+    meta = reader.meta
+    cached_meta = dataclasses.replace(meta, signals="cached")
+    recompute_meta = dataclasses.replace(meta, signals="recompute", layers=(0,))
+    both = set(shard_arrays(recompute_meta))
+    measured = {name: sum(s.nbytes.get(name, 0) for s in shards) / samples for name in shard_arrays(meta)}
+    shared = sum(b for name, b in measured.items() if name in both)
+    if meta.signals == "cached":
+        cached, cached_how = sum(measured.values()), "measured"
+        slice_bytes, slice_how = _slice_estimate(meta), "estimated from the teacher's config"
+    else:
+        cached_how = "stored arrays measured, attention, P^T and focus as the schema sizes them before compression"
+        cached = shared + _cached_only_bytes(reader, cached_meta, both)
+        slice_bytes, slice_how = slice_nbytes(reader.path), "measured"
+    return {
+        "cached": {"bytes_per_sample": cached, "how": cached_how},
+        "recompute": {"bytes_per_sample": shared, "how": "measured: the arrays both modes store",
+                      "slice_bytes": slice_bytes, "slice_how": slice_how if slice_bytes is not None else "unknown",
+                      "total_bytes": shared * samples + slice_bytes if slice_bytes is not None else None},
+    }
+
+
+def _cached_only_bytes(reader: CacheReader, cached_meta: Any, both: set[str]) -> float:
+    """Mean bytes per sample of the arrays only a cached cache stores, before compression."""
+    from alignkd.cache.reader import open_shard
+
+    names = reader.shards
+    picked = names[:: max(1, len(names) // _SAMPLED_SHARDS)][:_SAMPLED_SHARDS]
+    total, count = 0, 0
+    for name in picked:
+        shard = open_shard(reader.path, reader.meta, reader.shard_meta(name))
+        ids, resp = shard.offsets["ids_offsets"], shard.offsets["resp_offsets"]
+        for i in range(len(ids) - 1):
+            t, start, nv = int(ids[i + 1] - ids[i]), int(shard.vision_start[i]), int(shard.vision_length[i])
+            sizes = sample_nbytes(cached_meta, tokens=t, responses=int(resp[i + 1] - resp[i]),
+                                  rows=t - (start + nv) if start >= 0 else 0, vision=nv)
+            total += sum(b for name, b in sizes.items() if name not in both)
+            count += 1
+    return total / count if count else 0.0
+
+
+def _slice_estimate(meta: Any) -> int | None:
+    """The teacher slice a recompute cache of this teacher would hold, if its folder is readable."""
+    from alignkd.extract import _slice_bytes
+    from alignkd.models import describe_checkpoint
+
+    try:
+        ckpt = describe_checkpoint(meta.teacher.path)
+    except (OSError, ValueError):
+        return None
+    return _slice_bytes(ckpt, meta.job.get("teacher", {}).get("dtype", "float32"))
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -101,6 +168,13 @@ def format_table(report: dict[str, Any]) -> str:
     if total["float_ratio"] is not None:
         lines.append(f"float signals: {_bytes(total['float_bytes'])} stored vs {_bytes(total['float_raw_fp16_bytes'])} "
                      f"as fp16 ({total['float_ratio']:.2f}x smaller)")
+    modes = report.get("modes")
+    if modes:
+        c, r = modes["cached"], modes["recompute"]
+        lines += ["", f"both modes (cache.signals; this cache: {report['mode']}):",
+                  f"  cached     {_bytes(c['bytes_per_sample'])}/sample ({c['how']})",
+                  f"  recompute  {_bytes(r['bytes_per_sample'])}/sample ({r['how']}) + teacher slice "
+                  f"{_bytes(r['slice_bytes'])} once ({r['slice_how']})"]
     return "\n".join(lines)
 
 

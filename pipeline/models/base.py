@@ -84,6 +84,7 @@ class CheckpointSummary:
     vocab_size: int
     tokenizer: Any
     projector_spec: dict[str, Any] | None = None  # VLM.projector_spec, where the family has one
+    text_config: Any = None  # the decoder's config, where the family can be sliced (alignkd.recompute)
 
 
 @dataclass

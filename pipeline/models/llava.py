@@ -99,7 +99,8 @@ class LlavaVLM(TransformersVLM):
         text, vc = llava.text_config, llava.vision_config
         nv = (vc.image_size // vc.patch_size) ** 2 + (llava.vision_feature_select_strategy != "default")
         return CheckpointSummary(cls.family, nv, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
-                                 text.vocab_size, AutoTokenizer.from_pretrained(path), projector_spec=_projector_spec(llava))
+                                 text.vocab_size, AutoTokenizer.from_pretrained(path), projector_spec=_projector_spec(llava),
+                                 text_config=text)
 
     @classmethod
     def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,

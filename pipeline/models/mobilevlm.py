@@ -380,7 +380,7 @@ class MobileVLM(VLM):
         grid = projector_grid(config, config_file)
         return CheckpointSummary(cls.family, grid**2, text.hidden_size, text.num_attention_heads,
                                  text.num_hidden_layers, text.vocab_size, tokenizer,
-                                 projector_spec=_projector_spec(config, config_file))
+                                 projector_spec=_projector_spec(config, config_file), text_config=text)
 
     @classmethod
     def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,
