@@ -65,7 +65,7 @@ def _args(tiny_models, demo_data, cache, run_dir, **optim):
         cache=str(cache),
         optim=OptimArgs(lr=1e-3, projector_lr=1e-3, adapter_lr=1e-2, **optim),
         loss=LossArgs(focus_k=4),
-        run=RunArgs(dir=str(run_dir), max_steps=3, save_every=0),
+        run=RunArgs(dir=str(run_dir), max_steps=2, save_every=0),
     )
 
 
@@ -76,7 +76,7 @@ def test_train_student_gives_the_same_losses_on_a_recompute_cache_as_on_a_cached
         train(_args(tiny_models, demo_data, cache, tmp_path / kind), echo=lambda _: None, progress=False)
         runs[kind] = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
         assert json.loads((tmp_path / kind / "cache.json").read_text())["signals"] == kind
-    assert [r["step"] for r in runs["recompute"]] == [0, 1, 2, 3]
+    assert [r["step"] for r in runs["recompute"]] == [0, 1, 2]
     for a, b in zip(runs["cached"], runs["recompute"]):
         for term in ("sup", "logit", "attn", "v_all", "v_focus", "total", "grad_share_attn"):
             if term in a:
@@ -153,3 +153,32 @@ def test_the_dry_run_reports_both_modes_sizes_for_the_job(tiny_models, demo_data
     lines = {line.split()[0]: line for line in result.output.splitlines()[-2:]}
     assert "this job: cached" in result.output and "teacher slice" in lines["recompute"] and "cached" in lines
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.bad_input
+def test_verify_cache_names_a_damaged_teacher_slice(tiny_recompute_cache, tmp_path):
+    from alignkd.cache.verify import verify_cache
+
+    assert verify_cache(tiny_recompute_cache).ok
+    root = tmp_path / "c"
+    shutil.copytree(tiny_recompute_cache, root)
+    tensors = root / TEACHER_SLICE / SLICE_TENSORS
+    tensors.write_bytes(tensors.read_bytes()[:-1])
+    for hashes in (True, False):
+        report = verify_cache(root, hashes=hashes)
+        assert list(report.damaged) == [TEACHER_SLICE] and str(tensors) in report.damaged[TEACHER_SLICE][0]
+
+
+@pytest.mark.bad_input
+def test_recompute_mode_is_refused_before_any_model_loads_for_a_family_without_a_slice(tiny_models, demo_data,
+                                                                                        tmp_path):
+    from alignkd.config import ConfigError
+    from alignkd.extract import CacheArgs, ExtractArgs, extract
+
+    args = ExtractArgs(teacher=ModelArgs(path=str(tiny_models["qwen2_5_vl"]["teacher"]), device="cpu"),
+                       data=DataArgs(shards=str(demo_data / "train"), template="chatml", max_length=256),
+                       cache=CacheArgs(path=str(tmp_path / "c"), signals="recompute"))
+    with pytest.raises(ConfigError, match="'recompute' is not available for a qwen2_5_vl teacher"):
+        extract(args, echo=lambda _: None, progress=False)
+    with pytest.raises(ValueError, match="rebuilds layer 0 only"):
+        CacheArgs(path="c", layers=[0, 1], signals="recompute").validate()

@@ -2,6 +2,7 @@
 
     meta = write_teacher_slice(root, tensors, fields)   # extraction, once per cache
     tensors, meta = read_teacher_slice(root)             # the student stage; CacheSchemaError if damaged
+    check_teacher_slice(root, hashes=False)              # its first problem, one line, or None (verify-cache)
     slice_nbytes(root)                                   # bytes of both files, or None without a slice
 
 `tensors` are the teacher's own tensors by the names alignkd.recompute gives them; `fields`
@@ -32,7 +33,7 @@ from alignkd.cache.integrity import fsync_dir, fsync_tree
 from alignkd.cache.store import TMP_MARK
 from alignkd.cache_schemas import SLICE_META, SLICE_TENSORS, TEACHER_SLICE, CacheSchemaError, FileDigest, SliceMeta
 
-__all__ = ["write_teacher_slice", "read_teacher_slice", "read_slice_meta", "slice_nbytes"]
+__all__ = ["write_teacher_slice", "read_teacher_slice", "read_slice_meta", "check_teacher_slice", "slice_nbytes"]
 
 
 def write_teacher_slice(cache_root: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -90,6 +91,29 @@ def read_teacher_slice(cache_root: str | os.PathLike) -> tuple[dict[str, torch.T
         raise CacheSchemaError(f"{where}: sha256 differs from slice.json's (damaged: run the same extract-teacher "
                                f"job again to rewrite the slice)")
     return load_safetensors(data), meta
+
+
+def check_teacher_slice(cache_root: str | os.PathLike, *, hashes: bool = True) -> str | None:
+    """The slice's first problem as one line naming the file, None when it is intact:
+    slice.json against the schema, the tensors' size, and with `hashes` their sha256."""
+    try:
+        if hashes:
+            read_teacher_slice(cache_root)
+            return None
+        meta = read_slice_meta(cache_root)
+        where = _path(cache_root, SLICE_TENSORS)
+        if remote.is_url(cache_root):
+            fs, path = remote.filesystem(where)
+            size = fs.size(path) if fs.exists(path) else None
+        else:
+            size = Path(where).stat().st_size if Path(where).is_file() else None
+        if size is None:
+            _read(cache_root, SLICE_TENSORS)  # the missing-file error
+        if size != meta.tensors.size:
+            return f"{where}: {size} bytes, slice.json says {meta.tensors.size} (damaged or truncated)"
+    except CacheSchemaError as e:
+        return str(e)
+    return None
 
 
 def slice_nbytes(cache_root: str | os.PathLike) -> int | None:

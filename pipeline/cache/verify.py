@@ -16,7 +16,9 @@ What is checked (the file list, `ShardMeta.files`, is described in cache_schemas
     checks them when it opens a shard;
   * a shard directory without its zarr.json: its attributes are lost, and readers would
     silently skip its samples, so it counts as damaged;
-  * a sample key stored in two shards.
+  * a sample key stored in two shards;
+  * a recompute cache's teacher slice (alignkd.cache.teacher_slice): slice.json against the
+    schema, its tensors' size and, with hashes, sha256; reported under the name "teacher_slice".
 Leftover temporary shards (`.{name}.tmp-...`) are listed but are not damage: no reader looks
 at them and the next `extract-teacher` run removes them.
 
@@ -48,7 +50,7 @@ from alignkd.cache import remote
 from alignkd.cache.integrity import check_objects, check_shard_files
 from alignkd.cache.reader import open_shard
 from alignkd.cache.store import list_complete_shards, read_cache_meta, read_shard_meta
-from alignkd.cache_schemas import SHARDS_GROUP, CacheMeta, CacheSchemaError, ShardMeta
+from alignkd.cache_schemas import SHARDS_GROUP, TEACHER_SLICE, CacheMeta, CacheSchemaError, ShardMeta
 
 __all__ = ["CacheVerification", "check_shard_files", "verify_cache"]
 
@@ -115,6 +117,12 @@ def verify_cache(path: str | os.PathLike, *, hashes: bool = True) -> CacheVerifi
             owner.setdefault(key, name)
         if problems:
             report.damaged[name] = problems
+    if meta.signals == "recompute":  # its teacher slice serves every sample: checked like a shard
+        from alignkd.cache.teacher_slice import check_teacher_slice
+
+        problem = check_teacher_slice(root, hashes=hashes)
+        if problem:
+            report.damaged[TEACHER_SLICE] = [problem]
     return report
 
 
