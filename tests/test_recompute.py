@@ -58,6 +58,34 @@ def test_recomputed_attention_features_and_focus_equal_the_full_teachers_fp32_ex
         assert reference.attention[0].abs().max() > 0.01  # real rows, not two blocks of zeros
 
 
+@pytest.mark.parametrize("heads", ["per_head", "mean"])
+def test_a_llava_teacher_with_grouped_query_attention_is_recomputed_exactly_too(tiny_models, demo_data, tmp_path,
+                                                                                  heads):
+    """The second family on the Llama path (its tiny teacher has 2 query heads per key head);
+    head-mean caches too. Ten samples: the shapes, not the count, are what is tested."""
+    from conftest import extract_in_process
+
+    shards = tmp_path / "data"
+    shards.mkdir()
+    first = sorted((demo_data / "train").iterdir())[0]
+    shutil.copy(first, shards / first.name)
+    teacher, student = tiny_models["llava"]["teacher"], load_vlm(tiny_models["llava"]["student"])
+    roots = {mode: extract_in_process(teacher, shards, tmp_path / mode, template="v1", batch_size=8,
+                                      attention_heads=heads, signals=mode) for mode in ("cached", "recompute")}
+    data = {mode: DistillDataset(shards=str(shards), cache=CacheReader(root), processor=StudentProcessor.of(student),
+                                 template="v1", max_length=256) for mode, root in roots.items()}
+    teacher_slice = load_teacher_slice(data["recompute"].cache, student, train_tower=False)
+    _, reference = data["cached"].collate([data["cached"][i] for i in range(10)])
+    batch, partial = data["recompute"].collate([data["recompute"][i] for i in range(10)])
+    with projector_inputs(student) as seen:
+        student(batch, tap_layers=(0,))
+    got = teacher_slice.complete(partial, batch, seen)
+    for a, b in ((got.attention[0], reference.attention[0]), (got.vision_features, reference.vision_features),
+                 (got.focus, reference.focus)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def _args(tiny_models, demo_data, cache, run_dir, **optim):
     return TrainArgs(
         student=ModelArgs(path=str(tiny_models["mobilevlm"]["student"]), device="cpu"),

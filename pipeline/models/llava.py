@@ -62,8 +62,9 @@ class LlavaVLM(TransformersVLM):
 
     @classmethod
     def build_projector(cls, spec: dict[str, Any]) -> nn.Module:
-        config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden_size"]),
-                             text_config=LlamaConfig(hidden_size=spec["hidden_size"]),
+        # Only the widths matter to the projector; one head keeps the configs' own checks happy.
+        config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=spec["vision_hidden_size"], num_attention_heads=1),
+                             text_config=LlamaConfig(hidden_size=spec["hidden_size"], num_attention_heads=1),
                              projector_hidden_act=spec["act"], multimodal_projector_bias=spec["bias"],
                              vision_feature_layer=spec["input"]["feature_layer"])
         return LlavaMultiModalProjector(config)
