@@ -3,13 +3,12 @@ the data side needs from a model is the small `batching.BatchModel` protocol."""
 
 import ast
 import pkgutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import alignkd.data
+from fresh_imports import run_fresh
 
 DATA_MODULES = ["alignkd.data"] + [f"alignkd.data.{m.name}" for m in pkgutil.iter_modules(alignkd.data.__path__)]
 
@@ -31,9 +30,13 @@ def test_no_data_module_imports_a_models_module_anywhere_in_its_source():
     assert not found, f"alignkd.data imports alignkd.models at {found}"
 
 
+@pytest.fixture(scope="module")
+def models_loaded_by():
+    """data module -> the alignkd.models modules importing it loaded, each in a fresh interpreter."""
+    code = "import sys, {}; print(sorted(m for m in sys.modules if m.split('.')[:2] == ['alignkd', 'models']))"
+    return dict(zip(DATA_MODULES, (out.strip() for out in run_fresh([code.format(m) for m in DATA_MODULES]))))
+
+
 @pytest.mark.parametrize("module", DATA_MODULES)
-def test_importing_a_data_module_in_a_fresh_interpreter_loads_no_models_module(module):
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[:2] == ['alignkd', 'models']))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", f"importing {module} loaded {done.stdout.strip()}"
+def test_importing_a_data_module_in_a_fresh_interpreter_loads_no_models_module(models_loaded_by, module):
+    assert models_loaded_by[module] == "[]", f"importing {module} loaded {models_loaded_by[module]}"

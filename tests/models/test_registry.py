@@ -3,10 +3,9 @@ imported only when one of its checkpoints is used, and what a family does not ha
 model_type, a loading option, a template) is one line naming what it does have."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from fresh_imports import run_fresh
 
 from alignkd.data.batching import make_batch
 from alignkd.data.templates import TemplateError
@@ -19,14 +18,20 @@ def test_each_registered_model_type_names_a_vlm_class_of_that_family(model_type)
     assert issubclass(cls, VLM) and cls.family == model_type
 
 
+@pytest.fixture(scope="module")
+def family_modules_loaded_by(tiny_models):
+    """family -> the family modules loading its checkpoint imported, each in a fresh interpreter."""
+    modules = sorted({FAMILIES[f].split(":")[0] for f in FAMILIES})
+    code = ("import json, sys; from alignkd.models import load_vlm; load_vlm({!r}); "
+            f"print(json.dumps(sorted(m for m in sys.modules if m in {modules!r})))")
+    families = sorted(FAMILIES)
+    outputs = run_fresh([code.format(str(tiny_models[f]["teacher"])) for f in families])
+    return {f: json.loads(out) for f, out in zip(families, outputs)}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_loading_a_checkpoint_imports_no_other_familys_module(tiny_models, family):
-    modules = {FAMILIES[f].split(":")[0] for f in FAMILIES}
-    code = (f"import json, sys; from alignkd.models import load_vlm; load_vlm({str(tiny_models[family]['teacher'])!r}); "
-            f"print(json.dumps(sorted(m for m in sys.modules if m in {sorted(modules)!r})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == [FAMILIES[family].split(":")[0]]
+def test_loading_a_checkpoint_imports_no_other_familys_module(family_modules_loaded_by, family):
+    assert family_modules_loaded_by[family] == [FAMILIES[family].split(":")[0]]
 
 
 @pytest.mark.bad_input
