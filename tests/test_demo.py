@@ -2,6 +2,7 @@
 training, extraction on Ray, students for each quick variant and seed, report, pictures) and
 its outputs exist and parse. The numbers of so short a run mean nothing and are not checked."""
 
+import dataclasses
 import json
 import shutil
 
@@ -11,13 +12,24 @@ from PIL import Image
 from alignkd.demo import QUICK, DemoArgs, run_students, run_demo
 
 
-def test_the_demo_runs_every_stage_and_writes_its_report(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One shortened demo from nothing (teacher retrained, two seeds, students two at a time):
+    (its folder, its arguments, its report)."""
+    out = tmp_path_factory.mktemp("demo")
     short = ["run.max_steps=3", "run.eval_every=0", "eval.max_samples=8", "data.batch_size=8"]
     args = DemoArgs(seeds=[0, 1], n_train=48, n_teacher_train=64, n_val=8, n_test=16, attention_samples=2,
-                    retrain_teacher=True, overrides={"teacher": short, "student": short,
-                                                     "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
-    report = run_demo(tmp_path, args, echo=lambda _: None)
+                    retrain_teacher=True, workers=2,
+                    overrides={"teacher": short, "student": short,
+                               "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        report = run_demo(out, args, echo=lambda _: None)
+    return out, args, report
+
+
+def test_the_demo_runs_every_stage_and_writes_its_report(quick_demo):
+    tmp_path, args, report = quick_demo
     # The teacher trained on its own, larger set, of which the students' set is the start.
     assert len(list((tmp_path / "teacher-data" / "train").glob("*.tar"))) >= 1
     assert _tower(tmp_path / "models" / "student") == _tower(tmp_path / "teacher" / "export")
@@ -85,24 +97,21 @@ def _finals(out):
     return finals
 
 
-def test_students_trained_in_parallel_equal_those_trained_one_after_another(tmp_path, monkeypatch):
+def test_students_trained_in_parallel_equal_those_trained_one_after_another(quick_demo):
     """Each student runs on one thread, in its own process or in this one: the numbers must
-    not depend on how many ran at once."""
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    short = ["run.max_steps=4", "run.eval_every=0", "eval.max_samples=8", "data.batch_size=8"]
-    args = DemoArgs(seeds=[0, 1], n_train=48, n_teacher_train=48, n_val=8, n_test=16, attention_samples=1, workers=2,
-                    retrain_teacher=True, overrides={"teacher": short, "student": short,
-                               "extract": ["ray.num_workers=1", "ray.cpus_per_worker=0.5"]})
-    run_demo(tmp_path, args, echo=lambda _: None)
-    parallel = _finals(tmp_path)
+    not depend on how many ran at once. The quick demo trained its students two at a time;
+    here they are trained again one after another, in this process."""
+    out, args, _ = quick_demo
+    parallel = _finals(out)
     assert len(parallel) == len(QUICK) * 2
-    for run in tmp_path.glob("runs/*"):
-        shutil.rmtree(run)
+    shutil.move(out / "runs", out / "runs-two-at-a-time")
     lines = []
-    args.workers = 1
-    run_demo(tmp_path, args, echo=lines.append)
-    serial = _finals(tmp_path)
-    assert serial == parallel
+    try:
+        run_demo(out, dataclasses.replace(args, workers=1), echo=lines.append)
+        assert _finals(out) == parallel
+    finally:  # the folder as the quick demo left it, for the other tests of this module
+        shutil.rmtree(out / "runs", ignore_errors=True)
+        shutil.move(out / "runs-two-at-a-time", out / "runs")
     assert sum("train-student" in line for line in lines) == len(QUICK) * 2
 
 
