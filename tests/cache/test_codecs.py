@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alignkd.cache.codecs import CODECS, error_stats, get_codec, stored_bytes
-from alignkd.cache_schemas import CODEC_STORAGE, CodecSpec
+from alignkd.cache_schemas import CODEC_STORAGE, CodecSpec, packed_width
 
 # ---------------------------------------------------------------------------- data
 
@@ -196,3 +196,57 @@ def test_every_codec_a_job_can_name_exists():
     for field in ("attention", "features", "logprobs"):
         for name in typing.get_args(hints[field]):
             assert name in CODECS and name in CODEC_STORAGE
+
+
+# ---------------------------------------------------------------------------- torch, on the device
+
+
+def _bits(a) -> np.ndarray:
+    """float32 as its bit patterns: equal bits, so -0.0 and 0.0 differ."""
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32)).view(np.uint32)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CODECS) if CODECS[n].scaled])
+@pytest.mark.parametrize("width", [1, 8, 9])
+def test_dequantise_on_torch_gives_the_numpy_decode_bit_for_bit(name, width):
+    import torch
+
+    from alignkd.cache.codecs import Quantised, dequantise
+
+    rng = np.random.default_rng(width)
+    codec = get_codec(name)
+    x = feature_rows(rng, (3, 5, width)) if codec.signed else attention_rows(rng, (3, 5, width))
+    for data in (x, np.zeros((0, 4, width), np.float32)):
+        parts = codec.encode(data)
+        want = codec.decode(parts, length=width)
+        got = dequantise(Quantised(name, torch.from_numpy(parts["values"]), torch.from_numpy(parts["scale"]), width))
+        assert got.dtype == torch.float32 and tuple(got.shape) == want.shape
+        np.testing.assert_array_equal(_bits(got.numpy()), _bits(want))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CODECS) if CODECS[n].scaled])
+def test_the_zero_code_dequantises_to_positive_zero(name):
+    import torch
+
+    from alignkd.cache.codecs import Quantised, dequantise, zero_code
+
+    width = 5
+    values = torch.full((2, packed_width(name, width)), zero_code(name), dtype=getattr(torch, get_codec(name).dtype))
+    for scale in (torch.zeros(2), torch.tensor([0.5, 3.0])):
+        got = dequantise(Quantised(name, values, scale, width)).numpy()
+        np.testing.assert_array_equal(_bits(got), _bits(np.zeros((2, width))))
+
+
+def test_dequantise_refuses_codes_that_do_not_fit_the_row_length_or_a_float_codec():
+    import torch
+
+    from alignkd.cache.codecs import Quantised, dequantise
+
+    with pytest.raises(ValueError, match="cannot hold"):
+        dequantise(Quantised("uint4", torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(2), 7))
+    with pytest.raises(ValueError, match="expected 4"):
+        dequantise(Quantised("uint8", torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(2), 4))
+    with pytest.raises(ValueError, match="scale shape"):
+        dequantise(Quantised("int8", torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3), 3))
+    with pytest.raises(ValueError, match="not a scaled codec"):
+        dequantise(Quantised("fp16", torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2), 3))
