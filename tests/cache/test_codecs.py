@@ -250,3 +250,40 @@ def test_dequantise_refuses_codes_that_do_not_fit_the_row_length_or_a_float_code
         dequantise(Quantised("int8", torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3), 3))
     with pytest.raises(ValueError, match="not a scaled codec"):
         dequantise(Quantised("fp16", torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2), 3))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CODECS) if CODECS[n].scaled])
+@pytest.mark.parametrize("width", [1, 8, 9])
+def test_quantise_on_torch_gives_the_numpy_encoders_codes_and_scales_bit_for_bit(name, width):
+    import torch
+
+    from alignkd.cache.codecs import quantise, quantised_error
+
+    rng = np.random.default_rng(100 + width)
+    codec = get_codec(name)
+    x = feature_rows(rng, (3, 5, width)) if codec.signed else attention_rows(rng, (3, 5, width))
+    if width >= 3:  # a row whose step is exactly 1: 2.5 and 3.5 round half to even, to 2 and 4
+        x.reshape(-1, width)[1] = 0
+        x.reshape(-1, width)[1, :3] = [codec.levels, 2.5, 3.5]
+    for data in (x, np.zeros((0, 4, width), np.float32), np.zeros((2, 0), np.float32)):
+        want = codec.encode(data)
+        got = quantise(name, torch.from_numpy(data))
+        assert got.values.dtype == getattr(torch, codec.dtype) and got.length == data.shape[-1]
+        np.testing.assert_array_equal(got.values.numpy(), want["values"])
+        np.testing.assert_array_equal(got.scale.numpy().view(np.uint32), want["scale"].view(np.uint32))
+        stats = error_stats(data, codec.decode(want, data.shape[-1]))
+        top, total = quantised_error(torch.from_numpy(data), got)
+        assert top == stats["max"] and total == pytest.approx(stats["mean"] * data.size, rel=1e-12, abs=0)
+
+
+def test_quantise_on_torch_refuses_what_the_numpy_encoder_refuses():
+    import torch
+
+    from alignkd.cache.codecs import quantise
+
+    for name, x, match in [("uint8", [[0.1, float("nan")]], "NaN"), ("int8", [[1.0, float("inf")]], "inf"),
+                           ("uint4", [[0.1, -0.2]], "negative")]:
+        with pytest.raises(ValueError, match=match):
+            get_codec(name).encode(np.array(x, np.float32))
+        with pytest.raises(ValueError, match=match):
+            quantise(name, torch.tensor(x))
