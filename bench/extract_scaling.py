@@ -17,11 +17,12 @@ over ShareGPT4V-PT (1.246M samples) and the 2M-sample fine-tuning set. The model
                         the forward's achieved FLOP/s, which is then used instead;
   CPU time per sample   from benchmark 1's stage profile (its JSON is read from the same results
                         folder): reading + decoding and tokenising + CLIP preprocessing as
-                        measured (same 336 px images); the shard write (quantise, error stats,
-                        compress, store) per sample scaled by the number of signal values per
-                        sample, plus its fixed per-shard cost spread over --shard-samples. The
-                        `signals` stage is left out: on a GPU its work (LM head, top-k) is in
-                        the FLOPs above;
+                        measured (same 336 px images); the shard write (checks, compress,
+                        store) per sample scaled by the number of signal values per sample,
+                        plus its fixed per-shard cost spread over --shard-samples. The
+                        `signals` and `quantise` stages are left out: on a GPU their work (LM
+                        head, top-k, quantisation and its error stats) runs on the device, after
+                        the forward, and is small beside the FLOPs above (not counted in them);
   per GPU               stages in sequence, as TeacherWorker runs them now; and, for a change
                         this model suggests, CPU work overlapped with the forward and spread
                         over the job's --cpus-per-gpu cores: max(GPU, CPU / cores);
