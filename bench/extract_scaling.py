@@ -31,6 +31,7 @@ over ShareGPT4V-PT (1.246M samples) and the 2M-sample fine-tuning set. The model
 
     python bench/extract_scaling.py                       # bench/results/extract_scaling.{json,md}
     python bench/extract_scaling.py --repeats 5 --samples 96
+    python bench/extract_scaling.py --projection-only --tag projection   # the projection alone, from benchmark 1
     python bench/extract_scaling.py --smoke
     python bench/extract_scaling.py --preset paper --teacher-layers 8 --workers 1 --cpus-per-worker 8 \\
         --device cuda --dtype bfloat16 --gpu
@@ -168,6 +169,7 @@ def main() -> None:
                     help="write to bench/results/gpu/ (and read benchmarks 1 and 5 from there)")
     ap.add_argument("--projection-only", action="store_true",
                     help="skip the measurement (a one-GPU run: benchmark 1 measured the one worker there)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (extract_scaling_TAG), for variants")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -230,7 +232,8 @@ def main() -> None:
         "",
         C.machine_line(m),
     ]
-    C.write_results(C.results_dir(args), "extract_scaling", result, "\n".join(md))
+    C.write_results(C.results_dir(args), f"extract_scaling_{args.tag}" if args.tag else "extract_scaling", result,
+                    "\n".join(md))
 
 
 if __name__ == "__main__":
