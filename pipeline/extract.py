@@ -212,7 +212,8 @@ class TeacherWorker:
         remove_partial_shard(cache_root, shard_name)  # an earlier, killed attempt at this shard
         fault = faults.kill_armed(cache_root, shard_name)
         records: list[Any] = []
-        on_device = args.cache.codecs if vlm.device.type != "cpu" else None
+        # a recompute cache stores no attention or P^T: nothing to quantise for it
+        on_device = args.cache.codecs if vlm.device.type != "cpu" and args.cache.signals == "cached" else None
         batches = _Prefetch(self._batches(input_shard), _PREFETCH)
         try:
             with self._forward:
