@@ -38,10 +38,10 @@ class _Timed:
     def keys(self) -> list[str]:
         return self.source.keys()
 
-    def get(self, key: str):
+    def get(self, key: str, dequantise: bool = True):
         t = time.perf_counter()
         try:
-            return self.source.get(key)
+            return self.source.get(key, dequantise=dequantise)
         finally:
             self.spent += time.perf_counter() - t
 
@@ -50,12 +50,12 @@ class _Preloaded:
     """Every record of a cache, read once into memory; the interface DistillDataset uses."""
 
     def __init__(self, cache) -> None:
-        self.records = {key: cache.get(key) for key in cache.keys()}
+        self.records = {key: cache.get(key, dequantise=False) for key in cache.keys()}  # as DistillDataset reads
 
     def keys(self) -> list[str]:
         return list(self.records)
 
-    def get(self, key: str):
+    def get(self, key: str, dequantise: bool = False):
         return self.records[key]
 
 

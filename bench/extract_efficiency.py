@@ -14,6 +14,13 @@ vision tokens from a 336 px CLIP tower; see bench/_common.py), the same samples,
             fixed start-up (Ray, the actor, loading the teacher), so
             (N_all - N_one) / (t_all - t_one) is the steady-state samples/s of a long job.
 
+Threads: the Ray actor reserves `--threads` CPUs; the teacher's forward runs on
+`--forward-threads` torch threads (default: all of them), in the worker (`ray.forward_threads`)
+and in the bare forward alike, so the ratio always compares the same forward. With
+`--forward-threads` one below `--threads`, the worker's prefetch and write threads get a core
+of their own, as they have beside a GPU: the question is then whether the pipeline hides every
+other stage behind a forward of that many threads, not how fast the machine's cores can run it.
+
 The three alternate within every repeat (order reversed on odd repeats), and each repeat's
 ratio is taken side by side; the report gives medians with min and max. The target is a
 steady-state ratio of at least 0.97 (issue 16: the worker is pipelined, TeacherWorker.process_shard). A single in-process pass with a timer per stage (read,
@@ -24,6 +31,7 @@ the rest of the time goes; writing an empty shard gives the part of `write` that
     python bench/extract_efficiency.py                          # bench/results/extract_efficiency.{json,md}
     python bench/extract_efficiency.py --repeats 5 --samples 96
     python bench/extract_efficiency.py --samples 128 --samples-per-shard 64 --tag shard64   # bigger shards
+    python bench/extract_efficiency.py --forward-threads 1 --tag fwd1     # a core left to the pipeline
     python bench/extract_efficiency.py --smoke                  # seconds; checks the script only
     python bench/extract_efficiency.py --preset paper --teacher-layers 8 --device cuda --dtype bfloat16 --gpu
 """
@@ -43,7 +51,9 @@ import _common as C  # noqa: E402
 TARGET = 0.97
 # Where each profiled stage runs in TeacherWorker.process_shard.
 CRITICAL = {"read_decode": "prefetch thread", "tokenise_preprocess": "prefetch thread", "forward": "critical path",
-            "signals": "critical path", "write": "behind the next shard's forward"}
+            "signals": "critical path",
+            "quantise": "behind the next shard's forward (on a GPU: on the device, after the forward)",
+            "write": "behind the next shard's forward"}
 
 
 def _sync(device: str) -> None:
@@ -93,9 +103,26 @@ def bare_forward(vlm, batches: list, device: str) -> float:
     return time.perf_counter() - t
 
 
+def _quantised(record, codecs):
+    """A float record with its attention and features quantised by the torch quantiser, as a
+    GPU worker does on the device (alignkd.signals); here on this machine's CPU."""
+    import dataclasses
+
+    import torch
+    from alignkd.signals import _to_host
+
+    attention = {k: _to_host(torch.from_numpy(v), codecs.attention) for k, v in record.attention.items()}
+    features = _to_host(torch.from_numpy(record.vision_features), codecs.features) if record.vision_length else \
+        record.vision_features
+    return dataclasses.replace(record, attention=attention, vision_features=features)
+
+
 def stage_profile(vlm, work: C.Workdir, meta_cache: Path, out_cache: Path, device: str) -> dict[str, float]:
     """One in-process pass over every shard, what TeacherWorker.process_shard does, with a
-    timer per stage. Writes into a fresh cache made with the extraction cache's metadata."""
+    timer per stage. Writes into a fresh cache made with the extraction cache's metadata.
+    `quantise` (codes, scales and codec error of attention and features) is timed apart from
+    `write` (the rest of write_shard: checks, compression, zarr, fsync, publish): a CPU
+    worker's writer does both behind the next forward; a GPU worker quantises on the device."""
     import os
     import shutil
 
@@ -109,7 +136,7 @@ def stage_profile(vlm, work: C.Workdir, meta_cache: Path, out_cache: Path, devic
     meta = read_cache_meta(meta_cache)
     shutil.rmtree(out_cache, ignore_errors=True)
     init_cache(out_cache, meta)
-    times = dict.fromkeys(("read_decode", "tokenise_preprocess", "forward", "signals", "write"), 0.0)
+    times = dict.fromkeys(("read_decode", "tokenise_preprocess", "forward", "signals", "quantise", "write"), 0.0)
     p = work.preset
 
     def clock(stage: str, t0: float) -> float:
@@ -133,6 +160,8 @@ def stage_profile(vlm, work: C.Workdir, meta_cache: Path, out_cache: Path, devic
             t = clock("forward", t)
             records += teacher_signals(vlm, batch, out, chunk, layers=[0], topk=p.topk)
             t = clock("signals", t)
+        records = [_quantised(r, meta.codecs) for r in records]
+        t = clock("quantise", t)
         write_shard(out_cache, Path(shard).name.removesuffix(".tar"), records, [], meta=meta, input_shard=shard,
                     input_size=os.path.getsize(shard))
         clock("write", t)
@@ -152,7 +181,9 @@ def main() -> None:
     ap.add_argument("--samples-per-shard", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2,
-                    help="CPUs of the Ray actor and torch threads of the bare forward")
+                    help="CPUs of the Ray actor")
+    ap.add_argument("--forward-threads", type=int, default=0,
+                    help="torch threads of the teacher forward, in the worker and the bare forward (0: --threads)")
     ap.add_argument("--teacher-layers", type=int, help="cut the preset's teacher to this many layers")
     ap.add_argument("--student-layers", type=int, help="cut the preset's student to this many layers")
     ap.add_argument("--device", default="cpu")
@@ -168,7 +199,8 @@ def main() -> None:
     import torch
     from alignkd.models import load_vlm
 
-    torch.set_num_threads(args.threads)
+    forward_threads = args.forward_threads or args.threads
+    torch.set_num_threads(forward_threads)
     work = C.workdir_from_args(args)
     preset = work.preset
     n_shards = -(-args.samples // args.samples_per_shard)
@@ -178,6 +210,7 @@ def main() -> None:
                           dtype=args.dtype, device=args.device)
     one = C.extract_args(work, work.root / "cache-one", shards=C.first_shards(work, 1), cpus_per_worker=args.threads,
                          num_cpus=num_cpus, dtype=args.dtype, device=args.device)
+    full.ray.forward_threads = one.ray.forward_threads = forward_threads
 
     dtype = getattr(torch, args.dtype)
     teacher = load_vlm(work.teacher, dtype=dtype, device=args.device)
@@ -220,7 +253,7 @@ def main() -> None:
     tokens = statistics.fmean(int(b.attention_mask.sum()) / b.attention_mask.shape[0] for b in batches)
     rows = statistics.fmean(_response_rows(b)[0].numel() / b.attention_mask.shape[0] for b in batches)
     flops = C.forward_flops(p.teacher, tokens, p.vision, logit_rows=rows, vocab=p.vocab_size)
-    m = C.machine(args.device, args.threads)
+    m = C.machine(args.device, forward_threads)
     result = {
         "benchmark": "extract_efficiency (issue 6, item 1)",
         "preset": p.name, "teacher": p.teacher, "vision": p.vision, "num_vision_tokens": p.grid**2,
@@ -228,7 +261,9 @@ def main() -> None:
         "mean_tokens_per_sample": tokens, "mean_response_rows_per_sample": rows,
         "teacher_forward_gflop_per_sample": flops / 1e9,
         "device": args.device, "dtype": args.dtype, "repeats": args.repeats,
-        "ray": {"num_workers": 1, "cpus_per_worker": args.threads, "num_cpus": num_cpus},
+        "ray": {"num_workers": 1, "cpus_per_worker": args.threads, "num_cpus": num_cpus,
+                "forward_threads": forward_threads},
+        "bare_forward_threads": forward_threads,
         "codecs": full.cache.codecs.to_dict(),
         "seconds": {k: C.stats(v) for k, v in runs.items()},
         "per_repeat": per_repeat,
@@ -253,8 +288,11 @@ def main() -> None:
         f"{p.vision['hidden_size']} at {p.vision['image_size']} px, {p.grid**2} vision tokens; {n_all} samples "
         f"in {n_shards} shards, mean {tokens:.0f} tokens, batch {p.batch_size}, {args.dtype} on {args.device}; "
         f"{flops / 1e9:.1f} GFLOP per sample forward (LM head on {rows:.0f} response rows included). One Ray actor "
-        f"with {args.threads} CPUs; the bare forward is the same tapped forward and LM head on the response rows "
-        f"under no_grad, on batches built beforehand, {args.threads} threads. "
+        f"with {args.threads} CPUs whose teacher forward runs on {forward_threads} torch thread(s); the bare forward "
+        f"is the same tapped forward and LM head on the response rows under no_grad, on batches built beforehand, "
+        f"on the same {forward_threads} thread(s)"
+        + (f" (the worker's other {args.threads - forward_threads} CPU(s) are left to its prefetch and write "
+           "threads, as beside a GPU)" if forward_threads < args.threads else "") + ". "
         f"{args.repeats} interleaved repeats, median (min-max).",
         "",
         C.md_table(["", "seconds", "samples/s", "ratio to bare forward"], [

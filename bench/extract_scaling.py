@@ -17,11 +17,12 @@ over ShareGPT4V-PT (1.246M samples) and the 2M-sample fine-tuning set. The model
                         the forward's achieved FLOP/s, which is then used instead;
   CPU time per sample   from benchmark 1's stage profile (its JSON is read from the same results
                         folder): reading + decoding and tokenising + CLIP preprocessing as
-                        measured (same 336 px images); the shard write (quantise, error stats,
-                        compress, store) per sample scaled by the number of signal values per
-                        sample, plus its fixed per-shard cost spread over --shard-samples. The
-                        `signals` stage is left out: on a GPU its work (LM head, top-k) is in
-                        the FLOPs above;
+                        measured (same 336 px images); the shard write (checks, compress,
+                        store) per sample scaled by the number of signal values per sample,
+                        plus its fixed per-shard cost spread over --shard-samples. The
+                        `signals` and `quantise` stages are left out: on a GPU their work (LM
+                        head, top-k, quantisation and its error stats) runs on the device, after
+                        the forward, and is small beside the FLOPs above (not counted in them);
   per GPU               stages in sequence, as TeacherWorker runs them now; and, for a change
                         this model suggests, CPU work overlapped with the forward and spread
                         over the job's --cpus-per-gpu cores: max(GPU, CPU / cores);
@@ -30,6 +31,7 @@ over ShareGPT4V-PT (1.246M samples) and the 2M-sample fine-tuning set. The model
 
     python bench/extract_scaling.py                       # bench/results/extract_scaling.{json,md}
     python bench/extract_scaling.py --repeats 5 --samples 96
+    python bench/extract_scaling.py --projection-only --tag projection   # the projection alone, from benchmark 1
     python bench/extract_scaling.py --smoke
     python bench/extract_scaling.py --preset paper --teacher-layers 8 --workers 1 --cpus-per-worker 8 \\
         --device cuda --dtype bfloat16 --gpu
@@ -167,6 +169,7 @@ def main() -> None:
                     help="write to bench/results/gpu/ (and read benchmarks 1 and 5 from there)")
     ap.add_argument("--projection-only", action="store_true",
                     help="skip the measurement (a one-GPU run: benchmark 1 measured the one worker there)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (extract_scaling_TAG), for variants")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
@@ -229,7 +232,8 @@ def main() -> None:
         "",
         C.machine_line(m),
     ]
-    C.write_results(C.results_dir(args), "extract_scaling", result, "\n".join(md))
+    C.write_results(C.results_dir(args), f"extract_scaling_{args.tag}" if args.tag else "extract_scaling", result,
+                    "\n".join(md))
 
 
 if __name__ == "__main__":

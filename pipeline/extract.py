@@ -83,6 +83,9 @@ class RayArgs:
     cpus_per_worker: float = 1.0  # fractional on small CPU machines (read tasks need CPUs too)
     gpus_per_worker: float = 1.0  # used only where the cluster has GPUs
     num_cpus: int | None = None  # CPUs of a local Ray (None: all)
+    # torch threads of the teacher's forward in each worker; 0: cpus_per_worker (rounded, at least 1).
+    # On a CPU teacher, cpus_per_worker - 1 leaves one core to the worker's prefetch and write threads.
+    forward_threads: int = 0
     max_restarts: int = 3  # a dead worker is restarted this often; its shard is redone
 
 
@@ -144,7 +147,7 @@ class TeacherWorker:
 
         from alignkd.models import load_model
 
-        threads = max(1, int(round(args.ray.cpus_per_worker)))
+        threads = args.ray.forward_threads or max(1, int(round(args.ray.cpus_per_worker)))
         torch.set_num_threads(threads)
         self.args = args
         self.index = worker_index
@@ -192,7 +195,12 @@ class TeacherWorker:
         phase has let go of the teacher (`_forward`), so that in a Ray actor running two calls at
         once (`max_concurrency=2`, see _spawn_workers) the next shard's forward runs meanwhile.
         Batches, their order and every record are those of the sequential loop: the cache bytes
-        do not depend on the overlap."""
+        do not depend on the overlap.
+
+        On a GPU the attention and features are quantised there, right after the forward, and
+        only their codes and scales are copied to the host (alignkd.signals, the same bytes as
+        the writer's numpy quantiser); on a CPU teacher there is no copy to save, and the writer
+        quantises them behind the next shard's forward instead of on the forward's path."""
         import torch
 
         from alignkd.cache.store import remove_partial_shard
@@ -204,6 +212,8 @@ class TeacherWorker:
         remove_partial_shard(cache_root, shard_name)  # an earlier, killed attempt at this shard
         fault = faults.kill_armed(cache_root, shard_name)
         records: list[Any] = []
+        # a recompute cache stores no attention or P^T: nothing to quantise for it
+        on_device = args.cache.codecs if vlm.device.type != "cpu" and args.cache.signals == "cached" else None
         batches = _Prefetch(self._batches(input_shard), _PREFETCH)
         try:
             with self._forward:
@@ -212,7 +222,8 @@ class TeacherWorker:
                         with torch.no_grad():
                             out = vlm(batch, tap_layers=tuple(args.cache.layers))
                         records.extend(teacher_signals(vlm, batch, out, samples, layers=args.cache.layers,
-                                                       topk=args.cache.topk, attention_heads=args.cache.attention_heads))
+                                                       topk=args.cache.topk, attention_heads=args.cache.attention_heads,
+                                                       codecs=on_device))
                     if fault and full:  # tests: die for real, mid-shard, once
                         faults.kill_once(cache_root, shard_name)
         finally:

@@ -2,6 +2,7 @@
 
     out = teacher(batch, tap_layers=layers)
     records = teacher_signals(teacher, batch, out, samples, layers=(0,), topk=64)
+    records = teacher_signals(teacher, batch, out, samples, layers=(0,), topk=64, codecs=CodecSpec())  # on the device
 
 What is kept (ALIGN_KD.md, notation):
   attention   A^T[:, Q, V] of each tapped layer (per head, or the head mean when the job
@@ -11,6 +12,13 @@ What is kept (ALIGN_KD.md, notation):
               top-k tokens of L_V_focus;
   top-k       the teacher's k most likely next tokens at every response position with their
               log-probs and the log of the remaining mass, for L_logit over k + 1 bins.
+
+With `codecs`, attention and features of a scaled codec (uint8 / uint4 / int8 / int4) are
+quantised where the forward ran (alignkd.cache.codecs.quantise: the numpy encoder's codes and
+scales, bit for bit) and only the codes and scales are copied to the host, a quarter of the
+float32 bytes: what an extraction worker on a GPU does. A block the codec cannot hold (NaN,
+inf, negative attention) is copied as floats instead, for the writer to refuse it naming the
+sample, exactly as without `codecs`.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from alignkd.cache.codecs import Quantised, get_codec, quantise, quantised_error
 from alignkd.cache.records import SampleSignals
+from alignkd.cache_schemas import CodecSpec
 from alignkd.data.shards import Sample, sample_fingerprint
 from alignkd.models.base import VLM, VLMBatch, VLMOutput
 
@@ -112,9 +122,14 @@ def teacher_signals(
     topk: int,
     attention_heads: str = "per_head",
     logit_chunk: int = 1024,
+    codecs: CodecSpec | None = None,
 ) -> list[SampleSignals]:
-    """Split one batch's teacher outputs into per-sample records (float32 numpy), each with
-    its own image's vision-token count (the padded columns of a ragged batch dropped)."""
+    """Split one batch's teacher outputs into per-sample records (float32 numpy, or with
+    `codecs` Quantised attention and features, see the module docstring), each with its own
+    image's vision-token count (the padded columns of a ragged batch dropped)."""
+    # "fp32": copy the floats; the writer quantises them (a CPU teacher, or no codecs given)
+    attention_codec, features_codec = (codecs.attention, codecs.features) if codecs is not None else ("fp32", "fp32")
+
     by_key = {s.key: s for s in samples}
     nv = batch.num_vision_tokens  # None: per image; a text-only sample then stores 0 tokens
     empty = nv if nv is not None else 0
@@ -159,10 +174,10 @@ def teacher_signals(
             rows = out.blocks[layer].probs[b, :, :n_rows, :n_vis]  # (H, Lq, Nv)
             if attention_heads == "mean":
                 rows = rows.mean(dim=0)
-            attention[layer] = rows.float().cpu().numpy()
+            attention[layer] = _to_host(rows.float(), attention_codec)
         grid = None
         if has_image:
-            feats = out.vision_features[img, :n_vis].float().cpu().numpy()
+            feats = _to_host(out.vision_features[img, :n_vis].float(), features_codec)
             grid = grids[img] if grids is not None else None
             img += 1
         else:
@@ -186,3 +201,15 @@ def teacher_signals(
             )
         )
     return records
+
+
+def _to_host(x: torch.Tensor, codec: str) -> np.ndarray | Quantised:
+    """A float32 block on the teacher's device -> the host: its codes and scales for a scaled
+    codec (with the codec error the writer records), else the floats."""
+    if not get_codec(codec).scaled:
+        return x.cpu().numpy()
+    try:
+        q = quantise(codec, x)
+    except ValueError:  # NaN, inf, negative attention: the writer refuses the floats, naming the sample
+        return x.cpu().numpy()
+    return Quantised(codec, q.values, q.scale, q.length, quantised_error(x, q)).numpy()

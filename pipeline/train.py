@@ -262,6 +262,8 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
     a V term on, "vision_target" (what the V MSE holds them to), for the diagnostics.
     `teacher_slice` (a recompute cache's, alignkd.recompute) rebuilds the teacher's attention,
     P^T and focus from the student's own tower features before any term reads them."""
+    if teacher is not None:  # quantised signals become float32 here, on the device the batch was moved to
+        teacher = teacher.dequantised()
     tap = (loss.attn_layer,) if loss.attn > 0 or loss.ground > 0 else ()
     recompute = teacher_slice is not None and (loss.attn > 0 or loss.v_all > 0 or loss.v_focus > 0)
     with projector_inputs(student) if recompute else nullcontext() as seen:

@@ -254,3 +254,16 @@ def test_a_worker_that_dies_on_a_shard_with_no_restart_left_names_the_shard(ray_
         monkeypatch.delenv(KILL_ENV)
         ray.shutdown()
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+def test_ray_forward_threads_sets_the_teachers_torch_threads_apart_from_the_cpus_it_reserves(tiny_models, demo_data,
+                                                                                           tmp_path):
+    from alignkd.extract import TeacherWorker
+
+    threads = torch.get_num_threads()
+    try:
+        for ray_args, want in [(RayArgs(cpus_per_worker=2), 2), (RayArgs(cpus_per_worker=2, forward_threads=1), 1)]:
+            TeacherWorker(dataclasses.replace(_args(tiny_models, demo_data, tmp_path / "c"), ray=ray_args))
+            assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(threads)

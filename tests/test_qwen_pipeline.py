@@ -170,7 +170,7 @@ class _Records:
     def keys(self):
         return list(self.records)
 
-    def get(self, key):
+    def get(self, key, dequantise=True):  # float records: nothing to dequantise
         return self.records[key]
 
 

@@ -1,4 +1,5 @@
-"""Quantisers for the cached teacher signals (numpy only), one per CodecSpec value.
+"""Quantisers for the cached teacher signals, one per CodecSpec value: numpy for the cache
+writer and reader, and exact torch counterparts for the training step's device.
 
     codec = get_codec("uint8")
     parts = codec.encode(x)              # {"values": uint8 array, "scale": float32 array}
@@ -25,6 +26,24 @@ Input checks (ValueError): NaN anywhere; +-inf in a quantised signal; negative a
 unsigned codecs; a finite value that fp16 cannot hold (it would silently become inf). -inf passes
 through the float casts (a tail log-mass is -inf when the top k hold all the mass).
 
+Dequantising on the student's device (issue 16, item 3: the cast and scale were the largest
+cost of a cache read). The reader can hand back a scaled codec's parts as stored, a
+`Quantised` (codes + row scales + the row length); collate pads and stacks those, the batch
+moves to the device as uint8 / int8, and `dequantise` turns each array into float32 there in
+one op, with the same bits as `Codec.decode` (one float32 multiply of the same two operands):
+
+    q = Quantised("uint8", values, scale, length)   # numpy (a record) or torch (a batch)
+    x = dequantise(q.to("cuda"))                    # torch float32, equal to codec.decode(...)
+
+`zero_code(name)` is the stored byte that decodes to 0 (int4 stores q + 8), what padding holds.
+
+Quantising on the teacher's device (issue 16, item 1): `quantise(name, x)` is the torch
+counterpart of `Codec.encode` for the scaled codecs, the same codes and scales bit for bit
+(the same float32 max, division and round-half-to-even), so the extraction worker can copy
+uint8 / int8 codes to the host instead of float32 blocks; `quantised_error` gives the codec
+error the writer records for it (max exact; the sum in float64, in torch's order, so the
+shard's mean error agrees with the numpy path's to float64 rounding, not bit for bit).
+
 The layout (which arrays hold "values" and "scale", their dtypes) is in alignkd.cache_schemas.
 """
 
@@ -32,10 +51,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["Codec", "CODECS", "get_codec", "error_stats", "stored_bytes"]
+__all__ = ["Codec", "CODECS", "Quantised", "get_codec", "error_stats", "stored_bytes", "dequantise", "quantise",
+           "quantised_error", "zero_code"]
 
 Parts = dict[str, np.ndarray]
 
@@ -171,3 +192,110 @@ def _unpack4(packed: np.ndarray, length: int) -> np.ndarray:
     out[..., 0::2] = packed & 0x0F
     out[..., 1::2] = packed >> 4
     return out[..., :length]
+
+
+# ---------------------------------------------------------------------------- on the device
+
+
+@dataclass(frozen=True)
+class Quantised:
+    """One array as a scaled codec stores it, not yet dequantised: `values` (..., P) codes (P
+    bytes per row for the 4-bit codecs, else the row itself), `scale` (...) float32 per row,
+    `length` the row length of the float array it stands for. Arrays are numpy (a cache
+    record) or torch (a collated batch); `shape` is the decoded array's."""
+
+    codec: str
+    values: Any
+    scale: Any
+    length: int
+    error: tuple[float, float] | None = None  # (max, sum) of |x - decoded| over x, where x was known
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.values.shape[:-1], self.length)
+
+    def to(self, device: Any) -> Quantised:
+        """The torch payload moved as stored (codes stay uint8 / int8)."""
+        return Quantised(self.codec, self.values.to(device), self.scale.to(device), self.length, self.error)
+
+    def numpy(self) -> Quantised:
+        """A torch payload copied to the host as numpy arrays (the codes, not floats)."""
+        return Quantised(self.codec, self.values.cpu().numpy(), self.scale.cpu().numpy(), self.length, self.error)
+
+
+def zero_code(name: str) -> int:
+    """The stored byte that decodes to 0 (int4 keeps q + 8 in both nibbles; the others 0)."""
+    codec = get_codec(name)
+    return 0x88 if codec.packed and codec.signed else 0
+
+
+def dequantise(q: Quantised):
+    """The torch counterpart of `Codec.decode` for torch payloads: float32 on q's device, bit
+    for bit what the numpy decode gives (the same float32 product q * scale)."""
+    import torch
+
+    codec = get_codec(q.codec)
+    if not codec.scaled:
+        raise ValueError(f"{codec.name}: not a scaled codec, nothing to dequantise")
+    values, scale = q.values, q.scale.to(torch.float32)
+    if codec.packed:
+        if values.shape[-1] != (q.length + 1) // 2:
+            raise ValueError(f"{codec.name}: {values.shape[-1]} bytes per row cannot hold {q.length} values")
+        codes = torch.stack([values & 0x0F, values >> 4], dim=-1).flatten(-2)[..., : q.length]
+        if codec.signed:
+            codes = codes.to(torch.int16) - 8
+    else:
+        if values.shape[-1] != q.length:
+            raise ValueError(f"{codec.name}: rows have {values.shape[-1]} values, expected {q.length}")
+        codes = values
+    if tuple(scale.shape) != tuple(codes.shape[:-1]):
+        raise ValueError(f"{codec.name}: scale shape {tuple(scale.shape)} does not match values {tuple(codes.shape)}")
+    # Integer codes times a float32 scale promote to float32: one cast-and-multiply kernel.
+    return torch.mul(codes, scale.unsqueeze(-1))
+
+
+def quantise(name: str, x) -> Quantised:
+    """The torch counterpart of `Codec.encode` for a scaled codec: a torch payload on x's
+    device whose codes and scales equal the numpy encoder's for the same float32 values; the
+    same ValueErrors (NaN, inf, negative attention)."""
+    import torch
+
+    codec = get_codec(name)
+    if not codec.scaled:
+        raise ValueError(f"{codec.name}: not a scaled codec, nothing to quantise")
+    x = x.to(torch.float32)
+    if bool(torch.isnan(x).any()):
+        raise ValueError(f"{codec.name}: input has NaN")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{codec.name}: input has inf")
+    if not codec.signed and x.numel() and bool((x < 0).any()):
+        raise ValueError(f"{codec.name}: input has negative values ({float(x.min()):g}); this codec is for probabilities")
+    if x.shape[-1] == 0 or x.numel() == 0:
+        top = torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
+    else:
+        top = x.abs().amax(dim=-1) if codec.signed else x.amax(dim=-1)
+    # A true float32 division, as numpy's top / float32(levels): a divisor tensor, not a Python
+    # number (CUDA turns division by a host scalar into a multiplication by its reciprocal).
+    scale = top / torch.full_like(top, codec.levels)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    lo = -codec.levels if codec.signed else 0
+    q = torch.round(x / safe.unsqueeze(-1)).clamp(lo, codec.levels)  # round: half to even, as np.rint
+    if codec.packed:
+        nibbles = (q + 8 if codec.signed else q).to(torch.uint8)
+        if nibbles.shape[-1] % 2:
+            nibbles = torch.nn.functional.pad(nibbles, (0, 1))
+        values = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    else:
+        values = q.to(getattr(torch, codec.dtype))
+    return Quantised(name, values, scale, x.shape[-1])
+
+
+def quantised_error(x, q: Quantised) -> tuple[float, float]:
+    """(max, sum) of |x - dequantise(q)| over x's elements, in float64 (0.0, 0.0 when empty):
+    what `Codec.encode` + `error_stats` give the writer, from a device payload."""
+    import torch
+
+    if x.numel() == 0:
+        return 0.0, 0.0
+    err = (x.to(torch.float64) - dequantise(q).to(torch.float64)).abs()
+    return float(err.max()), float(err.sum())

@@ -5,6 +5,7 @@
     reader.meta                                # CacheMeta: shapes, layers, codecs, teacher, job
     len(reader), "000017" in reader, reader.keys()
     s = reader.get("000017")                   # SampleSignals, shapes as in alignkd.cache.records
+    s = reader.get("000017", dequantise=False) # attention / vision_features as stored (codecs.Quantised)
     reader.skipped()                           # [(key, reason, shard)] of samples with no signals
     reader.shard_meta("train-000003")          # ShardMeta (bytes, codec error, input shard)
     reader.fingerprint()                       # sha256 of all metadata: what a run trained on
@@ -51,7 +52,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from alignkd.cache import remote
-from alignkd.cache.codecs import get_codec
+from alignkd.cache.codecs import Quantised, get_codec
 from alignkd.cache.records import SampleSignals, vision_grid
 from alignkd.cache.integrity import check_shard_files
 from alignkd.cache.store import list_complete_shards, read_cache_meta, read_shard_meta
@@ -184,8 +185,14 @@ class CacheReader:
 
     # -------------------------------------------------------------------- reading a sample
 
-    def get(self, key: str) -> SampleSignals:
-        """The sample's signals, dequantised to float32 (ids int32); KeyError if absent."""
+    def get(self, key: str, *, dequantise: bool = True) -> SampleSignals:
+        """The sample's signals, dequantised to float32 (ids int32); KeyError if absent.
+
+        `dequantise=False`: attention blocks and vision_features of a scaled codec (uint8,
+        uint4, int8, int4) come back as stored, `Quantised` codes and row scales in the float
+        block's orientation ((H, Lq, P) and (H, Lq); (N_v, P) and (N_v,)), for the training
+        step to dequantise on its device (alignkd.data.distill); float codecs, and caches of
+        shard layout 1, are decoded as always."""
         try:
             name, row = self._key_index()[key]
         except KeyError:
@@ -197,6 +204,7 @@ class CacheReader:
         start, length = int(shard.vision_start[row]), int(shard.vision_length[row])
         heads = meta.teacher.num_heads if meta.attention_heads == "per_head" else None
         layout1 = meta.shard_layout == 1
+        stored = not dequantise and not layout1
 
         input_ids = shard.read("input_ids", slice(t0, t1)).astype(np.int32)
         if start >= 0:  # stored as 0 in version 2; IMAGE_TOKEN already in version 1
@@ -210,9 +218,13 @@ class CacheReader:
                 rows = shard.decode(name_l, codecs.attention, slice(l0, l1), meta.num_vision_tokens)[..., :length]
             else:
                 rows = shard.decode_block(name_l, codecs.attention, shard.span("attn_offsets", row), (l0, l1),
-                                          heads, length)
+                                          heads, length, dequantise=not stored)
             # Stored as (Lq, H, N_v) rows; a sample's block is (H, Lq, N_v).
-            attention[layer] = np.ascontiguousarray(rows.transpose(1, 0, 2)) if rows.ndim == 3 else rows
+            if isinstance(rows, Quantised):  # codes and scales turned the same way (views; collate copies)
+                attention[layer] = Quantised(rows.codec, rows.values.transpose(1, 0, 2), rows.scale.T, rows.length) \
+                    if heads else rows
+            else:
+                attention[layer] = np.ascontiguousarray(rows.transpose(1, 0, 2)) if rows.ndim == 3 else rows
         if not cached:  # no rows: alignkd.recompute fills them in the student stage
             features, focus = np.zeros((0, meta.teacher.hidden_size), np.float32), np.zeros(0, np.float32)
         elif layout1:  # one row of N_v tokens per sample, zeros for a text-only one
@@ -220,7 +232,8 @@ class CacheReader:
             focus = shard.read("focus", row)[:length]
         else:
             v0, v1 = shard.span("vision_offsets", row)
-            features = shard.decode("vision_features", codecs.features, slice(v0, v1), meta.teacher.hidden_size)
+            features = shard.decode("vision_features", codecs.features, slice(v0, v1), meta.teacher.hidden_size,
+                                    dequantise=not stored)
             focus = shard.read("focus", slice(v0, v1))
         grid = tuple(int(x) for x in shard.vision_grid[row]) if shard.vision_grid is not None else None
         signals = SampleSignals(
@@ -369,20 +382,26 @@ class _OpenShard:
         return self._chunks.get((str(self.path), name, index), load)
 
     def decode_block(self, name: str, codec_name: str, values: tuple[int, int], rows: tuple[int, int],
-                     heads: int | None, length: int) -> np.ndarray:
+                     heads: int | None, length: int, dequantise: bool = True) -> np.ndarray | Quantised:
         """One sample's attention block of a flattened (A,) array: values[a0:a1] reshaped to
-        (Lq, H, P_v) or (Lq, P_v), with the row scales rows[l0:l1], decoded to length N_v."""
+        (Lq, H, P_v) or (Lq, P_v), with the row scales rows[l0:l1], decoded to length N_v
+        (`dequantise=False` and a scaled codec: the parts as stored)."""
         codec = get_codec(codec_name)
         lq = rows[1] - rows[0]
         shape = (lq, heads, packed_width(codec_name, length)) if heads else (lq, packed_width(codec_name, length))
         parts = {"values": self.read(name, slice(*values)).reshape(shape)}
         if codec.scaled:
             parts["scale"] = self.read(name + SCALE_SUFFIX, slice(*rows))
+            if not dequantise:
+                return Quantised(codec_name, parts["values"], parts["scale"], length)
         return codec.decode(parts, length)
 
-    def decode(self, name: str, codec_name: str, where: slice | int, length: int | None) -> np.ndarray:
+    def decode(self, name: str, codec_name: str, where: slice | int, length: int | None,
+               dequantise: bool = True) -> np.ndarray | Quantised:
         codec = get_codec(codec_name)
         parts = {"values": self.read(name, where)}
         if codec.scaled:
             parts["scale"] = self.read(name + SCALE_SUFFIX, where)
+            if not dequantise:
+                return Quantised(codec_name, parts["values"], parts["scale"], length)
         return codec.decode(parts, length)

@@ -26,6 +26,11 @@ the cache reader hands them back (dequantised). Shapes per sample:
 A text-only sample's vision arrays are empty: vision_features (0, D_T), focus (0,), and its
 attention blocks have no rows (the writer also takes the zero-filled (N_v, ...) arrays that
 fixed-grid producers give it).
+
+An attention block or vision_features may instead be an `alignkd.cache.codecs.Quantised`
+of those shapes: codes and row scales made on the teacher's device with the cache's codec
+(extraction on a GPU), or as stored (`CacheReader.get(key, dequantise=False)`); their values
+were checked where they were quantised, so only their shapes are checked here.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from alignkd.cache.codecs import Quantised
 from alignkd.cache_schemas import IMAGE_TOKEN, CacheMeta, CacheSchemaError
 
 _INT32 = np.iinfo(np.int32)
@@ -147,12 +153,12 @@ def _check_sample(s: SampleSignals, meta: CacheMeta) -> None:
         shape = (h, lq, nv) if meta.attention_heads == "per_head" else (lq, nv)
         # A sample without image has no rows; producers may pad its empty block to any width.
         a = _floats(s.attention[layer], f"attention[{layer}]", shape, any_width=lq == 0)
-        if a.size and a.min() < 0:
+        if a is not None and a.size and a.min() < 0:
             raise CacheSchemaError(f"attention[{layer}] has negative probabilities")
 
     feats = _floats(s.vision_features, "vision_features", (nv, d), any_rows=vs == -1)
     focus = _floats(s.focus, "focus", (nv,), any_rows=vs == -1)
-    if vs == -1 and (feats.any() or focus.any()):
+    if vs == -1 and ((feats is None or feats.any()) or focus.any()):
         raise CacheSchemaError("text-only sample has non-zero vision_features or focus")
 
 
@@ -170,17 +176,22 @@ def _ints(a: object, name: str, ndim: int | None = None, shape: tuple[int, ...] 
 
 
 def _floats(a: object, name: str, shape: tuple[int, ...], allow_neg_inf: bool = False, *,
-            any_width: bool = False, any_rows: bool = False) -> np.ndarray:
+            any_width: bool = False, any_rows: bool = False) -> np.ndarray | None:
     """`any_width`: the last axis may have any length (an empty block); `any_rows`: the first
-    may (a text-only sample's vision arrays, which are not stored)."""
-    a = np.asarray(a)
-    if a.dtype.kind != "f":
-        raise CacheSchemaError(f"{name} has dtype {a.dtype}, expected floats")
-    fits = a.ndim == len(shape) and all(
+    may (a text-only sample's vision arrays, which are not stored). A Quantised array: its
+    shape only, and None back (its values were checked when it was quantised)."""
+    quantised = isinstance(a, Quantised)
+    if not quantised:
+        a = np.asarray(a)
+        if a.dtype.kind != "f":
+            raise CacheSchemaError(f"{name} has dtype {a.dtype}, expected floats")
+    fits = len(a.shape) == len(shape) and all(
         got == want or (any_width and i == len(shape) - 1) or (any_rows and i == 0)
         for i, (got, want) in enumerate(zip(a.shape, shape)))
     if not fits:
         raise CacheSchemaError(f"{name} has shape {a.shape}, expected {shape}")
+    if quantised:
+        return None
     bad = np.isnan(a) | (np.isinf(a) & ~(allow_neg_inf & (a < 0)))
     if bad.any():
         raise CacheSchemaError(f"{name} has {'NaN or +inf' if allow_neg_inf else 'NaN or inf'} values")

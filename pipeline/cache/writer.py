@@ -34,7 +34,10 @@ listed is exactly what gets published; alignkd.cache.verify and the reader check
 
 Every input is checked before anything is written: `meta` against the cache's root metadata and
 each sample against `meta` (shapes, offsets, ranges); errors are CacheSchemaError naming the
-sample key. Arrays are chunked along axis 0 at about CHUNK_BYTES uncompressed per chunk, so a
+sample key. A sample's attention blocks or features may come already quantised (codecs.Quantised,
+made on the teacher's GPU with the cache's codec): their codes and scales are stored as they are,
+the very bytes the numpy encoder would have made from the floats, and their codec error comes
+with them. Arrays are chunked along axis 0 at about CHUNK_BYTES uncompressed per chunk, so a
 reader fetching one sample decompresses little more than it needs.
 """
 
@@ -52,7 +55,7 @@ import numpy as np
 import zarr
 
 from alignkd.cache import remote
-from alignkd.cache.codecs import Codec, error_stats, get_codec
+from alignkd.cache.codecs import Codec, Quantised, error_stats, get_codec
 from alignkd.cache.integrity import dir_bytes, fsync_dir, fsync_tree, shard_files
 from alignkd.cache.records import SampleSignals, check_samples, vision_grid
 from alignkd.cache.remote import is_url
@@ -229,11 +232,17 @@ class _Accounting:
         self._sum: dict[str, float] = {}
 
     def add(self, signal: str, codec: Codec, x: np.ndarray, decoded: np.ndarray | None) -> None:
-        self.raw_fp16[signal] = self.raw_fp16.get(signal, 0) + 2 * x.size
         if codec.lossy:
             stats = error_stats(x, decoded)
-            self._max[signal] = max(self._max.get(signal, 0.0), stats["max"])
-            self._sum[signal] = self._sum.get(signal, 0.0) + stats["mean"] * x.size
+            self.add_error(signal, x.size, stats["max"], stats["mean"] * x.size)
+        else:
+            self.raw_fp16[signal] = self.raw_fp16.get(signal, 0) + 2 * x.size
+
+    def add_error(self, signal: str, size: int, top: float, total: float) -> None:
+        """An array of `size` elements with codec error max `top` and sum `total`."""
+        self.raw_fp16[signal] = self.raw_fp16.get(signal, 0) + 2 * size
+        self._max[signal] = max(self._max.get(signal, 0.0), top)
+        self._sum[signal] = self._sum.get(signal, 0.0) + total
 
     def errors(self) -> dict[str, dict[str, float]]:
         out = {}
@@ -285,6 +294,15 @@ def _shard_arrays(
         values = np.zeros(_shape(spec, counts), spec.dtype)
         scale = np.zeros(_shape(scale_spec, counts), np.float32) if scale_spec else None
         for i, x in enumerate(pieces):
+            if isinstance(x, Quantised):  # encoded on the teacher's device
+                if x.codec != codec_name or x.error is None:
+                    raise CacheSchemaError(f"sample {samples[i].key}: {name}: codes of codec {x.codec}"
+                                           f"{'' if x.error is not None else ' without their error'}, "
+                                           f"the cache stores {codec_name}")
+                _put(values, spec, offsets, i, x.values)
+                _put(scale, scale_spec, offsets, i, x.scale)
+                acc.add_error(name, math.prod(x.shape), *x.error)
+                continue
             try:
                 parts = codec.encode(x)
             except ValueError as e:  # e.g. a log-prob beyond fp16's range: name the sample
@@ -312,15 +330,16 @@ def _shard_arrays(
         yield "attn_offsets", offsets["attn_offsets"]
     for layer in meta.layers if cached else ():
         # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so that they line up with the row scales.
-        blocks = (f32(s.attention[layer])[..., : s.vision_length] for s in samples)
-        yield from coded(attention_array(layer), c.attention, (b.transpose(1, 0, 2) if per_head else b for b in blocks))
+        blocks = (_rows_first(s.attention[layer], s.vision_length, per_head) for s in samples)
+        yield from coded(attention_array(layer), c.attention, blocks)
     yield "vision_start", np.array([s.vision_start for s in samples], dtype=np.int32)
     yield "vision_length", np.array([s.vision_length for s in samples], dtype=np.int32)
     yield "vision_grid", np.array([vision_grid(s) for s in samples], dtype=np.int32).reshape(n, 2)
     if not cached:
         return
     yield "vision_offsets", offsets["vision_offsets"]
-    yield from coded("vision_features", c.features, (f32(s.vision_features)[: s.vision_length] for s in samples))
+    yield from coded("vision_features", c.features, (s.vision_features if isinstance(s.vision_features, Quantised)
+                                                     else f32(s.vision_features)[: s.vision_length] for s in samples))
     focus = np.zeros(counts["V"], np.float32)
     fp32 = get_codec("fp32")
     for i, s in enumerate(samples):
@@ -328,6 +347,16 @@ def _shard_arrays(
         _put(focus, specs["focus"], offsets, i, piece)
         acc.add("focus", fp32, piece, None)
     yield "focus", focus
+
+
+def _rows_first(block: np.ndarray | Quantised, vision_length: int, per_head: bool) -> np.ndarray | Quantised:
+    """A sample's attention block as stored: (Lq, H, N_v) per head, (Lq, N_v) head mean."""
+    if isinstance(block, Quantised):  # its width is the sample's own already
+        if not per_head:
+            return block
+        return Quantised(block.codec, block.values.transpose(1, 0, 2), block.scale.T, block.length, block.error)
+    rows = np.asarray(block, dtype=np.float32)[..., :vision_length]
+    return rows.transpose(1, 0, 2) if per_head else rows
 
 
 def _put(target: np.ndarray, spec: ArraySpec, offsets: dict[str, np.ndarray], i: int, part: np.ndarray) -> None:

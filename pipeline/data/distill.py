@@ -6,7 +6,11 @@
     for batch, teacher in loader: ...
 
 Lazy on both sides: a sample's image and text are read from its tar by offset, its signals
-from its cache shard, only when the sample is asked for. Samples the extraction skipped are
+from its cache shard, only when the sample is asked for. Quantised signals (uint8 / uint4
+attention, int8 / int4 features) stay as stored through the DataLoader and collate, codes and
+row scales, a quarter of float32's bytes; `TeacherBatch.dequantised()` turns them into float32
+wherever the batch is, so after `teacher.to(device)` on the student's device (compute_losses
+does it), with the bits the cache reader's numpy decode gives. Samples the extraction skipped are
 not in the cache and so not in the data set (`ds.skipped` counts them). Each item is checked
 against its cache record: the same content fingerprint (the data did not change) and the
 same token ids (the student's tokenizer and template reproduce the teacher's sequence), so
@@ -15,14 +19,16 @@ no training step ever pairs a student input with another sample's teacher signal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from alignkd.cache.codecs import Quantised, dequantise, zero_code
 from alignkd.cache.records import SampleSignals
+from alignkd.cache_schemas import packed_width
 from alignkd.data.batching import BatchModel, VLMBatch
 from alignkd.data.images import ImagePreprocessor, PreparedImages
 from alignkd.data.random_access import ShardReader
@@ -66,11 +72,13 @@ class TeacherBatch:
         (dynamic resolution) Nv is the batch's largest and the rest is zero padding.
     topk_ids, topk_logprobs: (N_R, k); tail_logmass: (N_R,) in the order of the student's
         response positions (batch-major, then position).
+    attention and vision_features are float32 tensors, or, from a cache with a scaled codec,
+        `Quantised` codes and row scales of those shapes until `dequantised()`.
     """
 
-    attention: dict[int, torch.Tensor]
+    attention: dict[int, torch.Tensor | Quantised]
     query_mask: torch.Tensor
-    vision_features: torch.Tensor
+    vision_features: torch.Tensor | Quantised
     focus: torch.Tensor
     image_mask: torch.Tensor
     topk_ids: torch.Tensor
@@ -79,11 +87,21 @@ class TeacherBatch:
     vision_mask: torch.Tensor
 
     def to(self, device: torch.device | str) -> TeacherBatch:
+        """Moved as it is: quantised signals travel as their codes and scales."""
         return TeacherBatch(
             attention={k: v.to(device) for k, v in self.attention.items()},
             **{f: getattr(self, f).to(device) for f in ("query_mask", "vision_features", "focus", "image_mask",
                                                          "topk_ids", "topk_logprobs", "tail_logmass", "vision_mask")},
         )
+
+    def dequantised(self) -> TeacherBatch:
+        """Every signal in float32 on the device it is on: one dequantise op per quantised array
+        (alignkd.cache.codecs.dequantise, bit for bit the numpy decode); float ones as they are."""
+        def floats(x: torch.Tensor | Quantised) -> torch.Tensor:
+            return dequantise(x) if isinstance(x, Quantised) else x
+
+        return replace(self, attention={k: floats(v) for k, v in self.attention.items()},
+                       vision_features=floats(self.vision_features))
 
 
 class DistillDataset(Dataset):
@@ -138,7 +156,7 @@ class DistillDataset(Dataset):
         item = {"encoded": enc, "pixels": pixels, "signals": None, "meta": sample.meta}
         if self.cache is None:
             return item
-        signals: SampleSignals = self.cache.get(key)
+        signals: SampleSignals = self.cache.get(key, dequantise=False)  # on the student's device, after collate
         if sample_fingerprint(sample) != signals.fingerprint:
             raise CacheMismatch(f"sample {key}: content differs from the cached teacher's input (data changed)")
         if not np.array_equal(np.asarray(enc.input_ids, dtype=np.int32), signals.input_ids):
@@ -180,29 +198,26 @@ def _teacher_batch(signals: list[SampleSignals], seq_len: int, num_vision: int |
     lq = max([seq_len - (s.vision_start + s.vision_length) for s in signals if s.vision_start >= 0] or [0])
     attention = {}
     for layer in signals[0].attention:
-        first = signals[0].attention[layer]
-        shape = (len(signals), *first.shape[:-2], lq, nv)
-        out = np.zeros(shape, dtype=np.float32)
-        for b, s in enumerate(signals):
-            rows = s.attention[layer]
-            out[b, ..., : rows.shape[-2], : rows.shape[-1]] = rows
-        attention[layer] = torch.from_numpy(out)
+        blocks = [s.attention[layer] for s in signals]
+        lead = blocks[0].shape[:-2]  # (H,) per head, () for the head mean
+        attention[layer] = _stacked(blocks, (*lead, lq), nv)
     query_mask = torch.zeros(len(signals), lq, dtype=torch.bool)
     # A recompute cache stores no attention, P^T or focus: they stay empty (B, 0, ...) here and
     # alignkd.recompute fills them on the student's device.
     width = nv if signals[0].attention else 0
-    features = np.zeros((len(signals), width, dim), dtype=np.float32)
     focus = np.zeros((len(signals), width), dtype=np.float32)
     for b, s in enumerate(signals):
         n = len(s.input_ids) - (s.vision_start + s.vision_length) if s.vision_start >= 0 else 0  # Lq of the sample
         query_mask[b, :n] = True
-        features[b, : s.vision_length] = s.vision_features[: s.vision_length]
         focus[b, : s.vision_length] = s.focus[: s.vision_length]
+    # A fixed-grid producer may hand a text-only sample N_v zero rows of float features; none is kept.
+    features = [s.vision_features if isinstance(s.vision_features, Quantised) else s.vision_features[: s.vision_length]
+                for s in signals]
     lengths = torch.tensor([s.vision_length for s in signals], dtype=torch.long)
     return TeacherBatch(
         attention=attention,
         query_mask=query_mask,
-        vision_features=torch.from_numpy(features),
+        vision_features=_stacked(features, (width,), dim),
         focus=torch.from_numpy(focus),
         vision_mask=torch.arange(nv)[None, :] < lengths[:, None],
         image_mask=torch.tensor([s.vision_start >= 0 for s in signals]),
@@ -210,6 +225,27 @@ def _teacher_batch(signals: list[SampleSignals], seq_len: int, num_vision: int |
         topk_logprobs=torch.from_numpy(np.concatenate([s.topk_logprobs for s in signals])),
         tail_logmass=torch.from_numpy(np.concatenate([s.tail_logmass for s in signals])),
     )
+
+
+def _stacked(pieces: list, lead: tuple[int, ...], width: int) -> torch.Tensor | Quantised:
+    """Per-sample arrays (..., rows, last axis) padded into one (B, *lead, width) batch, each in
+    its top-left corner. Float arrays pad with 0; `Quantised` ones stay quantised: codes pad
+    with the code of 0, scales with 0, so the padding dequantises to the float path's zeros."""
+    if not isinstance(pieces[0], Quantised):
+        return torch.from_numpy(_corners([np.asarray(p, dtype=np.float32) for p in pieces], (*lead, width),
+                                         np.float32, 0))
+    codec = pieces[0].codec
+    values = _corners([p.values for p in pieces], (*lead, packed_width(codec, width)), pieces[0].values.dtype,
+                      zero_code(codec))
+    scale = _corners([p.scale for p in pieces], lead, np.float32, 0)
+    return Quantised(codec, torch.from_numpy(values), torch.from_numpy(scale), width)
+
+
+def _corners(arrays: list[np.ndarray], shape: tuple[int, ...], dtype: Any, fill: int) -> np.ndarray:
+    out = np.full((len(arrays), *shape), fill, dtype=dtype)
+    for b, a in enumerate(arrays):
+        out[(b, *(slice(0, n) for n in a.shape))] = a
+    return out
 
 
 class EpochSampler(Sampler[int]):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alignkd.cache.codecs import CODECS, error_stats, get_codec, stored_bytes
-from alignkd.cache_schemas import CODEC_STORAGE, CodecSpec
+from alignkd.cache_schemas import CODEC_STORAGE, CodecSpec, packed_width
 
 # ---------------------------------------------------------------------------- data
 
@@ -196,3 +196,94 @@ def test_every_codec_a_job_can_name_exists():
     for field in ("attention", "features", "logprobs"):
         for name in typing.get_args(hints[field]):
             assert name in CODECS and name in CODEC_STORAGE
+
+
+# ---------------------------------------------------------------------------- torch, on the device
+
+
+def _bits(a) -> np.ndarray:
+    """float32 as its bit patterns: equal bits, so -0.0 and 0.0 differ."""
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32)).view(np.uint32)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CODECS) if CODECS[n].scaled])
+@pytest.mark.parametrize("width", [1, 8, 9])
+def test_dequantise_on_torch_gives_the_numpy_decode_bit_for_bit(name, width):
+    import torch
+
+    from alignkd.cache.codecs import Quantised, dequantise
+
+    rng = np.random.default_rng(width)
+    codec = get_codec(name)
+    x = feature_rows(rng, (3, 5, width)) if codec.signed else attention_rows(rng, (3, 5, width))
+    for data in (x, np.zeros((0, 4, width), np.float32)):
+        parts = codec.encode(data)
+        want = codec.decode(parts, length=width)
+        got = dequantise(Quantised(name, torch.from_numpy(parts["values"]), torch.from_numpy(parts["scale"]), width))
+        assert got.dtype == torch.float32 and tuple(got.shape) == want.shape
+        np.testing.assert_array_equal(_bits(got.numpy()), _bits(want))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CODECS) if CODECS[n].scaled])
+def test_the_zero_code_dequantises_to_positive_zero(name):
+    import torch
+
+    from alignkd.cache.codecs import Quantised, dequantise, zero_code
+
+    width = 5
+    values = torch.full((2, packed_width(name, width)), zero_code(name), dtype=getattr(torch, get_codec(name).dtype))
+    for scale in (torch.zeros(2), torch.tensor([0.5, 3.0])):
+        got = dequantise(Quantised(name, values, scale, width)).numpy()
+        np.testing.assert_array_equal(_bits(got), _bits(np.zeros((2, width))))
+
+
+def test_dequantise_refuses_codes_that_do_not_fit_the_row_length_or_a_float_codec():
+    import torch
+
+    from alignkd.cache.codecs import Quantised, dequantise
+
+    with pytest.raises(ValueError, match="cannot hold"):
+        dequantise(Quantised("uint4", torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(2), 7))
+    with pytest.raises(ValueError, match="expected 4"):
+        dequantise(Quantised("uint8", torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(2), 4))
+    with pytest.raises(ValueError, match="scale shape"):
+        dequantise(Quantised("int8", torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3), 3))
+    with pytest.raises(ValueError, match="not a scaled codec"):
+        dequantise(Quantised("fp16", torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2), 3))
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CODECS) if CODECS[n].scaled])
+@pytest.mark.parametrize("width", [1, 8, 9])
+def test_quantise_on_torch_gives_the_numpy_encoders_codes_and_scales_bit_for_bit(name, width):
+    import torch
+
+    from alignkd.cache.codecs import quantise, quantised_error
+
+    rng = np.random.default_rng(100 + width)
+    codec = get_codec(name)
+    x = feature_rows(rng, (3, 5, width)) if codec.signed else attention_rows(rng, (3, 5, width))
+    if width >= 3:  # a row whose step is exactly 1: 2.5 and 3.5 round half to even, to 2 and 4
+        x.reshape(-1, width)[1] = 0
+        x.reshape(-1, width)[1, :3] = [codec.levels, 2.5, 3.5]
+    for data in (x, np.zeros((0, 4, width), np.float32), np.zeros((2, 0), np.float32)):
+        want = codec.encode(data)
+        got = quantise(name, torch.from_numpy(data))
+        assert got.values.dtype == getattr(torch, codec.dtype) and got.length == data.shape[-1]
+        np.testing.assert_array_equal(got.values.numpy(), want["values"])
+        np.testing.assert_array_equal(got.scale.numpy().view(np.uint32), want["scale"].view(np.uint32))
+        stats = error_stats(data, codec.decode(want, data.shape[-1]))
+        top, total = quantised_error(torch.from_numpy(data), got)
+        assert top == stats["max"] and total == pytest.approx(stats["mean"] * data.size, rel=1e-12, abs=0)
+
+
+def test_quantise_on_torch_refuses_what_the_numpy_encoder_refuses():
+    import torch
+
+    from alignkd.cache.codecs import quantise
+
+    for name, x, match in [("uint8", [[0.1, float("nan")]], "NaN"), ("int8", [[1.0, float("inf")]], "inf"),
+                           ("uint4", [[0.1, -0.2]], "negative")]:
+        with pytest.raises(ValueError, match=match):
+            get_codec(name).encode(np.array(x, np.float32))
+        with pytest.raises(ValueError, match=match):
+            quantise(name, torch.tensor(x))

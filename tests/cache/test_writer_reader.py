@@ -649,3 +649,38 @@ def test_inspect_cache_adds_up_the_shard_metadata(tmp_path):
     table = format_table(report)
     for name in report["signals"]:
         assert name in table
+
+
+@pytest.mark.parametrize("heads", ["per_head", "mean"])
+@pytest.mark.parametrize("codecs", [CodecSpec(attention="uint8", features="int8", logprobs="fp16"),
+                                    CodecSpec(attention="uint4", features="int4", logprobs="fp16"),
+                                    CodecSpec(attention="fp16", features="fp16", logprobs="fp16")])
+def test_samples_read_as_stored_dequantise_on_torch_to_the_readers_floats(tmp_path, heads, codecs):
+    """`get(key, dequantise=False)`: a scaled codec's attention and features as codes and row
+    scales in the float block's orientation, which `codecs.dequantise` turns into the same
+    float32 bits as the reader's own decode; float codecs come back decoded as always."""
+    import torch
+
+    from alignkd.cache.codecs import Quantised, dequantise
+
+    meta = make_meta(heads=heads, codecs=codecs, num_vision_tokens=None)
+    rng = np.random.default_rng(11)
+    samples = [make_sample(rng, meta, f"k{i}", text_only=nv == 0, nv=nv or None) for i, nv in enumerate([6, 1, 0, 9])]
+    root = tmp_path / "cache"
+    init_cache(root, meta)
+    write_shard(root, "mixed", samples, [], meta=meta, input_shard="x.tar", input_size=0)
+    reader = CacheReader(root)
+
+    def floats(x):
+        if not isinstance(x, Quantised):
+            return x
+        return dequantise(Quantised(x.codec, torch.from_numpy(np.ascontiguousarray(x.values)),
+                                    torch.from_numpy(np.ascontiguousarray(x.scale)), x.length)).numpy()
+
+    for s in samples:
+        want, got = reader.get(s.key), reader.get(s.key, dequantise=False)
+        assert isinstance(got.vision_features, Quantised) == (codecs.features != "fp16")
+        pairs = [(got.vision_features, want.vision_features)] + [(got.attention[k], want.attention[k]) for k in meta.layers]
+        for a, b in pairs:
+            assert a.shape == b.shape
+            np.testing.assert_array_equal(floats(a).view(np.uint32), b.view(np.uint32))
