@@ -387,6 +387,7 @@ def _spawn_workers(args: ExtractArgs, echo: Callable[[str], None] = print) -> li
         max_concurrency=2,  # one shard's write overlaps the next one's forward (TeacherWorker.process_shard)
         max_restarts=args.ray.max_restarts,
         max_task_retries=args.ray.max_restarts,
+        runtime_env=faults.worker_env(),  # None in real runs
     )(TeacherWorker)
     return [actor.remote(args, i) for i in range(count)]
 

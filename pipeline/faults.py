@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["KILL_ENV", "WRITE_ENV", "PUBLISH_ENV", "kill_armed", "kill_once", "publish_fault", "write_fault"]
+__all__ = ["KILL_ENV", "WRITE_ENV", "PUBLISH_ENV", "kill_armed", "kill_once", "publish_fault", "worker_env",
+           "write_fault"]
 
 # KILL: the worker SIGKILLs itself once, mid-shard, in the named shard.
 # WRITE, "{shard}:{fault}": once the shard's first arrays are on disk, its write fails as a full
@@ -24,6 +25,13 @@ __all__ = ["KILL_ENV", "WRITE_ENV", "PUBLISH_ENV", "kill_armed", "kill_once", "p
 KILL_ENV = "ALIGNKD_FAULT_KILL_WORKER_IN_SHARD"
 WRITE_ENV = "ALIGNKD_FAULT_WRITE"
 PUBLISH_ENV = "ALIGNKD_FAULT_KILL_BEFORE_PUBLISH"
+
+
+def worker_env() -> dict | None:
+    """The Ray `runtime_env` that hands the faults set in this process to the teacher actors
+    (None when none is set): a Ray started before the test set them would not pass them on."""
+    armed = {name: os.environ[name] for name in (KILL_ENV, WRITE_ENV, PUBLISH_ENV) if name in os.environ}
+    return {"env_vars": armed} if armed else None
 
 
 # A fault marker `.fault-{shard}` in the cache root says the fault has fired: a restarted

@@ -139,13 +139,8 @@ def test_a_worker_killed_mid_shard_loses_and_duplicates_nothing(ray_session, ref
                                                                 tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     victim = list_complete_shards(reference_cache)[1]
-    # The environment reaches the workers: the local Ray was started by this process.
-    monkeypatch.setenv(KILL_ENV, victim)
+    monkeypatch.setenv(KILL_ENV, victim)  # reaches the workers through their runtime_env (faults.worker_env)
     injected("SIGKILL of one Ray worker mid-shard")
-    import ray
-
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     summary = _run(_args(tiny_models, demo_data, cache))
     assert (cache / f".fault-{victim}").exists()  # the worker really died once, mid-shard
     assert sorted(summary.shards_written) == list_complete_shards(reference_cache)
@@ -235,25 +230,16 @@ def test_workers_the_cluster_cannot_place_are_refused_in_one_line_or_fewer_are_u
 @pytest.mark.fault
 def test_a_worker_that_dies_on_a_shard_with_no_restart_left_names_the_shard(ray_session, reference_cache, tiny_models,
                                                                              demo_data, tmp_path, monkeypatch):
-    import ray
-
     victim = list_complete_shards(reference_cache)[0]
     monkeypatch.setenv(KILL_ENV, victim)
     injected("SIGKILL of a Ray worker with no restart left")
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # the workers get the env
-    try:
-        args = _args(tiny_models, demo_data, tmp_path / "cache")
-        args.ray = RayArgs(num_workers=1, cpus_per_worker=0.5, max_restarts=0)
-        # The worker holds two shards (one computed, one written): both die with it, both are named.
-        with pytest.raises(RuntimeError, match=f"shard (\\S+ or )?{victim}( or \\S+)? failed \\(its worker died, "
-                                               "restarts used up"):
-            _run(args)
-        assert victim not in list_complete_shards(tmp_path / "cache")
-    finally:
-        monkeypatch.delenv(KILL_ENV)
-        ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    args = _args(tiny_models, demo_data, tmp_path / "cache")
+    args.ray = RayArgs(num_workers=1, cpus_per_worker=0.5, max_restarts=0)
+    # The worker holds two shards (one computed, one written): both die with it, both are named.
+    with pytest.raises(RuntimeError, match=f"shard (\\S+ or )?{victim}( or \\S+)? failed \\(its worker died, "
+                                           "restarts used up"):
+        _run(args)
+    assert victim not in list_complete_shards(tmp_path / "cache")
 
 
 def test_ray_forward_threads_sets_the_teachers_torch_threads_apart_from_the_cpus_it_reserves(tiny_models, demo_data,

@@ -382,16 +382,11 @@ def test_extraction_refuses_a_memory_url_that_its_workers_cannot_see(tiny_models
 @pytest.mark.fault
 def test_a_worker_killed_between_upload_and_marker_leaves_a_partial_shard_that_the_rerun_redoes(
         url_cache, tiny_models, demo_data, tmp_path, monkeypatch):
-    import ray
-
     from alignkd.faults import PUBLISH_ENV
 
     url = f"file://{tmp_path}/cache"
     victim = list_complete_shards(url_cache)[1]
-    # The environment reaches the workers only through a Ray started after it is set.
-    monkeypatch.setenv(PUBLISH_ENV, victim)
-    ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    monkeypatch.setenv(PUBLISH_ENV, victim)  # reaches the workers through their runtime_env (faults.worker_env)
     injected("SIGKILL of a Ray worker between a shard's upload and its marker")
     with pytest.raises(RuntimeError, match=f"shard (\\S+ or )?{victim}( or \\S+)? failed"):  # and its other shard
         _extract(_extract_args(tiny_models, demo_data, url, max_restarts=0))  # no retry: the job stops
