@@ -57,6 +57,7 @@ DECODER_KEYS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_val
                 "rms_norm_eps", "attention_bias", "max_position_embeddings", "rope_parameters")
 """The decoder config entries layer 0's embedding, norm, q/k projections and rotary read."""
 
+
 class _Layer0(nn.Module):
     """Layer 0 of a Llama decoder, as far as its attention probabilities need it: the norm and
     the attention's q/k projections (transformers' own LlamaAttention, its v/o projections
