@@ -51,7 +51,7 @@ H100_BF16_FLOPS = 989e12
 MFU = 0.40
 
 
-def paper_meta():
+def paper_meta(compressor: str = "zstd"):
     from alignkd.cache_schemas import CacheMeta, CodecSpec, TeacherInfo
 
     t = C.PAPER_TEACHER
@@ -60,7 +60,7 @@ def paper_meta():
                           hidden_size=t["hidden_size"], vocab_size=C.PAPER_VOCAB)
     return CacheMeta(teacher=teacher, tokenizer_hash="0" * 64, template="plain", max_length=C.PAPER_MAX_LENGTH,
                      num_vision_tokens=C.PAPER_NV, image_preprocessing={}, layers=(0,), attention_heads="per_head",
-                     topk=C.PAPER_TOPK, codecs=CodecSpec(), job={"bench": "cache_random_reads"},
+                     topk=C.PAPER_TOPK, codecs=CodecSpec(compressor=compressor), job={"bench": "cache_random_reads"},
                      alignkd_version="bench", created="2026-12-03T00:00:00+00:00")
 
 
@@ -85,14 +85,15 @@ def paper_sample(rng: np.random.Generator, key: str, meta, text_rows: int, respo
     )
 
 
-def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, response_rows: int, seed: int) -> float:
+def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, response_rows: int, seed: int,
+                compressor: str = "zstd") -> float:
     import shutil
 
     from alignkd.cache.store import init_cache
     from alignkd.cache.writer import write_shard
 
     shutil.rmtree(root, ignore_errors=True)
-    meta = paper_meta()
+    meta = paper_meta(compressor)
     init_cache(root, meta)
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
@@ -136,6 +137,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/alignkd-bench/random-reads")
     ap.add_argument("--chunk-kib", type=int, default=0,
                     help="write with this chunk size instead of the writer's CHUNK_BYTES (a what-if; 0: as shipped)")
+    ap.add_argument("--compressor", default="zstd", choices=["zstd", "blosc", "none"],
+                    help="what-if: the chunks' compressor (the default codecs' is zstd)")
     ap.add_argument("--tag", default="", help="suffix of the result files, for variants")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -151,7 +154,8 @@ def main() -> None:
 
     if args.chunk_kib:
         writer.CHUNK_BYTES = args.chunk_kib * 1024  # read by the writer at each array it creates
-    write_s = write_cache(root, args.samples, args.samples_per_shard, text_rows, response_rows, args.seed)
+    write_s = write_cache(root, args.samples, args.samples_per_shard, text_rows, response_rows, args.seed,
+                          args.compressor)
 
     from alignkd.cache.reader import CacheReader
     from alignkd.cache.store import read_shard_meta
@@ -207,7 +211,7 @@ def main() -> None:
         "benchmark": "cache_random_reads (issue 16, item 3)",
         "samples": len(keys), "samples_per_shard": args.samples_per_shard, "chunk_bytes": writer.CHUNK_BYTES,
         "text_rows": text_rows,
-        "response_rows": response_rows, "codecs": paper_meta().codecs.to_dict(),
+        "response_rows": response_rows, "codecs": paper_meta(args.compressor).codecs.to_dict(),
         "stored_bytes_per_sample": stored / len(keys), "write_s": write_s,
         "cold_ms_per_sample": {what: {"median": cold_ms[what], "mean": 1000 * statistics.fmean(v),
                                       "p90": 1000 * float(np.percentile(v, 90))} for what, v in times.items()},
@@ -227,7 +231,7 @@ def main() -> None:
         "",
         f"{len(keys)} samples of the MobileVLM V2 7B teacher's shapes (32 heads x {text_rows} text rows x 144 vision "
         f"tokens of per-head attention, 144 x 4096 features, top-64 on {response_rows} response rows), default "
-        f"codecs (uint8 / int8 / fp16, zstd 3), {args.samples_per_shard} samples per shard, chunks of "
+        f"codecs (uint8 / int8 / fp16, {args.compressor}), {args.samples_per_shard} samples per shard, chunks of "
         f"{writer.CHUNK_BYTES // 1024} KiB uncompressed: "
         f"{stored / len(keys) / 2**20:.2f} MiB stored per sample. Random order, every sample once.",
         "",
