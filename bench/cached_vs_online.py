@@ -67,7 +67,8 @@ def online_signals(teacher, batch, topk: int):
         probs = block.probs.float()
         return TeacherBatch(attention={0: probs}, query_mask=block.query_mask, vision_features=feats,
                             focus=probs.mean(dim=1).sum(dim=1), image_mask=image, topk_ids=ids, topk_logprobs=lp,
-                            tail_logmass=tail)
+                            tail_logmass=tail,
+                            vision_mask=image[:, None].expand(-1, batch.num_vision_tokens))  # one fixed grid
 
 
 def _vm_rss_mib() -> float:
