@@ -566,10 +566,10 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     plan = plan_shards(args.data.shards)
     template = _template(args)
     ckpt = describe_checkpoint(args.teacher.path)
-    nv = ckpt.num_vision_tokens
-    if nv is None:
-        raise ValueError(f"{args.teacher.path}: the teacher's vision-token count depends on each image; "
-                         "--dry-run cannot estimate its cache size yet")
+    nv = ckpt.num_vision_tokens  # None: each image's own count, from the family's processor settings
+    if nv is None and ckpt.images is None:
+        raise ValueError(f"{args.teacher.path}: the teacher's vision-token count depends on each image and its "
+                         "family gives no way to count it from the config; --dry-run cannot estimate the size")
     # The schema's own byte count per array, for a cache of this teacher and job.
     meta = _cache_meta(args, {
         "teacher": TeacherInfo(family=ckpt.family, path=str(args.teacher.path), config_hash="-", weights_fingerprint="-",
@@ -592,15 +592,16 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
         tried += 1
         try:
             s = decode_sample(reader.raw(key))
+            count = (nv if nv is not None else ckpt.images.count(s.image)) if s.image is not None else 0
             enc = encode(s.conversations, template=template, tokenizer=ckpt.tokenizer,
-                         num_vision_tokens=nv, max_length=args.data.max_length,
+                         num_vision_tokens=count, max_length=args.data.max_length,
                          has_image=s.image is not None, key=s.key)
         except (BadSample, TemplateError):
             continue
         seen += 1
         t, image = len(enc.input_ids), enc.vision_start >= 0
-        counts = dict(tokens=t, responses=sum(enc.response_mask[1:]), rows=t - (enc.vision_start + nv) if image else 0,
-                      vision=nv if image else 0)
+        counts = dict(tokens=t, responses=sum(enc.response_mask[1:]),
+                      rows=t - (enc.vision_start + count) if image else 0, vision=count if image else 0)
         arrays = sample_nbytes(meta, **counts)
         for mode, m in mode_metas.items():
             per_mode[mode].append(sum(sample_nbytes(m, **counts).values()))

@@ -89,6 +89,33 @@ def test_the_cache_holds_each_samples_own_vision_token_count(qwen, shards, cache
     assert reader.meta.image_preprocessing["grid"] == teacher.images.settings()["grid"]
 
 
+def test_the_dry_run_counts_each_images_vision_tokens_and_sizes_the_cache_that_is_written(qwen, shards, cache):
+    """No weights loaded: the counts come from the processor's settings in the checkpoint
+    folder; every sample read, the schema's bytes must be those of the arrays extraction wrote."""
+    import zarr
+
+    from alignkd.cache_schemas import CodecSpec
+    from alignkd.extract import CacheArgs, ExtractArgs, estimate_size
+
+    args = ExtractArgs(
+        teacher=ModelArgs(path=str(qwen["teacher"]), device="cpu"),
+        data=DataArgs(shards=str(shards), template="chatml", max_length=256, batch_size=4),
+        cache=CacheArgs(path="unused", layers=[0], topk=8,
+                        codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
+        dry_run_samples=10_000)
+    est = estimate_size(args)
+    assert est["samples"] == est["sampled"] == len(CacheReader(cache))
+    written = 0
+    for shard in CacheReader(cache).shards:
+        group = zarr.open_group(str(cache / "shards" / shard), mode="r")
+        written += sum(array.nbytes for _, array in group.arrays())
+    # Per-sample bytes only: each shard's offset arrays also hold one closing entry (80 bytes
+    # here), while one vision token miscounted per sample would be 8 KiB.
+    assert est["total"] - est["metadata_bytes"] == pytest.approx(written, rel=2e-4)
+    assert est["modes"]["cached"]["bytes_per_sample"] * est["samples"] == pytest.approx(written, rel=2e-4)
+    assert est["modes"]["recompute"]["total"] is None  # a Qwen teacher has no slice
+
+
 @pytest.mark.fault
 def test_train_a_qwen_student_with_every_term_resume_and_export(qwen, shards, cache, tmp_path):
     straight = _quiet(_args(qwen["student"], shards, cache, tmp_path / "straight", max_steps=4))

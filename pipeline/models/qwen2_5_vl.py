@@ -189,7 +189,8 @@ class Qwen2_5_VLVLM(TransformersVLM):
     def describe(cls, path: Path) -> CheckpointSummary:
         text = cls.config_class.from_pretrained(path).text_config
         return CheckpointSummary(cls.family, None, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
-                                 text.vocab_size, AutoTokenizer.from_pretrained(path))
+                                 text.vocab_size, AutoTokenizer.from_pretrained(path),
+                                 images=QwenImages(Qwen2VLImageProcessorPil.from_pretrained(path)))
 
     @classmethod
     def tiny_tokenizer(cls, path: Path) -> Any:
