@@ -602,9 +602,10 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
         t, image = len(enc.input_ids), enc.vision_start >= 0
         counts = dict(tokens=t, responses=sum(enc.response_mask[1:]),
                       rows=t - (enc.vision_start + count) if image else 0, vision=count if image else 0)
-        arrays = sample_nbytes(meta, **counts)
-        for mode, m in mode_metas.items():
-            per_mode[mode].append(sum(sample_nbytes(m, **counts).values()))
+        by_mode = {mode: sample_nbytes(m, **counts) for mode, m in mode_metas.items()}
+        for mode, nbytes in by_mode.items():
+            per_mode[mode].append(sum(nbytes.values()))
+        arrays = by_mode[meta.signals]  # mode_metas holds the job's own meta under its mode
         sizes: dict[str, int] = {}
         for name, b in arrays.items():
             sizes[signal_of[name]] = sizes.get(signal_of[name], 0) + b
@@ -617,9 +618,9 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     metadata = len(plan) * len(signal_of) * 620
     usable = total_samples * seen / tried  # skipped samples store nothing
     modes: dict[str, dict[str, Any]] = {}
-    for mode, sizes in per_mode.items():
+    for mode, per_sample in per_mode.items():
         once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype)
-        per = float(np.mean(sizes))
+        per = float(np.mean(per_sample))
         arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * 620
         modes[mode] = {"bytes_per_sample": per, "once_bytes": once,
                        "total": None if once is None else per * usable + once + arrays_meta}
