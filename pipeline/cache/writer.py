@@ -74,10 +74,14 @@ from alignkd.cache_schemas import (
     shard_arrays,
 )
 
-__all__ = ["CHUNK_BYTES", "write_shard"]
+__all__ = ["CHUNK_BYTES", "FILE_BYTES", "write_shard"]
 
-CHUNK_BYTES = 1 << 20
-"""Target uncompressed bytes per chunk (at least one row or sample per chunk)."""
+CHUNK_BYTES = 128 << 10
+"""Most uncompressed bytes per chunk, unless one sample's equal part is larger (_chunk_rows):
+about a ninth of a paper-scale sample's attention block."""
+
+FILE_BYTES: int | None = 64 << 20
+"""Target uncompressed bytes of chunks per file (zarr's sharding codec); None: a file per chunk."""
 
 
 # ---------------------------------------------------------------------------- writing a shard
@@ -123,9 +127,12 @@ def write_shard(
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         accounting = _Accounting()
         written = []
+        offsets = {}  # each offsets array comes before the arrays it indexes
         for name, data in _shard_arrays(samples, meta, specs, accounting):
             _check_layout(specs[name], data)
-            _write_array(group, name, data, meta.codecs)
+            if specs[name].shape == ("N+1",):
+                offsets[name] = data
+            _write_array(group, name, data, meta.codecs, _chunk_rows(specs[name], offsets, data))
             written.append(name)
             if after_array is not None:
                 after_array(name)
@@ -177,20 +184,49 @@ def _write_remote(url: str, shard_name: str, samples: Sequence[SampleSignals], s
     return shard
 
 
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, codecs: CodecSpec) -> None:
-    """One array, chunked along axis 0 and compressed."""
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, codecs: CodecSpec, chunk: int) -> None:
+    """One array along axis 0 in chunks of `chunk` rows (_chunk_rows), packed about FILE_BYTES
+    to a file by zarr's sharding codec (FILE_BYTES None: one file per chunk, the layout before),
+    each chunk compressed and then given its crc32c."""
     row_bytes = max(1, math.prod(data.shape[1:]) * data.dtype.itemsize)
-    rows = min(max(1, CHUNK_BYTES // row_bytes), max(1, data.shape[0]))
+    trailing = tuple(data.shape[1:])
+    if FILE_BYTES is None:
+        shards, compressors = None, _compressors(codecs)
+    else:
+        per_file = max(1, FILE_BYTES // (chunk * row_bytes))
+        shards = (chunk * min(per_file, -(-max(1, data.shape[0]) // chunk)), *trailing)  # whole chunks
+        # Each chunk's own checksum: a reader checks what it decodes without hashing the whole file.
+        compressors = [*(_compressors(codecs) or []), zarr.codecs.Crc32cCodec()]
     array = group.create_array(
         name,
         shape=data.shape,
         dtype=data.dtype,
-        chunks=(rows, *data.shape[1:]),
-        compressors=_compressors(codecs),
+        chunks=(chunk, *trailing),
+        shards=shards,
+        compressors=compressors,
         fill_value=0,
     )
     if data.size:
         array[...] = data
+
+
+def _chunk_rows(spec: ArraySpec, offsets: dict[str, np.ndarray], data: np.ndarray) -> int:
+    """Rows per chunk, the least a reader decodes. An array of each sample's rows (indexed by
+    offsets) is read one sample at a time: its chunk is about one sample's part (at most
+    CHUNK_BYTES), in whole multiples of the rows every part is a whole number of (their gcd).
+    Where the parts are equal (a fixed vision-token count's features, scales, focus) a chunk is
+    one sample's part exactly, and a sample's read decodes nothing else; where they differ, a
+    read decodes under two chunks more than it needs. An array of a row per sample is read
+    whole when a shard opens: chunks of CHUNK_BYTES."""
+    row_bytes = max(1, math.prod(data.shape[1:]) * data.dtype.itemsize)
+    target, unit = CHUNK_BYTES, 1
+    if spec.offsets is not None:
+        lengths = np.diff(offsets[spec.offsets])
+        lengths = lengths[lengths > 0]  # a text-only sample has no vision rows: it shifts nothing
+        if lengths.size:
+            unit = int(np.gcd.reduce(lengths))
+            target = min(CHUNK_BYTES, int(lengths.mean() * row_bytes))
+    return min(max(1, target // (unit * row_bytes)) * unit, max(1, data.shape[0]))
 
 
 def _compressors(codecs: CodecSpec) -> list | None:
