@@ -3,18 +3,22 @@ paper-sized student step.
 
 A cache is written with the default codecs and the MobileVLM V2 7B teacher's shapes (32 heads,
 hidden 4096, 144 vision tokens, vocabulary 32000, top-64, per-head layer-0 attention) for
-samples of the typical pre-training length (PAPER_DATA["pretrain"] in _common.py: 250 text rows
-after the image, 250 response rows; an assumption, not a measurement), in shards of
-`--samples-per-shard`. The signals are random but shaped like real ones (softmax rows, heavy-
-tailed features), so the compressor sees realistic entropy. Then, on this machine's CPU:
+samples about the typical pre-training length (PAPER_DATA["pretrain"] in _common.py: 250 text
+rows after the image, 250 response rows, an assumption, not a measurement; each sample's drawn
+uniformly within +-50% of it, since equal lengths would line every attention block up with
+its chunks), in shards of `--samples-per-shard` (1000, as a paper-scale extraction writes).
+Attention and features reach the writer quantised, as extraction hands them over. The signals
+are random but shaped like real ones (softmax rows, heavy-tailed features), so the compressor
+sees realistic entropy. Then, on this machine's CPU:
 
   cold      one reader, a random permutation of every sample, each `CacheReader.get` timed;
-            most chunks are read for the first time (a chunk holds about one sample of each
-            large signal), so this is the chunk-cache-miss cost: read, sha256, decompress, and
-            for `get(key)` dequantise. Two readers (separate chunk caches) alternate sample by
-            sample: `stored` = `get(key, dequantise=False)`, what train-student's DataLoader
-            workers now read (attention and features stay codes + row scales), and `decoded` =
-            `get(key)`, the numpy dequantise to float32 the workers did before;
+            the reader's chunk cache (256 MiB) holds a small part of the 2 GB cache, so most
+            chunks are read for the first time: this is the chunk-cache-miss cost (read,
+            crc32c, decompress, and for `get(key)` dequantise). Two readers (separate chunk
+            caches) alternate sample by sample: `stored` = `get(key, dequantise=False)`, what
+            train-student's DataLoader workers now read (attention and features stay codes +
+            row scales), and `decoded` = `get(key)`, the numpy dequantise to float32 the
+            workers did before;
   collate   the teacher half of `DistillDataset.collate` (padding and stacking the signals of a
             batch of 8) over stored and over decoded records, per sample;
   dequantise  `TeacherBatch.dequantised()` of a stored batch, per sample: in training this runs
@@ -30,6 +34,7 @@ sample): the CPU work of the DataLoader workers, which run beside the GPU step. 
 most 5% with the DataLoader workers a GPU usually gets (`--project-workers`, default 8).
 
     python bench/cache_random_reads.py                      # bench/results/cache_random_reads.{json,md}
+    python bench/cache_random_reads.py --unpacked --chunk-kib 1024 --tag unpacked   # the layout before
     python bench/cache_random_reads.py --samples 64 --samples-per-shard 32 --smoke
 """
 
@@ -75,14 +80,28 @@ def paper_sample(rng: np.random.Generator, key: str, meta, text_rows: int, respo
     scores = rng.standard_normal((heads, text_rows, nv), dtype=np.float32) * 2
     attention = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True) * 0.3  # rows need not sum to 1
     feats = (rng.standard_t(3, (nv, d)) * 0.5).astype(np.float32)
+    focus = attention.mean(0).sum(0)
     lp = np.sort(np.log(rng.dirichlet(np.ones(k * 4), response_rows)[:, :k] + 1e-9), axis=1)[:, ::-1]
     return SampleSignals(
         key=key, fingerprint=hashlib.sha256(key.encode()).hexdigest(), input_ids=ids,
         response_positions=np.arange(t - response_rows, t, dtype=np.int32), vision_start=1, vision_length=nv,
-        attention={0: attention}, vision_features=feats, focus=attention.mean(0).sum(0),
+        attention={0: _as_extracted(meta.codecs.attention, attention)},
+        vision_features=_as_extracted(meta.codecs.features, feats), focus=focus,
         topk_ids=rng.integers(0, meta.teacher.vocab_size, (response_rows, k)).astype(np.int32),
         topk_logprobs=np.ascontiguousarray(lp, dtype=np.float32), tail_logmass=np.full(response_rows, -3.0, np.float32),
     )
+
+
+def _as_extracted(codec: str, x: np.ndarray):
+    """A float block as extraction hands it to the writer: quantised on the teacher's device
+    (here the CPU) with its codec error; a thousand samples of codes fit in memory, of floats not."""
+    import torch
+
+    from alignkd.cache.codecs import Quantised, quantise, quantised_error
+
+    t = torch.from_numpy(x)
+    q = quantise(codec, t)
+    return Quantised(codec, q.values.numpy(), q.scale.numpy(), q.length, quantised_error(t, q))
 
 
 def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, response_rows: int, seed: int,
@@ -98,8 +117,11 @@ def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, respon
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
     for s, lo in enumerate(range(0, samples, per_shard)):
-        batch = [paper_sample(rng, f"{lo + i:07d}", meta, text_rows, response_rows)
-                 for i in range(min(per_shard, samples - lo))]
+        # Lengths vary around the typical one (uniform, +-50%), as real captions do: with one fixed
+        # length every attention block would be the same size and line up with its chunks.
+        scales = rng.uniform(0.5, 1.5, min(per_shard, samples - lo))
+        batch = [paper_sample(rng, f"{lo + i:07d}", meta, round(text_rows * x), round(response_rows * x))
+                 for i, x in enumerate(scales)]
         write_shard(root, f"train-{s:06d}", batch, [], meta=meta, input_shard=f"train-{s:06d}.tar", input_size=0)
     return time.perf_counter() - t
 
@@ -129,14 +151,15 @@ def _collate(records) -> object:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=400)
-    ap.add_argument("--samples-per-shard", type=int, default=100,
-                    help="paper-scale shards hold ~1000; a chunk holds about one sample either way")
+    ap.add_argument("--samples", type=int, default=2000, help="~1 GB on disk per 1000")
+    ap.add_argument("--samples-per-shard", type=int, default=1000, help="as a paper-scale extraction writes them")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader processes measured here")
     ap.add_argument("--project-workers", type=int, default=8, help="DataLoader processes per GPU in the projection")
     ap.add_argument("--work", default="/tmp/alignkd-bench/random-reads")
     ap.add_argument("--chunk-kib", type=int, default=0,
                     help="write with this chunk size instead of the writer's CHUNK_BYTES (a what-if; 0: as shipped)")
+    ap.add_argument("--unpacked", action="store_true",
+                    help="what-if: one file per chunk, as caches were written before (with --chunk-kib 1024: that layout)")
     ap.add_argument("--compressor", default="zstd", choices=["zstd", "blosc", "none"],
                     help="what-if: the chunks' compressor (the default codecs' is zstd)")
     ap.add_argument("--tag", default="", help="suffix of the result files, for variants")
@@ -154,10 +177,12 @@ def main() -> None:
 
     if args.chunk_kib:
         writer.CHUNK_BYTES = args.chunk_kib * 1024  # read by the writer at each array it creates
+    if args.unpacked:
+        writer.FILE_BYTES = None
     write_s = write_cache(root, args.samples, args.samples_per_shard, text_rows, response_rows, args.seed,
                           args.compressor)
 
-    from alignkd.cache.reader import CacheReader
+    from alignkd.cache.reader import _CHUNK_CACHE_BYTES, CacheReader
     from alignkd.cache.store import read_shard_meta
 
     stored_reader, decoded_reader = CacheReader(root), CacheReader(root)
@@ -210,6 +235,7 @@ def main() -> None:
     result = {
         "benchmark": "cache_random_reads (issue 16, item 3)",
         "samples": len(keys), "samples_per_shard": args.samples_per_shard, "chunk_bytes": writer.CHUNK_BYTES,
+        "file_bytes": writer.FILE_BYTES,
         "text_rows": text_rows,
         "response_rows": response_rows, "codecs": paper_meta(args.compressor).codecs.to_dict(),
         "stored_bytes_per_sample": stored / len(keys), "write_s": write_s,
@@ -230,10 +256,16 @@ def main() -> None:
         "# Random reads of a paper-shaped cache (issue 16, item 3)",
         "",
         f"{len(keys)} samples of the MobileVLM V2 7B teacher's shapes (32 heads x {text_rows} text rows x 144 vision "
-        f"tokens of per-head attention, 144 x 4096 features, top-64 on {response_rows} response rows), default "
-        f"codecs (uint8 / int8 / fp16, {args.compressor}), {args.samples_per_shard} samples per shard, chunks of "
-        f"{writer.CHUNK_BYTES // 1024} KiB uncompressed: "
-        f"{stored / len(keys) / 2**20:.2f} MiB stored per sample. Random order, every sample once.",
+        f"tokens of per-head attention, 144 x 4096 features, top-64 on {response_rows} response rows; text and "
+        f"response lengths vary uniformly by +-50%), default codecs (uint8 / int8 / fp16, {args.compressor}), "
+        f"{args.samples_per_shard} samples per shard, "
+        + (f"one file per chunk of {writer.CHUNK_BYTES // 1024} KiB uncompressed (the layout before packing)"
+           if writer.FILE_BYTES is None else
+           f"chunks of about one sample's part (at most {writer.CHUNK_BYTES // 1024} KiB, one sample's features "
+           f"exactly) packed {writer.FILE_BYTES // 2**20} MiB to a file")
+        + f": {stored / len(keys) / 2**20:.2f} MiB stored per sample. Random order, every sample once; a reader's "
+        f"chunk cache ({_CHUNK_CACHE_BYTES >> 20} MiB of decoded chunks) holds under {_CHUNK_CACHE_BYTES / stored:.0%} "
+        "of the cache.",
         "",
         C.md_table(["per sample, ms (median)", "read as stored (codes + scales): now", "dequantised on the CPU: before"], [
             ["`CacheReader.get`, cold chunks (mean; p90 in brackets)",
