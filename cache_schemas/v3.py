@@ -95,7 +95,10 @@ otherwise read as valid data: the list is complete, and a file missing from it, 
 but not in it, is damage. The shard's own zarr.json holds the list and is checked by the
 schema instead (strict keys and types, the list's sizes adding up to `nbytes`). Readers check
 sizes when they open a shard and hashes of what they read; `alignkd verify-cache` checks all
-(alignkd.cache.verify). `files` was added to version 1 before any release; a cache written by earlier
+(alignkd.cache.verify). How chunks are laid out is Zarr metadata, not this schema: shards
+written since issue 16 pack an array's chunks into a few files with zarr's sharding codec and
+a crc32c per chunk (a reader checks a chunk it reads by that, the file by its sha256 when it
+reads it whole); older shards have a file per chunk. Both read the same. `files` was added to version 1 before any release; a cache written by earlier
 development code lacks it and is refused with a message that says so: extract it again.
 
 Codecs (alignkd.cache.codecs has the formulas): rows are the last axis.

@@ -19,17 +19,24 @@ What is read when:
     shard's file list (none missing or extra, sizes; hashes of the metadata and index files),
     its arrays against the schema (names, dtypes, shapes, offsets), and its small offset arrays
     are loaded; at most `max_open_shards` stay open (least recently used are closed);
-  * `get` reads only the chunks holding that sample, and checks each chunk file against the
-    shard's file list as zarr reads it (remote.VerifyingStore: the bytes are hashed on their
-    way to the decoder, so a chunk is read once), the first time it enters the chunk cache.
+  * `get` reads only the chunks holding that sample (about its own bytes: see writer.py) and
+    checks each the first time it enters the chunk cache. A shard written by this version
+    packs its chunks into a few files (zarr's sharding codec): the reader reads a chunk's
+    bytes from the local file itself and decodes them with the array's own zarr codecs
+    (_PackedChunks), checking the chunk's crc32c and the file index's; that skips zarr's
+    event-loop and thread-pool round trips, which cost more than the decompression for a
+    dozen small arrays a sample. Older shards (a file per chunk) are read through zarr as
+    before, each chunk file checked against its sha256 as zarr reads it (remote.
+    VerifyingStore: hashed on the way to the decoder, so a chunk is read once).
 Damage is a CacheSchemaError naming the shard and file, raised before any of its data is
-returned. Hashing only what is read costs about one sha256 pass over the compressed bytes a
-run reads anyway, instead of re-hashing a terabyte cache on every start; `alignkd
-verify-cache` (alignkd.cache.verify) checks every file up front.
+returned. Checking only what is read costs one pass over the bytes a run reads anyway,
+instead of re-hashing a terabyte cache on every start; `alignkd verify-cache`
+(alignkd.cache.verify) checks every file's sha256 up front.
 
 A cache at a URL is read through zarr's FsspecStore, with the same checks: the listing and
-sizes when a shard is opened, and each object's sha256 as it is downloaded (remote.
-VerifyingStore), so no chunk is fetched twice. Shard attributes are fetched concurrently when
+sizes when a shard is opened, each object's sha256 as it is downloaded whole (remote.
+VerifyingStore), so no chunk is fetched twice, and a packed chunk, fetched by byte range, by
+its crc32c (zarr checks it). Shard attributes are fetched concurrently when
 the key index is built (one request each: latency, not bandwidth, is the cost there).
 
 Shapes and dtypes come from the cache (its CacheMeta and shard_arrays), never from the caller.
@@ -303,6 +310,7 @@ class _OpenShard:
     def __init__(self, path: Path | str, specs: dict[str, ArraySpec], shard: ShardMeta, chunks: _ChunkCache, *,
                  check_files: bool) -> None:
         self.path = path
+        self._where = str(path)  # the shard's part of its chunks' keys in the chunk cache
         self.files = shard.files
         # At a URL the store hashes every object as it downloads it (remote.VerifyingStore).
         self.remote = remote.is_url(path)
@@ -391,7 +399,7 @@ class _OpenShard:
                                        f" has changed (a chunk fails its check: {e}); `alignkd verify-cache` lists "
                                        "every damaged shard") from None
 
-        return self._chunks.get((str(self.path), name, index), load)
+        return self._chunks.get((self._where, name, index), load)
 
     def decode_block(self, name: str, codec_name: str, values: tuple[int, int], rows: tuple[int, int],
                      heads: int | None, length: int, dequantise: bool = True) -> np.ndarray | Quantised:
@@ -432,6 +440,7 @@ class _PackedChunks:
 
     def __init__(self, array: zarr.Array, directory: Path, name: str, files: dict, codec, shard_spec) -> None:
         self.array, self.directory, self.name, self.files = array, str(directory), name, files
+        self.file_of = {}  # file number -> its path relative to the shard (_chunk_file)
         self.per_file = shard_spec.shape[0] // codec.chunk_shape[0]
         self.codecs = codec.codecs
         self.spec = codec._get_chunk_spec(shard_spec)
@@ -462,7 +471,7 @@ class _PackedChunks:
     def chunk(self, index: int) -> np.ndarray:
         """Chunk `index` of the array, decoded (fill values where zarr wrote none)."""
         number, within = divmod(index, self.per_file)
-        rel = _chunk_file(self.array, self.name, index)
+        rel = self.file_of.get(number) or self.file_of.setdefault(number, _chunk_file(self.array, self.name, index))
         if number not in self.indexes:
             self.indexes[number] = self._index(rel) if rel in self.files else None  # None: not written, all fill
         index_table = self.indexes[number]

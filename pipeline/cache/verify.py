@@ -34,8 +34,9 @@ job again: extraction resumes by shard and redoes exactly the missing ones.
 Cost: `hashes=True` reads every byte of the cache once (sha256 runs at about 1.5 GB/s on one
 core with SHA extensions, so disk speed usually sets the pace). `train-student` runs the
 `hashes=False` pass before its first step, which only lists directories and reads sizes, and
-the reader hashes each chunk file when it first reads it: damage is never trained on, and
-a multi-terabyte cache is not re-hashed on every start.
+the reader checks each chunk when it first reads it (its crc32c in a packed file, the file's
+sha256 where each chunk is a file): damage is never trained on, and a multi-terabyte cache
+is not re-hashed on every start.
 """
 
 from __future__ import annotations

@@ -37,8 +37,17 @@ each sample against `meta` (shapes, offsets, ranges); errors are CacheSchemaErro
 sample key. A sample's attention blocks or features may come already quantised (codecs.Quantised,
 made on the teacher's GPU with the cache's codec): their codes and scales are stored as they are,
 the very bytes the numpy encoder would have made from the floats, and their codec error comes
-with them. Arrays are chunked along axis 0 at about CHUNK_BYTES uncompressed per chunk, so a
-reader fetching one sample decompresses little more than it needs.
+with them.
+
+Chunks (measured at paper scale by bench/cache_random_reads.py): a training run reads samples
+in random order, so what a sample's read decodes should be its own bytes. Each array is
+chunked along axis 0 at about one sample's part (_chunk_rows): exactly one where all samples
+of the shard have equal parts (144-token features, their scales and focus), else at most
+CHUNK_BYTES aligned to the rows every part is a multiple of. So many chunks would be too many
+files (and too long a file list in ShardMeta), so zarr's sharding codec packs them about
+FILE_BYTES to a file, with an index of where each chunk is; each chunk is compressed and then
+carries its crc32c, which lets the reader check the bytes it reads without hashing a whole
+file (the file's sha256 stays in the list for verify-cache). Any Zarr v3 client reads it.
 """
 
 from __future__ import annotations
