@@ -614,14 +614,16 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     if not seen:
         raise ValueError(f"none of the {tried} samples read from {args.data.shards} is usable")
     mean = {name: float(np.mean(v)) for name, v in per_signal.items()}
-    # Each array of each shard also has a zarr.json of about 620 bytes (measured on demo caches).
-    metadata = len(plan) * len(signal_of) * 620
+    # Each array of each shard also has a zarr.json (writer.ARRAY_METADATA_BYTES).
+    from alignkd.cache.writer import ARRAY_METADATA_BYTES
+
+    metadata = len(plan) * len(signal_of) * ARRAY_METADATA_BYTES
     usable = total_samples * seen / tried  # skipped samples store nothing
     modes: dict[str, dict[str, Any]] = {}
     for mode, per_sample in per_mode.items():
         once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype)
         per = float(np.mean(per_sample))
-        arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * 620
+        arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * ARRAY_METADATA_BYTES
         modes[mode] = {"bytes_per_sample": per, "once_bytes": once,
                        "total": None if once is None else per * usable + once + arrays_meta}
     return {

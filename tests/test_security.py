@@ -77,6 +77,16 @@ def test_the_scan_catches_what_it_looks_for(tmp_path):
         "numpy.load without allow_pickle=False", "trust_remote_code not False"])
 
 
+def _codec_names(codecs: list) -> set[str]:
+    """Every codec of a zarr codec list, those inside a sharding codec (packed chunks) included."""
+    names = set()
+    for c in codecs:
+        names.add(c["name"])
+        inner = c.get("configuration") or {}
+        names |= _codec_names(inner.get("codecs", []) + inner.get("index_codecs", []))
+    return names
+
+
 def test_cache_checkpoint_and_report_files_are_json_safetensors_or_plain_numeric_chunks(tiny_cache, tmp_path):
     from alignkd.checkpoint import save_checkpoint
 
@@ -87,7 +97,8 @@ def test_cache_checkpoint_and_report_files_are_json_safetensors_or_plain_numeric
             meta = json.loads(path.read_text())
             if meta["node_type"] == "array":
                 assert meta["data_type"] in numeric, path
-                assert {c["name"] for c in meta["codecs"]} <= {"bytes", "zstd", "blosc", "transpose"}, path
+                assert _codec_names(meta["codecs"]) <= {"bytes", "zstd", "blosc", "transpose", "crc32c",
+                                                        "sharding_indexed"}, path
         elif path.is_file():
             assert "/c/" in path.as_posix(), path  # a chunk: raw numbers, decoded by the codecs above
             chunks += 1

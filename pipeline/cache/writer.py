@@ -83,11 +83,15 @@ from alignkd.cache_schemas import (
     shard_arrays,
 )
 
-__all__ = ["CHUNK_BYTES", "FILE_BYTES", "write_shard"]
+__all__ = ["ARRAY_METADATA_BYTES", "CHUNK_BYTES", "FILE_BYTES", "write_shard"]
 
 CHUNK_BYTES = 128 << 10
 """Most uncompressed bytes per chunk, unless one sample's equal part is larger (_chunk_rows):
 about a ninth of a paper-scale sample's attention block."""
+
+ARRAY_METADATA_BYTES = 1150
+"""About the size of one array's zarr.json as written with packed chunks (measured on demo
+caches; ~620 for an array of one chunk file): the dry run's estimate of metadata per array."""
 
 FILE_BYTES: int | None = 64 << 20
 """Target uncompressed bytes of chunks per file (zarr's sharding codec); None: a file per chunk."""
@@ -195,11 +199,12 @@ def _write_remote(url: str, shard_name: str, samples: Sequence[SampleSignals], s
 
 def _write_array(group: zarr.Group, name: str, data: np.ndarray, codecs: CodecSpec, chunk: int) -> None:
     """One array along axis 0 in chunks of `chunk` rows (_chunk_rows), packed about FILE_BYTES
-    to a file by zarr's sharding codec (FILE_BYTES None: one file per chunk, the layout before),
-    each chunk compressed and then given its crc32c."""
+    to a file by zarr's sharding codec, each chunk compressed and then given its crc32c. An
+    array of one chunk is one plain chunk file, as every chunk was before (FILE_BYTES None):
+    there is nothing to pack, and packing's metadata (~0.5 KB) would outweigh a small array."""
     row_bytes = max(1, math.prod(data.shape[1:]) * data.dtype.itemsize)
     trailing = tuple(data.shape[1:])
-    if FILE_BYTES is None:
+    if FILE_BYTES is None or chunk >= data.shape[0]:
         shards, compressors = None, _compressors(codecs)
     else:
         per_file = max(1, FILE_BYTES // (chunk * row_bytes))
