@@ -56,7 +56,7 @@ H100_BF16_FLOPS = 989e12
 MFU = 0.40
 
 
-def paper_meta(compressor: str = "zstd"):
+def paper_meta(compressor: str = "zstd", level: int = 3):
     from alignkd.cache_schemas import CacheMeta, CodecSpec, TeacherInfo
 
     t = C.PAPER_TEACHER
@@ -65,7 +65,7 @@ def paper_meta(compressor: str = "zstd"):
                           hidden_size=t["hidden_size"], vocab_size=C.PAPER_VOCAB)
     return CacheMeta(teacher=teacher, tokenizer_hash="0" * 64, template="plain", max_length=C.PAPER_MAX_LENGTH,
                      num_vision_tokens=C.PAPER_NV, image_preprocessing={}, layers=(0,), attention_heads="per_head",
-                     topk=C.PAPER_TOPK, codecs=CodecSpec(compressor=compressor), job={"bench": "cache_random_reads"},
+                     topk=C.PAPER_TOPK, codecs=CodecSpec(compressor=compressor, level=level), job={"bench": "cache_random_reads"},
                      alignkd_version="bench", created="2026-12-03T00:00:00+00:00")
 
 
@@ -105,14 +105,14 @@ def _as_extracted(codec: str, x: np.ndarray):
 
 
 def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, response_rows: int, seed: int,
-                compressor: str = "zstd") -> float:
+                compressor: str = "zstd", level: int = 3) -> float:
     import shutil
 
     from alignkd.cache.store import init_cache
     from alignkd.cache.writer import write_shard
 
     shutil.rmtree(root, ignore_errors=True)
-    meta = paper_meta(compressor)
+    meta = paper_meta(compressor, level)
     init_cache(root, meta)
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
@@ -162,6 +162,7 @@ def main() -> None:
                     help="what-if: one file per chunk, as caches were written before (with --chunk-kib 1024: that layout)")
     ap.add_argument("--compressor", default="zstd", choices=["zstd", "blosc", "none"],
                     help="what-if: the chunks' compressor (the default codecs' is zstd)")
+    ap.add_argument("--level", type=int, default=3, help="what-if: the compressor's level (the paper jobs' is 3)")
     ap.add_argument("--tag", default="", help="suffix of the result files, for variants")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
@@ -180,7 +181,7 @@ def main() -> None:
     if args.unpacked:
         writer.FILE_BYTES = None
     write_s = write_cache(root, args.samples, args.samples_per_shard, text_rows, response_rows, args.seed,
-                          args.compressor)
+                          args.compressor, args.level)
 
     from alignkd.cache.reader import _CHUNK_CACHE_BYTES, CacheReader
     from alignkd.cache.store import read_shard_meta
@@ -237,7 +238,7 @@ def main() -> None:
         "samples": len(keys), "samples_per_shard": args.samples_per_shard, "chunk_bytes": writer.CHUNK_BYTES,
         "file_bytes": writer.FILE_BYTES,
         "text_rows": text_rows,
-        "response_rows": response_rows, "codecs": paper_meta(args.compressor).codecs.to_dict(),
+        "response_rows": response_rows, "codecs": paper_meta(args.compressor, args.level).codecs.to_dict(),
         "stored_bytes_per_sample": stored / len(keys), "write_s": write_s,
         "cold_ms_per_sample": {what: {"median": cold_ms[what], "mean": 1000 * statistics.fmean(v),
                                       "p90": 1000 * float(np.percentile(v, 90))} for what, v in times.items()},
@@ -257,7 +258,8 @@ def main() -> None:
         "",
         f"{len(keys)} samples of the MobileVLM V2 7B teacher's shapes (32 heads x {text_rows} text rows x 144 vision "
         f"tokens of per-head attention, 144 x 4096 features, top-64 on {response_rows} response rows; text and "
-        f"response lengths vary uniformly by +-50%), default codecs (uint8 / int8 / fp16, {args.compressor}), "
+        f"response lengths vary uniformly by +-50%), default codecs (uint8 / int8 / fp16, {args.compressor}"
+        f"{f' level {args.level}' if args.compressor != 'none' else ''}), "
         f"{args.samples_per_shard} samples per shard, "
         + (f"one file per chunk of {writer.CHUNK_BYTES // 1024} KiB uncompressed (the layout before packing)"
            if writer.FILE_BYTES is None else
