@@ -126,6 +126,16 @@ def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, respon
     return time.perf_counter() - t
 
 
+def _chunk_rows_before(spec, offsets, data) -> int:
+    """The writer's chunk rows before chunks were sized to samples: about CHUNK_BYTES per chunk."""
+    import math
+
+    from alignkd.cache import writer
+
+    row_bytes = max(1, math.prod(data.shape[1:]) * data.dtype.itemsize)
+    return min(max(1, writer.CHUNK_BYTES // row_bytes), max(1, data.shape[0]))
+
+
 class _Keys:
     """A map-style dataset of cache keys whose items are the records as DistillDataset reads them."""
 
@@ -178,8 +188,9 @@ def main() -> None:
 
     if args.chunk_kib:
         writer.CHUNK_BYTES = args.chunk_kib * 1024  # read by the writer at each array it creates
-    if args.unpacked:
+    if args.unpacked:  # the layout before: a file per chunk of CHUNK_BYTES, whatever the samples' parts
         writer.FILE_BYTES = None
+        writer._chunk_rows = _chunk_rows_before
     write_s = write_cache(root, args.samples, args.samples_per_shard, text_rows, response_rows, args.seed,
                           args.compressor, args.level)
 

@@ -20,8 +20,16 @@ from alignkd.cache.writer import write_shard
 from alignkd.cache_schemas import CacheSchemaError, CodecSpec, shard_arrays
 from reliability_report import injected
 
-BEFORE = dict(FILE_BYTES=None, CHUNK_BYTES=1 << 20)  # the layout caches were written in before
-TINY = dict(FILE_BYTES=512, CHUNK_BYTES=128)  # a sample spans chunks, a file holds several, an array several files
+def _chunk_rows_before(spec, offsets, data) -> int:
+    """The writer's rule before chunks were sized to samples: about CHUNK_BYTES per chunk."""
+    row_bytes = max(1, int(np.prod(data.shape[1:])) * data.dtype.itemsize)
+    return min(max(1, writer.CHUNK_BYTES // row_bytes), max(1, data.shape[0]))
+
+
+# The layout caches were written in before: a file per chunk of about 1 MiB.
+BEFORE = dict(FILE_BYTES=None, CHUNK_BYTES=1 << 20, _chunk_rows=_chunk_rows_before)
+# Packed, with sizes so small that a sample spans chunks, a file holds several, an array several files.
+TINY = dict(FILE_BYTES=512, CHUNK_BYTES=128, _chunk_rows=writer._chunk_rows)
 
 
 def _samples(meta, n: int = 10):
