@@ -453,7 +453,10 @@ class _PackedChunks:
     @classmethod
     def of(cls, array: zarr.Array, directory: Path, name: str, files: dict) -> _PackedChunks | None:
         """The direct reader of a local array, or None where zarr must read it: chunks one per
-        file (caches written before), or a codec without a synchronous decode."""
+        file (caches written before), chunks or files split along another axis than the first
+        (not as alignkd writes them), or a codec without a synchronous decode. It uses zarr's
+        codec objects' synchronous decode and sharding helpers (zarr 3.1, as pinned); should
+        those change, zarr reads the array instead."""
         from zarr.abc.codec import ArrayArrayCodec, SupportsSyncCodec
         from zarr.codecs import ShardingCodec
         from zarr.core.buffer import default_buffer_prototype
@@ -461,12 +464,17 @@ class _PackedChunks:
         codecs = array.metadata.codecs
         if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or len(array.shape) == 0:
             return None
+        if tuple(codecs[0].chunk_shape[1:]) != array.shape[1:] or tuple(array.shards[1:]) != array.shape[1:]:
+            return None
         inner = (*codecs[0].codecs, *codecs[0].index_codecs)
         if not all(isinstance(c, SupportsSyncCodec) and not isinstance(c, ArrayArrayCodec) for c in inner):
             return None
-        a = array._async_array
-        spec = a.metadata.get_chunk_spec((0,) * len(array.shape), a.config, default_buffer_prototype())
-        return cls(array, directory, name, files, codecs[0], spec)
+        try:
+            a = array._async_array
+            spec = a.metadata.get_chunk_spec((0,) * len(array.shape), a.config, default_buffer_prototype())
+            return cls(array, directory, name, files, codecs[0], spec)
+        except AttributeError:
+            return None
 
     def chunk(self, index: int) -> np.ndarray:
         """Chunk `index` of the array, decoded (fill values where zarr wrote none)."""

@@ -84,6 +84,10 @@ def test_every_sample_reads_back_as_from_the_layout_before(tmp_path, monkeypatch
                 _same(got.attention[layer], want.attention[layer], f"{s.key} layer {layer}")
             assert (got.vision_start, got.vision_length, got.vision_grid) == \
                 (want.vision_start, want.vision_length, want.vision_grid)
+    # The packed arrays were read straight from their files, the others (and every one before) through zarr.
+    packed = {name for name in shard_arrays(meta)
+              if zarr.open_array(str(shard / name), mode="r").shards is not None}
+    assert "attn_L00" in packed and set(after._open["s"].packed) == packed and not before._open["s"].packed
     for name in shard_arrays(meta):  # a generic Zarr client reads the same arrays from either layout
         np.testing.assert_array_equal(zarr.open_array(str(shard / name), mode="r")[:],
                                       zarr.open_array(str(tmp_path / "before" / "shards" / "s" / name), mode="r")[:])
