@@ -357,7 +357,7 @@ def shard_arrays(meta: CacheMeta) -> dict[str, ArraySpec]:
         name = attention_array(layer)
         specs.append(ArraySpec(name, store.dtype, ("A",), signal=name, codec=c.attention, offsets="attn_offsets"))
         if store.scaled:
-            specs.append(ArraySpec(name + SCALE_SUFFIX, "float32", rows, signal=name, codec=c.attention,
+            specs.append(ArraySpec(name + SCALE_SUFFIX, store.scale_dtype, rows, signal=name, codec=c.attention,
                                    offsets="rows_offsets"))
     specs += [
         ArraySpec("vision_start", "int32", ("N",), signal="index"),

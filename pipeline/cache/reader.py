@@ -391,7 +391,7 @@ class _OpenShard:
         shape = (lq, heads, packed_width(codec_name, length)) if heads else (lq, packed_width(codec_name, length))
         parts = {"values": self.read(name, slice(*values)).reshape(shape)}
         if codec.scaled:
-            parts["scale"] = self.read(name + SCALE_SUFFIX, slice(*rows))
+            parts["scale"] = codec.loaded_scale(self.read(name + SCALE_SUFFIX, slice(*rows)))
             if not dequantise:
                 return Quantised(codec_name, parts["values"], parts["scale"], length)
         return codec.decode(parts, length)
@@ -401,7 +401,7 @@ class _OpenShard:
         codec = get_codec(codec_name)
         parts = {"values": self.read(name, where)}
         if codec.scaled:
-            parts["scale"] = self.read(name + SCALE_SUFFIX, where)
+            parts["scale"] = codec.loaded_scale(self.read(name + SCALE_SUFFIX, where))
             if not dequantise:
                 return Quantised(codec_name, parts["values"], parts["scale"], length)
         return codec.decode(parts, length)

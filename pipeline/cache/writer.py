@@ -292,7 +292,7 @@ def _shard_arrays(
         spec, codec = specs[name], get_codec(codec_name)
         scale_spec = specs[name + SCALE_SUFFIX] if codec.scaled else None
         values = np.zeros(_shape(spec, counts), spec.dtype)
-        scale = np.zeros(_shape(scale_spec, counts), np.float32) if scale_spec else None
+        scale = np.zeros(_shape(scale_spec, counts), scale_spec.dtype) if scale_spec else None
         for i, x in enumerate(pieces):
             if isinstance(x, Quantised):  # encoded on the teacher's device
                 if x.codec != codec_name or x.error is None:
@@ -300,7 +300,7 @@ def _shard_arrays(
                                            f"{'' if x.error is not None else ' without their error'}, "
                                            f"the cache stores {codec_name}")
                 _put(values, spec, offsets, i, x.values)
-                _put(scale, scale_spec, offsets, i, x.scale)
+                _put(scale, scale_spec, offsets, i, codec.stored_scale(x.scale))
                 acc.add_error(name, math.prod(x.shape), *x.error)
                 continue
             try:
@@ -309,7 +309,7 @@ def _shard_arrays(
                 raise CacheSchemaError(f"sample {samples[i].key}: {name}: {e}") from None
             _put(values, spec, offsets, i, parts["values"])
             if scale is not None:
-                _put(scale, scale_spec, offsets, i, parts["scale"])
+                _put(scale, scale_spec, offsets, i, codec.stored_scale(parts["scale"]))
             decoded = codec.decode(parts, x.shape[-1] if x.ndim else None) if codec.lossy else None
             acc.add(name, codec, x, decoded)
         yield name, values
