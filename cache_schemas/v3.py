@@ -29,14 +29,15 @@ Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is
           attn_offsets         (N+1,)       int64    sample i's attention values: [attn_offsets[i]:attn_offsets[i+1]]
           attn_L{layer:02d}    (A,)         one array per cached layer: sample i's block, row-major
                                             (Lq_i, H, P_v_i) per_head or (Lq_i, P_v_i) mean, flattened
-                                            codecs.attention: float32 | float16 | uint8 | uint4 (uint8 holding two)
-          attn_L{layer:02d}_scale (L, H) | (L,) float32, only for uint8 / uint4: value = q * scale
+                                            codecs.attention: float32 | float16 | uint8 | uint4 | uint4b (uint8 holding two)
+          attn_L{layer:02d}_scale (L, H) | (L,) float32, only for uint8 / uint4: value = q * scale;
+                                            uint16 for uint4b (the scale's bfloat16 bits)
           vision_start         (N,)         int32    -1 for a text-only sample
           vision_length        (N,)         int32    N_v_i, the sample's vision tokens; 0 for a text-only one
           vision_grid          (N, 2)       int32    their grid (rows, columns) in the model's order; (0, 0) text-only
           vision_offsets       (N+1,)       int64    sample i's vision tokens: [vision_offsets[i]:vision_offsets[i+1]]
-          vision_features      (V, P_d)     codecs.features: float32 | float16 | int8 | int4 (uint8 holding two)
-          vision_features_scale (V,)        float32, only for int8 / int4
+          vision_features      (V, P_d)     codecs.features: float32 | float16 | int8 | int8l44 | int4 (uint8 holding two)
+          vision_features_scale (V,)        float32, only for int8 / int8l44 / int4
           focus                (V,)         float32  (never quantised: one float per vision token)
 
     N = samples in the shard; T, R, L, V = the sums over its samples of tokens, response
@@ -100,7 +101,9 @@ development code lacks it and is refused with a message that says so: extract it
 
 Codecs (alignkd.cache.codecs has the formulas): rows are the last axis.
     uint8 / uint4   attention in [0, 1]: scale = row max / 255 (or / 15), q = round(x / scale)
-    int8 / int4     features: symmetric, scale = row absmax / 127 (or / 7), q = round(x / scale)
+    uint4b          uint4 with the scale rounded to bfloat16 first, stored as its 16 bits
+    int8 / int8l44 / int4   features: symmetric, scale = row absmax / 127 (or / 44, / 7),
+                    q = round(x / scale); int8l44's codes (-44..44) are int8 bytes
     4-bit packing   element 2j in the low nibble of byte j, element 2j+1 in the high nibble; int4
                     stores q + 8 (so 1..15); an odd row length pads one zero nibble
     fp16 / fp32     plain casts

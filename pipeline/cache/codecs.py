@@ -7,8 +7,8 @@ writer and reader, and exact torch counterparts for the training step's device.
     error_stats(x, y)                    # {"max": ..., "mean": ...} absolute error
 
 A "row" is the last axis: one attention row over the N_v vision keys, or one vision token's D
-features. Scaled codecs keep one float32 scale per row, so the error bound of every element
-depends only on its own row:
+features. Scaled codecs keep one scale per row (float32; uint4b's rounded to bfloat16), so the
+error bound of every element depends only on its own row:
 
     uint8   (attention, x >= 0)  scale = max(row) / 255   q = round(x / scale) in 0..255    |x - q*scale| <= scale/2
     uint4   (attention, x >= 0)  scale = max(row) / 15    q = round(x / scale) in 0..15     |x - q*scale| <= scale/2
@@ -23,7 +23,9 @@ as those 16 bits (a uint16 scale array): half the scale bytes, which at the pape
 rows are 5% of the attention. bf16 keeps float32's range, so rows whose vision mass is tiny
 (fp16's subnormals) keep their scale; its 8-bit mantissa moves a row's scale by at most 0.2%,
 a tenth of uint4's own rounding step. The values are quantised with the rounded scale, so the
-bound above holds for the stored scale. int8l44 stores int8 bytes holding 89 codes: its step
+bound above holds for the stored scale. `encode` and `decode` (and the torch twins) carry
+scales as float32 either way; `stored_scale` / `loaded_scale` turn them into the scale array's
+stored dtype and back (the writer and reader call them). int8l44 stores int8 bytes holding 89 codes: its step
 is 127/44 = 2.9 times int8's, and zstd, not the container, takes out the unused bits (its
 codes compress to about 0.68 of int8's bytes on the demo, int8's to 0.90). Why 44 and not
 another count: docs/codecs.md (the smallest cache whose every Align-KD gradient stays at
@@ -69,7 +71,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Codec", "CODECS", "Quantised", "get_codec", "error_stats", "stored_bytes", "dequantise", "quantise",
-           "quantised_error", "zero_code"]
+           "quantised_error", "zero_code", "float_to_bf16", "bf16_to_float"]
 
 Parts = dict[str, np.ndarray]
 

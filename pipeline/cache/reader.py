@@ -189,8 +189,9 @@ class CacheReader:
         """The sample's signals, dequantised to float32 (ids int32); KeyError if absent.
 
         `dequantise=False`: attention blocks and vision_features of a scaled codec (uint8,
-        uint4, int8, int4) come back as stored, `Quantised` codes and row scales in the float
-        block's orientation ((H, Lq, P) and (H, Lq); (N_v, P) and (N_v,)), for the training
+        uint4, uint4b, int8, int8l44, int4) come back as stored, `Quantised` codes and row
+        scales (float32, uint4b's bfloat16 bits widened) in the float block's orientation
+        ((H, Lq, P) and (H, Lq); (N_v, P) and (N_v,)), for the training
         step to dequantise on its device (alignkd.data.distill); float codecs, and caches of
         shard layout 1, are decoded as always."""
         try:

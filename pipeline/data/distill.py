@@ -6,8 +6,8 @@
     for batch, teacher in loader: ...
 
 Lazy on both sides: a sample's image and text are read from its tar by offset, its signals
-from its cache shard, only when the sample is asked for. Quantised signals (uint8 / uint4
-attention, int8 / int4 features) stay as stored through the DataLoader and collate, codes and
+from its cache shard, only when the sample is asked for. Quantised signals (uint8 / uint4 / uint4b
+attention, int8 / int8l44 / int4 features) stay as stored through the DataLoader and collate, codes and
 row scales, a quarter of float32's bytes; `TeacherBatch.dequantised()` turns them into float32
 wherever the batch is, so after `teacher.to(device)` on the student's device (compute_losses
 does it), with the bits the cache reader's numpy decode gives. Samples the extraction skipped are
