@@ -689,3 +689,27 @@ def test_samples_read_as_stored_dequantise_on_torch_to_the_readers_floats(tmp_pa
         for a, b in pairs:
             assert a.shape == b.shape
             np.testing.assert_array_equal(floats(a).view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("codecs", [CodecSpec(compressor="none"),
+                                    CodecSpec(attention="uint8", features="int8", compressor="none")],
+                         ids=["default", "8bit"])
+def test_sample_nbytes_is_what_a_one_sample_shard_stores_per_array(tmp_path, codecs):
+    """The byte count the dry run and inspect-cache use, against the arrays the writer made
+    (uint4b's scales are 2 bytes a row); the offsets' shared final entry is not the sample's."""
+    from alignkd.cache_schemas import SHARDS_GROUP, sample_nbytes, shard_arrays
+
+    meta = make_meta(codecs=codecs)
+    sample = make_sample(np.random.default_rng(3), meta, "one")
+    root = tmp_path / "cache"
+    init_cache(root, meta)
+    write_shard(root, "only", [sample], [], meta=meta, input_shard="x.tar", input_size=0)
+    lq = next(iter(sample.attention.values())).shape[-2]
+    want = sample_nbytes(meta, tokens=len(sample.input_ids), responses=len(sample.response_positions), rows=lq,
+                         vision=sample.vision_length)
+    assert set(want) == set(shard_arrays(meta))
+    for name, spec in shard_arrays(meta).items():
+        stored = zarr.open_array(str(root / SHARDS_GROUP / "only" / name), mode="r")
+        assert str(stored.dtype) == spec.dtype, name
+        shared = stored.dtype.itemsize if spec.shape[0] == "N+1" else 0
+        assert want[name] == stored.nbytes - shared, name
