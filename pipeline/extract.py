@@ -30,9 +30,11 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,6 +155,9 @@ class TeacherWorker:
         self.index = worker_index
         self.vlm = load_model(args.teacher)
         self._forward = threading.Lock()  # one shard at a time runs the teacher (process_shard)
+        # Shards are encoded and written here, at a lower priority than the forward (two: the
+        # actor runs two process_shard calls at once).
+        self._writer = ThreadPoolExecutor(2, thread_name_prefix="alignkd-write", initializer=_behind_forward)
 
     def describe(self) -> dict[str, Any]:
         """The teacher-dependent part of the cache's root metadata."""
@@ -194,6 +199,8 @@ class TeacherWorker:
         as it is ready, and the shard's encoding, compression and write run after the forward
         phase has let go of the teacher (`_forward`), so that in a Ray actor running two calls at
         once (`max_concurrency=2`, see _spawn_workers) the next shard's forward runs meanwhile.
+        The prefetch and write threads run at a lower priority than the forward
+        (`_behind_forward`): where they share cores with it, the forward goes first.
         Batches, their order and every record are those of the sequential loop: the cache bytes
         do not depend on the overlap.
 
@@ -228,9 +235,10 @@ class TeacherWorker:
                         faults.kill_once(cache_root, shard_name)
         finally:
             batches.close()
-        written = write_shard(cache_root, shard_name, records, batches.skipped, meta=meta, input_shard=input_shard,
-                              input_size=os.path.getsize(input_shard), after_array=faults.write_fault(shard_name),
-                              before_publish=faults.publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
+        written = self._writer.submit(
+            write_shard, cache_root, shard_name, records, batches.skipped, meta=meta, input_shard=input_shard,
+            input_size=os.path.getsize(input_shard), after_array=faults.write_fault(shard_name),
+            before_publish=faults.publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None).result()
         return ShardDone(written, batches.mislabelled)
 
     def _batches(self, input_shard: str) -> Iterator[tuple[Any, list[Any], bool, list[tuple[str, str]], int]]:
@@ -270,6 +278,25 @@ class TeacherWorker:
 _PREFETCH = 2
 """Batches read and preprocessed ahead of the teacher's forward, per shard being worked on."""
 
+BEHIND_FORWARD_NICE = 10
+"""How much lower (in nice steps) the prefetch and write threads run than the forward's."""
+
+
+def _behind_forward() -> None:
+    """Lower the calling thread's scheduling priority (Linux: a thread has its own nice value).
+
+    Reading ahead and writing behind fit in the time the forward leaves, but when they share
+    cores with it (a CPU teacher on every core, or the one thread that launches a GPU's kernels)
+    the scheduler would otherwise preempt the forward's threads for them, and every torch
+    thread then waits at the next barrier for the one preempted. Elsewhere: left as it is."""
+    if sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BEHIND_FORWARD_NICE))
+    except OSError:
+        pass
+
 
 class _Prefetch:
     """Iterate (batch, samples, full) over a `_batches` generator run in a background thread,
@@ -288,6 +315,7 @@ class _Prefetch:
         self._thread.start()
 
     def _run(self, source: Iterator) -> None:
+        _behind_forward()
         try:
             for item in source:
                 while not self._stop.is_set():
