@@ -129,7 +129,8 @@ def _cached_only_bytes(reader: CacheReader, cached_meta: Any, both: set[str]) ->
 
 
 def _slice_estimate(meta: Any) -> int | None:
-    """The teacher slice a recompute cache of this teacher would hold, if its folder is readable."""
+    """The teacher slice a recompute cache of this teacher would hold (with its tower, the
+    default, unless the job left it out), if its folder is readable."""
     from alignkd.extract import _slice_bytes
     from alignkd.models import describe_checkpoint
 
@@ -137,7 +138,8 @@ def _slice_estimate(meta: Any) -> int | None:
         ckpt = describe_checkpoint(meta.teacher.path)
     except (OSError, ValueError):
         return None
-    return _slice_bytes(ckpt, meta.job.get("teacher", {}).get("dtype", "float32"))
+    return _slice_bytes(ckpt, meta.job.get("teacher", {}).get("dtype", "float32"),
+                        meta.job.get("cache", {}).get("slice_tower", True))
 
 
 def format_table(report: dict[str, Any]) -> str:
