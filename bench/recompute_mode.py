@@ -338,8 +338,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"(with it: {paper['recompute']['smaller_than_raw_fp16_with_slice']:.1f}x uncompressed).",
         f"- ShareGPT4V-PT in all: raw fp16 {paper['sharegpt4v_pt_tb']['raw_fp16']:.2f} TB, cached default "
         f"{paper['sharegpt4v_pt_tb']['cached_default']:.2f} TB, recompute "
-        f"{paper['sharegpt4v_pt_tb']['recompute'] * 1000:.0f} GB (uncompressed, slice without the tower included; "
-        f"{paper['sharegpt4v_pt_tb']['recompute_with_tower'] * 1000:.0f} GB with it). Target "
+        f"{paper['sharegpt4v_pt_tb']['recompute'] * 1000:.1f} GB (uncompressed, slice without the tower included; "
+        f"{paper['sharegpt4v_pt_tb']['recompute_with_tower'] * 1000:.1f} GB with it). Target "
         f"{TARGET_RATIO:.0f}x: {'met' if paper['recompute']['smaller_than_raw_fp16_uncompressed'] >= TARGET_RATIO else 'missed'}.",
         "",
         "## Exactness (every training sample, fp32, against the lossless cache of the full teacher)",

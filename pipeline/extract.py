@@ -631,6 +631,9 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
         arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * 620
         modes[mode] = {"bytes_per_sample": per, "once_bytes": once,
                        "total": None if once is None else per * usable + once + arrays_meta}
+        if mode == "recompute":  # whether once_bytes holds the teacher's tower (cache.slice_tower)
+            modes[mode]["slice_tower"] = ("left out" if not args.cache.slice_tower else "included"
+                                          if ckpt.vision_config is not None else "not counted (its config is not local)")
     return {
         "samples": total_samples,
         "sampled": seen,

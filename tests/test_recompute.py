@@ -257,6 +257,7 @@ def test_the_dry_run_reports_both_modes_sizes_for_the_job(tiny_models, demo_data
     assert result.exit_code == 0, result.output
     lines = {line.split()[0]: line for line in result.output.splitlines()[-2:]}
     assert "this job: cached" in result.output and "teacher slice" in lines["recompute"] and "cached" in lines
+    assert "its vision tower included" in lines["recompute"]  # cache.slice_tower's default
     assert not (tmp_path / "c").exists()
 
 
