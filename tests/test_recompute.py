@@ -288,3 +288,21 @@ def test_recompute_mode_is_refused_before_any_model_loads_for_a_family_without_a
         extract(args, echo=lambda _: None, progress=False)
     with pytest.raises(ValueError, match="rebuilds layer 0 only"):
         CacheArgs(path="c", layers=[0, 1], signals="recompute").validate()
+
+
+@pytest.mark.bad_input
+def test_the_slices_tower_record_is_checked_like_the_rest_of_slice_json(tiny_recompute_cache):
+    from alignkd.cache_schemas import CacheSchemaError, SliceMeta
+
+    raw = json.loads((tiny_recompute_cache / TEACHER_SLICE / SLICE_META).read_text())
+    meta = SliceMeta.from_dict(raw)
+    assert meta.tower.kind == "CLIPVisionModel" and meta.tower.config["image_size"] == 48
+    assert SliceMeta.from_dict(meta.to_dict()) == meta
+    for damage, named in ((lambda d: d.pop("tower"), "missing key tower"),
+                          (lambda d: d["tower"].update(pad_images="yes"), "tower.pad_images"),
+                          (lambda d: d["tower"].update(kind="SiglipVisionModel"), "tower.kind"),
+                          (lambda d: d["tower"]["image_processor"].pop("class"), "tower.image_processor")):
+        bad = json.loads(json.dumps(raw))
+        damage(bad)
+        with pytest.raises(CacheSchemaError, match=named.replace(".", r"\.")):
+            SliceMeta.from_dict(bad)
