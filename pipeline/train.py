@@ -446,6 +446,9 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
                 {"path": where, "teacher": to_dict(cache.meta.teacher),
                  "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
                  "codecs": to_dict(cache.meta.codecs), "signals": cache.meta.signals,
+                 # recompute: whose tower P^T's input came from (alignkd.recompute's two paths)
+                 "recompute_tower": None if teacher_slice is None else
+                 "shared" if teacher_slice.reads_student_features else "teacher's, from the slice",
                  "fingerprint": cache.fingerprint()}, indent=2))
     dataset = DistillDataset(shards=args.data.shards, cache=cache, processor=StudentProcessor.of(student),
                              template=args.data.template, max_length=args.data.max_length,

@@ -128,7 +128,8 @@ def test_train_student_gives_the_same_losses_on_a_recompute_cache_as_on_a_cached
     for kind, cache in (("cached", tiny_cache), ("recompute", tiny_recompute_cache)):
         train(_args(tiny_models, demo_data, cache, tmp_path / kind), echo=lambda _: None, progress=False)
         runs[kind] = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
-        assert json.loads((tmp_path / kind / "cache.json").read_text())["signals"] == kind
+        written = json.loads((tmp_path / kind / "cache.json").read_text())
+        assert written["signals"] == kind and written["recompute_tower"] == {"cached": None, "recompute": "shared"}[kind]
     assert [r["step"] for r in runs["recompute"]] == [0, 1, 2]
     for a, b in zip(runs["cached"], runs["recompute"]):
         for term in ("sup", "logit", "attn", "v_all", "v_focus", "total", "grad_share_attn"):
@@ -175,6 +176,7 @@ def test_train_student_with_another_or_a_trained_tower_gives_the_cached_caches_l
         args.student.path = str(path)
         train(args, echo=lambda _: None, progress=False)
         runs[kind] = [json.loads(line) for line in (tmp_path / kind / "metrics.jsonl").read_text().splitlines()]
+    assert json.loads((tmp_path / "recompute" / "cache.json").read_text())["recompute_tower"] == "teacher's, from the slice"
     assert [r["step"] for r in runs["recompute"]] == [0, 1, 2]
     compared = 0
     for a, b in zip(runs["cached"], runs["recompute"]):  # step 0: the gradient diagnostics; then the terms
@@ -243,6 +245,7 @@ def test_inspect_cache_reports_both_modes_sizes_for_either_kind_of_cache(tiny_ca
         assert recompute["bytes_per_sample"] < cached["bytes_per_sample"] and recompute["slice_bytes"] > 0
         text = CliRunner().invoke(main, ["inspect-cache", str(cache)]).output
         assert f"this cache: {mode}" in text and "teacher slice" in text
+        assert ("with the teacher's vision tower" in text) == (mode == "recompute")
     # The arrays both modes store are the same arrays: measured equal in the two caches.
     a = json.loads(CliRunner().invoke(main, ["inspect-cache", str(tiny_cache), "--json"]).output)
     b = json.loads(CliRunner().invoke(main, ["inspect-cache", str(tiny_recompute_cache), "--json"]).output)
