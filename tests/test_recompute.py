@@ -294,7 +294,7 @@ def test_recompute_mode_is_refused_before_any_model_loads_for_a_family_without_a
 
 
 @pytest.mark.bad_input
-def test_the_slices_tower_record_is_checked_like_the_rest_of_slice_json(tiny_recompute_cache):
+def test_the_slices_tower_record_is_checked_like_the_rest_of_slice_json(tiny_recompute_cache, tmp_path):
     from alignkd.cache_schemas import CacheSchemaError, SliceMeta
 
     raw = json.loads((tiny_recompute_cache / TEACHER_SLICE / SLICE_META).read_text())
@@ -309,3 +309,13 @@ def test_the_slices_tower_record_is_checked_like_the_rest_of_slice_json(tiny_rec
         damage(bad)
         with pytest.raises(CacheSchemaError, match=named.replace(".", r"\.")):
             SliceMeta.from_dict(bad)
+    # A slice.json from before the tower field, as load_teacher_slice reports it: one line, and what to do
+    root = tmp_path / "c"
+    shutil.copytree(tiny_recompute_cache, root)
+    old = {k: v for k, v in raw.items() if k != "tower"}
+    (root / TEACHER_SLICE / SLICE_META).write_text(json.dumps(old))
+    from alignkd.cache.teacher_slice import read_slice_meta
+
+    with pytest.raises(CacheSchemaError) as err:
+        read_slice_meta(root)
+    assert "missing key tower" in str(err.value) and "run the same extract-teacher job again" in str(err.value)

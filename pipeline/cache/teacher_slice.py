@@ -75,7 +75,10 @@ def read_slice_meta(cache_root: str | os.PathLike) -> SliceMeta:
         raw = json.loads(_read(cache_root, SLICE_META))
     except json.JSONDecodeError as e:
         raise CacheSchemaError(f"{where}: not valid JSON ({e})") from None
-    return SliceMeta.from_dict(raw, source=where)
+    try:
+        return SliceMeta.from_dict(raw, source=where)
+    except CacheSchemaError as e:  # e.g. a slice written before SliceMeta.tower existed
+        raise CacheSchemaError(f"{e} (run the same extract-teacher job again to rewrite the slice)") from None
 
 
 def read_teacher_slice(cache_root: str | os.PathLike) -> tuple[dict[str, torch.Tensor], SliceMeta]:
