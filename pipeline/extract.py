@@ -64,6 +64,11 @@ class CacheArgs:
     # "recompute": store no attention, P^T or focus per sample, but a slice of the teacher once
     # (teacher_slice/), from which train-student rebuilds them (alignkd.recompute; layer 0 only)
     signals: Literal["cached", "recompute"] = "cached"
+    # recompute only: the slice also holds the teacher's vision tower and its image settings, so
+    # that a student with another tower (or another resolution, or training its own) can use the
+    # cache (+0.61 GB for CLIP ViT-L/336; docs/recompute.md). false: only students sharing the
+    # teacher's frozen tower and preprocessing can.
+    slice_tower: bool = True
     topk: int = 64  # teacher next-token candidates kept per response position (plus one tail bin)
     codecs: CodecSpec = field(default_factory=CodecSpec)
     scratch: str = ""  # cache at a URL: local folder where a worker builds each shard before upload ("": $TMPDIR)
@@ -188,7 +193,9 @@ class TeacherWorker:
         from alignkd.cache.teacher_slice import write_teacher_slice
         from alignkd.recompute import slice_fields, slice_tensors
 
-        written = write_teacher_slice(_cache_root(self.args.cache.path), slice_tensors(self.vlm), slice_fields(self.vlm))
+        tower = self.args.cache.slice_tower
+        written = write_teacher_slice(_cache_root(self.args.cache.path), slice_tensors(self.vlm, tower=tower),
+                                      slice_fields(self.vlm, tower=tower))
         return written.tensors.size
 
     def process_shard(self, input_shard: str, shard_name: str, meta: CacheMeta) -> ShardDone:
@@ -647,11 +654,14 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     usable = total_samples * seen / tried  # skipped samples store nothing
     modes: dict[str, dict[str, Any]] = {}
     for mode, per_sample in per_mode.items():
-        once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype)
+        once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype, args.cache.slice_tower)
         per = float(np.mean(per_sample))
         arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * 620
         modes[mode] = {"bytes_per_sample": per, "once_bytes": once,
                        "total": None if once is None else per * usable + once + arrays_meta}
+        if mode == "recompute":  # whether once_bytes holds the teacher's tower (cache.slice_tower)
+            modes[mode]["slice_tower"] = ("left out" if not args.cache.slice_tower else "included"
+                                          if ckpt.vision_config is not None else "not counted (its config is not local)")
     return {
         "samples": total_samples,
         "sampled": seen,
@@ -665,13 +675,16 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     }
 
 
-def _slice_bytes(ckpt: Any, dtype: str) -> int | None:
-    """A recompute cache's teacher slice for this checkpoint, in the dtype the teacher runs in."""
+def _slice_bytes(ckpt: Any, dtype: str, tower: bool) -> int | None:
+    """A recompute cache's teacher slice for this checkpoint, in the dtype the teacher runs in,
+    with its vision tower when the job keeps it (cache.slice_tower) and the config says its shape
+    (a MobileVLM checkpoint naming a hub CLIP does not: the tower's bytes are then left out)."""
     from alignkd.recompute import estimate_slice_bytes
 
     if ckpt.projector_spec is None or ckpt.text_config is None:
         return None
     try:
-        return estimate_slice_bytes(ckpt.family, ckpt.text_config, ckpt.projector_spec, dtype)
+        return estimate_slice_bytes(ckpt.family, ckpt.text_config, ckpt.projector_spec, dtype,
+                                    ckpt.vision_config if tower else None)
     except ValueError:  # not a Llama decoder
         return None
