@@ -422,4 +422,8 @@ def _parse(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise CacheSchemaError(f"{where}: expected a string, got {value!r}")
         return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise CacheSchemaError(f"{where}: expected true or false, got {value!r}")
+        return value
     raise TypeError(f"{where}: no parser for type {tp!r}")  # a schema bug, not bad data

@@ -7,6 +7,7 @@ Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is
       zarr.json
       teacher_slice/                only when CacheMeta.signals is "recompute" (see below)
         slice.safetensors           the teacher's tensors the two alignment signals depend on
+                                    (with cache.slice_tower, the default, its vision tower too)
         slice.json                  SliceMeta.to_dict(): which teacher, how to rebuild the
                                     modules, the tower's fingerprint, the tensors' size and sha256
       shards/                       zarr group, no attributes
@@ -57,7 +58,12 @@ Two modes (`CacheMeta.signals`), one job file for the student either way:
     So those teacher tensors are written once, at teacher_slice/, and the student stage
     recomputes the three signals from them exactly (alignkd.recompute). Shards then hold the
     token ids, the top-k log-probs and the vision span only. Only layer 0 can be recomputed
-    (deeper layers need the whole decoder below them): `layers` must be (0,).
+    (deeper layers need the whole decoder below them): `layers` must be (0,). Where the
+    student's tower is not the teacher's (other weights or preprocessing, or trained), the
+    student stage runs the teacher's own tower from the slice on the teacher's own view of
+    each image (SliceTower); the slice holds it unless the job says `cache.slice_tower = false`.
+    (`SliceMeta.tower` came before any release, like version 1's `files`: a slice.json
+    without it is refused; the same extract-teacher job rewrites the slice.)
   The slice is written under a temporary name and renamed (at a URL: slice.json uploaded
   last), so a slice.json beside its tensors means a complete slice; the tensors' sha256 is in
   slice.json and checked when the student stage loads them.
@@ -168,6 +174,7 @@ __all__ = [
     "SLICE_TENSORS",
     "SLICE_META",
     "SliceMeta",
+    "SliceTower",
 ]
 
 SCHEMA_VERSION = 3
@@ -284,6 +291,31 @@ class CacheMeta:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SliceTower:
+    """SliceMeta.tower: the teacher's own vision tower and its view of an image, for a student
+    whose tower is not the teacher's (other weights, other preprocessing, or trained). Its
+    weights are in slice.safetensors under "vision_tower."; this says how to rebuild the
+    modules offline (nothing is downloaded).
+
+    kind              the tower's transformers class (only "CLIPVisionModel": MobileVLM, LLaVA)
+    config            its config, as `config.to_dict()` gives it (a CLIPVisionConfig)
+    image_processor   the teacher's image processor: {"class": its transformers class name,
+                      "config": its JSON settings}; with `pad_images`, the teacher's exact pixels
+    pad_images        whether the teacher pads images to a square with the mean colour first
+    """
+
+    kind: Literal["CLIPVisionModel"]
+    config: dict[str, Any]
+    image_processor: dict[str, Any]
+    pad_images: bool
+
+    def validate(self) -> None:
+        _check_types(self)
+        if set(self.image_processor) != {"class", "config"}:
+            raise CacheSchemaError("tower.image_processor: expected the keys class and config")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SliceMeta:
     """teacher_slice/slice.json of a recompute cache: what the student stage needs to rebuild
     the layer-0 attention block and P^T from the slice's tensors (alignkd.recompute).
@@ -296,6 +328,9 @@ class SliceMeta:
                     which tower features it reads ("input")
     tower_fingerprint   sha256 of the teacher's vision tower weights as float32: a student may
                     recompute from its own tower's features only when its tower has this one
+    tower           the teacher's tower itself (SliceTower), for a student whose tower is not
+                    the teacher's; None when the extraction left it out (cache.slice_tower =
+                    false: 0.61 GB less for CLIP ViT-L/336, and only such a student can use it)
     tensors         slice.safetensors' size and sha256
     """
 
@@ -306,6 +341,7 @@ class SliceMeta:
     decoder: dict[str, Any]
     projector: dict[str, Any]
     tower_fingerprint: str
+    tower: SliceTower | None
     tensors: FileDigest
 
     def validate(self) -> None:
@@ -320,6 +356,8 @@ class SliceMeta:
             raise CacheSchemaError(f"tensors.size: must be at least 1, got {self.tensors.size}")
         if "input" not in self.projector:
             raise CacheSchemaError("projector: missing key input (the tower features the projector reads)")
+        if self.tower is not None:
+            self.tower.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
