@@ -87,8 +87,13 @@ def _git(*args: str, cwd: Path = REPO) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+_LOAD_AT_START = os.getloadavg()
+"""Read when a bench script imports this module, i.e. before it measures anything."""
+
+
 def machine(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
-    """Where and with what a result was measured."""
+    """Where and with what a result was measured: the load average when the script started
+    and when this is called (usually after the measurements)."""
     import alignkd
     import torch
 
@@ -99,7 +104,8 @@ def machine(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "ram_gib": _ram_gib(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "load_average_at_start": [round(x, 2) for x in _LOAD_AT_START],
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -136,7 +142,13 @@ def machine_line(m: dict[str, Any]) -> str:
             f"{m['torch_threads']} threads; alignkd at commit {m['git_commit']}"
             f"{_dirty(m)}"
             f"{', bench scripts uncommitted' if m['bench_uncommitted'] else ''}; "
-            f"load average at start {m['load_average_at_start'][0]}")
+            f"load average at start {m['load_average_at_start'][0]}"
+            f"{_at_end(m)}")
+
+
+def _at_end(m: dict[str, Any]) -> str:
+    end = m.get("load_average_at_end")
+    return f", at the end {end[0]}" if end else ""
 
 
 # --------------------------------------------------------------------------- numbers and files

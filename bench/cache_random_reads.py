@@ -271,12 +271,13 @@ def main() -> None:
                        "target_met": share <= 0.05},
         "machine": C.machine("cpu", 1),
     }
+    codecs = paper_meta(args.compressor, args.level).codecs
     md = [
         "# Random reads of a paper-shaped cache (issue 16, item 3)",
         "",
         f"{len(keys)} samples of the MobileVLM V2 7B teacher's shapes (32 heads x {text_rows} text rows x 144 vision "
         f"tokens of per-head attention, 144 x 4096 features, top-64 on {response_rows} response rows; text and "
-        f"response lengths vary uniformly by +-50%), default codecs (uint8 / int8 / fp16, {args.compressor}"
+        f"response lengths vary uniformly by +-50%), default codecs ({codecs.attention} / {codecs.features} / {codecs.logprobs}, {args.compressor}"
         f"{f' level {args.level}' if args.compressor != 'none' else ''}), "
         f"{args.samples_per_shard} samples per shard, "
         + (f"one file per chunk of {writer.CHUNK_BYTES // 1024} KiB uncompressed (the layout before packing)"

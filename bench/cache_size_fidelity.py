@@ -8,7 +8,8 @@ every codec level and lossless compressor:
     level            attention  features  logprobs      compressor: none (raw), zstd, blosc
     fp32             fp32       fp32      fp32
     fp16             fp16       fp16      fp16          ("raw fp16" = fp16 + none: the reference)
-    8-bit            uint8      int8      fp16          (the default: uint8 / int8 / fp16 + zstd)
+    default          uint4b     int8l44   fp16          (CodecSpec's default since issue 17, docs/codecs.md)
+    8-bit            uint8      int8      fp16          (the default before it)
     4-bit            uint4      int4      fp16
     4-bit attention  uint4      int8      fp16
 
@@ -55,11 +56,12 @@ import _common as C  # noqa: E402
 LEVELS = {
     "fp32": dict(attention="fp32", features="fp32", logprobs="fp32"),
     "fp16": dict(attention="fp16", features="fp16", logprobs="fp16"),
+    "default": dict(attention="uint4b", features="int8l44", logprobs="fp16"),
     "8-bit": dict(attention="uint8", features="int8", logprobs="fp16"),
     "4-bit": dict(attention="uint4", features="int4", logprobs="fp16"),
     "4-bit attention": dict(attention="uint4", features="int8", logprobs="fp16"),
 }
-DEFAULT = ("8-bit", "zstd")
+DEFAULT = ("default", "zstd")
 COMPRESSORS = ("none", "zstd", "blosc")
 # Display groups of the schema's ArraySpec.signal names.
 GROUPS = {"attn_L00": "attention", "vision_features": "features", "topk_logprobs": "logprobs",
@@ -305,7 +307,7 @@ def projection(size: dict[str, Any]) -> dict[str, Any]:
             **c,
             "default_estimate_bytes": sum(variants["/".join(DEFAULT)].values()),
             "default_breakdown": variants["/".join(DEFAULT)],
-            "default_uncompressed_bytes": sum(variants["8-bit/none"].values()),
+            "default_uncompressed_bytes": sum(variants[f"{DEFAULT[0]}/none"].values()),
             "raw_fp16_bytes": sum(variants["fp16/none"].values()),
             "lossless_fp16_zstd_bytes": sum(variants["fp16/zstd"].values()),
             "4bit_zstd_bytes": sum(variants["4-bit/zstd"].values()),
@@ -330,7 +332,7 @@ def accuracy(args: argparse.Namespace, src: Source) -> dict[str, Any]:
                               cache=dataclasses.replace(src.extract_job.cache, path=str(lossless),
                                                         codecs=CodecSpec(**LEVELS["fp32"], compressor="zstd")))
     extract(job, echo=print, progress=False)  # resumes: a finished cache is reused
-    caches = {"lossless (fp32 + zstd)": lossless, "default (uint8/int8/fp16 + zstd)": demo / "cache"}
+    caches = {"lossless (fp32 + zstd)": lossless, "default (the demo's cache, its job's codecs)": demo / "cache"}
     runs: dict[str, list[Path]] = {}
     todo = []
     for label, cache in caches.items():
@@ -395,7 +397,7 @@ def main() -> None:
     proj = projection(size)
     acc = accuracy(args, src) if args.accuracy else None
     default = size["/".join(DEFAULT)]
-    worst = max(fid["levels"]["8-bit"][t]["relative_change"] for t in TERMS)
+    worst = max(fid["levels"][DEFAULT[0]][t]["relative_change"] for t in TERMS)
     m = C.machine(args.device, args.threads)
     result = {
         "benchmark": "cache_size_fidelity (issue 6, item 5)", "source": args.demo or f"preset {args.preset}",
@@ -426,7 +428,8 @@ def main() -> None:
              f"{v['total_per_sample']:.0f}", f"{v['smaller_than_raw_fp16']:.2f}x"] for v in size.values()
         ]),
         "",
-        f"Default (uint8 / int8 / fp16 + zstd): **{default['smaller_than_raw_fp16']:.2f}x** smaller than raw fp16 "
+        f"Default ({' / '.join(LEVELS[DEFAULT[0]].values())} + zstd): **{default['smaller_than_raw_fp16']:.2f}x** "
+        "smaller than raw fp16 "
         f"(target 4x: {'met' if result['targets']['size_met'] else 'missed'}).",
         "",
         f"Relative change of each loss term (mean over {fid['batches']} batches) with decoded signals against "
@@ -451,7 +454,7 @@ def main() -> None:
              f"{v['lossless_fp16_zstd_bytes'] / 1e6:.2f} MB",
              f"{v['default_uncompressed_bytes'] / 1e6:.2f} MB", f"{v['default_estimate_bytes'] / 1e6:.2f} MB",
              f"{v['4bit_attention_zstd_bytes'] / 1e6:.2f} MB", f"{v['tb']['fp16/none']:.2f}",
-             f"{v['tb']['8-bit/zstd']:.2f}", f"{v['tb']['4-bit attention/zstd']:.2f}"]
+             f"{v['tb']['/'.join(DEFAULT)]:.2f}", f"{v['tb']['4-bit attention/zstd']:.2f}"]
             for k, v in proj.items()
         ]),
         "",

@@ -7,6 +7,7 @@ Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is
       zarr.json
       teacher_slice/                only when CacheMeta.signals is "recompute" (see below)
         slice.safetensors           the teacher's tensors the two alignment signals depend on
+                                    (with cache.slice_tower, the default, its vision tower too)
         slice.json                  SliceMeta.to_dict(): which teacher, how to rebuild the
                                     modules, the tower's fingerprint, the tensors' size and sha256
       shards/                       zarr group, no attributes
@@ -29,14 +30,15 @@ Metadata is JSON (Zarr attributes); signals are plain numeric arrays. Nothing is
           attn_offsets         (N+1,)       int64    sample i's attention values: [attn_offsets[i]:attn_offsets[i+1]]
           attn_L{layer:02d}    (A,)         one array per cached layer: sample i's block, row-major
                                             (Lq_i, H, P_v_i) per_head or (Lq_i, P_v_i) mean, flattened
-                                            codecs.attention: float32 | float16 | uint8 | uint4 (uint8 holding two)
-          attn_L{layer:02d}_scale (L, H) | (L,) float32, only for uint8 / uint4: value = q * scale
+                                            codecs.attention: float32 | float16 | uint8 | uint4 | uint4b (uint8 holding two)
+          attn_L{layer:02d}_scale (L, H) | (L,) float32, only for uint8 / uint4: value = q * scale;
+                                            uint16 for uint4b (the scale's bfloat16 bits)
           vision_start         (N,)         int32    -1 for a text-only sample
           vision_length        (N,)         int32    N_v_i, the sample's vision tokens; 0 for a text-only one
           vision_grid          (N, 2)       int32    their grid (rows, columns) in the model's order; (0, 0) text-only
           vision_offsets       (N+1,)       int64    sample i's vision tokens: [vision_offsets[i]:vision_offsets[i+1]]
-          vision_features      (V, P_d)     codecs.features: float32 | float16 | int8 | int4 (uint8 holding two)
-          vision_features_scale (V,)        float32, only for int8 / int4
+          vision_features      (V, P_d)     codecs.features: float32 | float16 | int8 | int8l44 | int4 (uint8 holding two)
+          vision_features_scale (V,)        float32, only for int8 / int8l44 / int4
           focus                (V,)         float32  (never quantised: one float per vision token)
 
     N = samples in the shard; T, R, L, V = the sums over its samples of tokens, response
@@ -56,7 +58,12 @@ Two modes (`CacheMeta.signals`), one job file for the student either way:
     So those teacher tensors are written once, at teacher_slice/, and the student stage
     recomputes the three signals from them exactly (alignkd.recompute). Shards then hold the
     token ids, the top-k log-probs and the vision span only. Only layer 0 can be recomputed
-    (deeper layers need the whole decoder below them): `layers` must be (0,).
+    (deeper layers need the whole decoder below them): `layers` must be (0,). Where the
+    student's tower is not the teacher's (other weights or preprocessing, or trained), the
+    student stage runs the teacher's own tower from the slice on the teacher's own view of
+    each image (SliceTower); the slice holds it unless the job says `cache.slice_tower = false`.
+    (`SliceMeta.tower` came before any release, like version 1's `files`: a slice.json
+    without it is refused; the same extract-teacher job rewrites the slice.)
   The slice is written under a temporary name and renamed (at a URL: slice.json uploaded
   last), so a slice.json beside its tensors means a complete slice; the tensors' sha256 is in
   slice.json and checked when the student stage loads them.
@@ -103,7 +110,9 @@ development code lacks it and is refused with a message that says so: extract it
 
 Codecs (alignkd.cache.codecs has the formulas): rows are the last axis.
     uint8 / uint4   attention in [0, 1]: scale = row max / 255 (or / 15), q = round(x / scale)
-    int8 / int4     features: symmetric, scale = row absmax / 127 (or / 7), q = round(x / scale)
+    uint4b          uint4 with the scale rounded to bfloat16 first, stored as its 16 bits
+    int8 / int8l44 / int4   features: symmetric, scale = row absmax / 127 (or / 44, / 7),
+                    q = round(x / scale); int8l44's codes (-44..44) are int8 bytes
     4-bit packing   element 2j in the low nibble of byte j, element 2j+1 in the high nibble; int4
                     stores q + 8 (so 1..15); an odd row length pads one zero nibble
     fp16 / fp32     plain casts
@@ -168,6 +177,7 @@ __all__ = [
     "SLICE_TENSORS",
     "SLICE_META",
     "SliceMeta",
+    "SliceTower",
 ]
 
 SCHEMA_VERSION = 3
@@ -284,6 +294,31 @@ class CacheMeta:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class SliceTower:
+    """SliceMeta.tower: the teacher's own vision tower and its view of an image, for a student
+    whose tower is not the teacher's (other weights, other preprocessing, or trained). Its
+    weights are in slice.safetensors under "vision_tower."; this says how to rebuild the
+    modules offline (nothing is downloaded).
+
+    kind              the tower's transformers class (only "CLIPVisionModel": MobileVLM, LLaVA)
+    config            its config, as `config.to_dict()` gives it (a CLIPVisionConfig)
+    image_processor   the teacher's image processor: {"class": its transformers class name,
+                      "config": its JSON settings}; with `pad_images`, the teacher's exact pixels
+    pad_images        whether the teacher pads images to a square with the mean colour first
+    """
+
+    kind: Literal["CLIPVisionModel"]
+    config: dict[str, Any]
+    image_processor: dict[str, Any]
+    pad_images: bool
+
+    def validate(self) -> None:
+        _check_types(self)
+        if set(self.image_processor) != {"class", "config"}:
+            raise CacheSchemaError("tower.image_processor: expected the keys class and config")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SliceMeta:
     """teacher_slice/slice.json of a recompute cache: what the student stage needs to rebuild
     the layer-0 attention block and P^T from the slice's tensors (alignkd.recompute).
@@ -296,6 +331,9 @@ class SliceMeta:
                     which tower features it reads ("input")
     tower_fingerprint   sha256 of the teacher's vision tower weights as float32: a student may
                     recompute from its own tower's features only when its tower has this one
+    tower           the teacher's tower itself (SliceTower), for a student whose tower is not
+                    the teacher's; None when the extraction left it out (cache.slice_tower =
+                    false: 0.61 GB less for CLIP ViT-L/336, and only such a student can use it)
     tensors         slice.safetensors' size and sha256
     """
 
@@ -306,6 +344,7 @@ class SliceMeta:
     decoder: dict[str, Any]
     projector: dict[str, Any]
     tower_fingerprint: str
+    tower: SliceTower | None
     tensors: FileDigest
 
     def validate(self) -> None:
@@ -320,6 +359,8 @@ class SliceMeta:
             raise CacheSchemaError(f"tensors.size: must be at least 1, got {self.tensors.size}")
         if "input" not in self.projector:
             raise CacheSchemaError("projector: missing key input (the tower features the projector reads)")
+        if self.tower is not None:
+            self.tower.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
@@ -360,7 +401,7 @@ def shard_arrays(meta: CacheMeta) -> dict[str, ArraySpec]:
         name = attention_array(layer)
         specs.append(ArraySpec(name, store.dtype, ("A",), signal=name, codec=c.attention, offsets="attn_offsets"))
         if store.scaled:
-            specs.append(ArraySpec(name + SCALE_SUFFIX, "float32", rows, signal=name, codec=c.attention,
+            specs.append(ArraySpec(name + SCALE_SUFFIX, store.scale_dtype, rows, signal=name, codec=c.attention,
                                    offsets="rows_offsets"))
     specs += [
         ArraySpec("vision_start", "int32", ("N",), signal="index"),

@@ -159,7 +159,8 @@ def _print_estimate(est: dict) -> None:
         if m["total"] is None:
             click.echo(f"  {mode:<16} not available for this teacher's family")
             continue
-        once = f" + teacher slice {_human(m['once_bytes'])} once" if mode == "recompute" else ""
+        once = (f" + teacher slice {_human(m['once_bytes'])} once (its vision tower {m['slice_tower']})"
+                if mode == "recompute" else "")
         click.echo(f"  {mode:<16} {_human(m['bytes_per_sample']):>10}/sample {_human(m['total']):>12}{once}")
 
 

@@ -30,9 +30,11 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +64,11 @@ class CacheArgs:
     # "recompute": store no attention, P^T or focus per sample, but a slice of the teacher once
     # (teacher_slice/), from which train-student rebuilds them (alignkd.recompute; layer 0 only)
     signals: Literal["cached", "recompute"] = "cached"
+    # recompute only: the slice also holds the teacher's vision tower and its image settings, so
+    # that a student with another tower (or another resolution, or training its own) can use the
+    # cache (+0.61 GB for CLIP ViT-L/336; docs/recompute.md). false: only students sharing the
+    # teacher's frozen tower and preprocessing can.
+    slice_tower: bool = True
     topk: int = 64  # teacher next-token candidates kept per response position (plus one tail bin)
     codecs: CodecSpec = field(default_factory=CodecSpec)
     scratch: str = ""  # cache at a URL: local folder where a worker builds each shard before upload ("": $TMPDIR)
@@ -153,6 +160,9 @@ class TeacherWorker:
         self.index = worker_index
         self.vlm = load_model(args.teacher)
         self._forward = threading.Lock()  # one shard at a time runs the teacher (process_shard)
+        # Shards are encoded and written here, at a lower priority than the forward (two: the
+        # actor runs two process_shard calls at once).
+        self._writer = ThreadPoolExecutor(2, thread_name_prefix="alignkd-write", initializer=_behind_forward)
 
     def describe(self) -> dict[str, Any]:
         """The teacher-dependent part of the cache's root metadata."""
@@ -183,7 +193,9 @@ class TeacherWorker:
         from alignkd.cache.teacher_slice import write_teacher_slice
         from alignkd.recompute import slice_fields, slice_tensors
 
-        written = write_teacher_slice(_cache_root(self.args.cache.path), slice_tensors(self.vlm), slice_fields(self.vlm))
+        tower = self.args.cache.slice_tower
+        written = write_teacher_slice(_cache_root(self.args.cache.path), slice_tensors(self.vlm, tower=tower),
+                                      slice_fields(self.vlm, tower=tower))
         return written.tensors.size
 
     def process_shard(self, input_shard: str, shard_name: str, meta: CacheMeta) -> ShardDone:
@@ -194,6 +206,8 @@ class TeacherWorker:
         as it is ready, and the shard's encoding, compression and write run after the forward
         phase has let go of the teacher (`_forward`), so that in a Ray actor running two calls at
         once (`max_concurrency=2`, see _spawn_workers) the next shard's forward runs meanwhile.
+        The prefetch and write threads run at a lower priority than the forward
+        (`_behind_forward`): where they share cores with it, the forward goes first.
         Batches, their order and every record are those of the sequential loop: the cache bytes
         do not depend on the overlap.
 
@@ -228,9 +242,10 @@ class TeacherWorker:
                         faults.kill_once(cache_root, shard_name)
         finally:
             batches.close()
-        written = write_shard(cache_root, shard_name, records, batches.skipped, meta=meta, input_shard=input_shard,
-                              input_size=os.path.getsize(input_shard), after_array=faults.write_fault(shard_name),
-                              before_publish=faults.publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None)
+        written = self._writer.submit(
+            write_shard, cache_root, shard_name, records, batches.skipped, meta=meta, input_shard=input_shard,
+            input_size=os.path.getsize(input_shard), after_array=faults.write_fault(shard_name),
+            before_publish=faults.publish_fault(cache_root, shard_name), scratch=args.cache.scratch or None).result()
         return ShardDone(written, batches.mislabelled)
 
     def _batches(self, input_shard: str) -> Iterator[tuple[Any, list[Any], bool, list[tuple[str, str]], int]]:
@@ -270,6 +285,25 @@ class TeacherWorker:
 _PREFETCH = 2
 """Batches read and preprocessed ahead of the teacher's forward, per shard being worked on."""
 
+BEHIND_FORWARD_NICE = 10
+"""How much lower (in nice steps) the prefetch and write threads run than the forward's."""
+
+
+def _behind_forward() -> None:
+    """Lower the calling thread's scheduling priority (Linux: a thread has its own nice value).
+
+    Reading ahead and writing behind fit in the time the forward leaves, but when they share
+    cores with it (a CPU teacher on every core, or the one thread that launches a GPU's kernels)
+    the scheduler would otherwise preempt the forward's threads for them, and every torch
+    thread then waits at the next barrier for the one preempted. Elsewhere: left as it is."""
+    if sys.platform != "linux":
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BEHIND_FORWARD_NICE))
+    except OSError:
+        pass
+
 
 class _Prefetch:
     """Iterate (batch, samples, full) over a `_batches` generator run in a background thread,
@@ -288,6 +322,7 @@ class _Prefetch:
         self._thread.start()
 
     def _run(self, source: Iterator) -> None:
+        _behind_forward()
         try:
             for item in source:
                 while not self._stop.is_set():
@@ -621,11 +656,14 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     usable = total_samples * seen / tried  # skipped samples store nothing
     modes: dict[str, dict[str, Any]] = {}
     for mode, per_sample in per_mode.items():
-        once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype)
+        once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype, args.cache.slice_tower)
         per = float(np.mean(per_sample))
         arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * ARRAY_METADATA_BYTES
         modes[mode] = {"bytes_per_sample": per, "once_bytes": once,
                        "total": None if once is None else per * usable + once + arrays_meta}
+        if mode == "recompute":  # whether once_bytes holds the teacher's tower (cache.slice_tower)
+            modes[mode]["slice_tower"] = ("left out" if not args.cache.slice_tower else "included"
+                                          if ckpt.vision_config is not None else "not counted (its config is not local)")
     return {
         "samples": total_samples,
         "sampled": seen,
@@ -639,13 +677,16 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     }
 
 
-def _slice_bytes(ckpt: Any, dtype: str) -> int | None:
-    """A recompute cache's teacher slice for this checkpoint, in the dtype the teacher runs in."""
+def _slice_bytes(ckpt: Any, dtype: str, tower: bool) -> int | None:
+    """A recompute cache's teacher slice for this checkpoint, in the dtype the teacher runs in,
+    with its vision tower when the job keeps it (cache.slice_tower) and the config says its shape
+    (a MobileVLM checkpoint naming a hub CLIP does not: the tower's bytes are then left out)."""
     from alignkd.recompute import estimate_slice_bytes
 
     if ckpt.projector_spec is None or ckpt.text_config is None:
         return None
     try:
-        return estimate_slice_bytes(ckpt.family, ckpt.text_config, ckpt.projector_spec, dtype)
+        return estimate_slice_bytes(ckpt.family, ckpt.text_config, ckpt.projector_spec, dtype,
+                                    ckpt.vision_config if tower else None)
     except ValueError:  # not a Llama decoder
         return None

@@ -13,7 +13,7 @@ What is kept (ALIGN_KD.md, notation):
   top-k       the teacher's k most likely next tokens at every response position with their
               log-probs and the log of the remaining mass, for L_logit over k + 1 bins.
 
-With `codecs`, attention and features of a scaled codec (uint8 / uint4 / int8 / int4) are
+With `codecs`, attention and features of a scaled codec (uint8 / uint4 / uint4b / int8 / int8l44 / int4) are
 quantised where the forward ran (alignkd.cache.codecs.quantise: the numpy encoder's codes and
 scales, bit for bit) and only the codes and scales are copied to the host, a quarter of the
 float32 bytes: what an extraction worker on a GPU does. A block the codec cannot hold (NaN,

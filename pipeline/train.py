@@ -261,12 +261,14 @@ def compute_losses(student: VLM, adapters: AlignKDAdapters, batch: VLMBatch, tea
     `keep`, when given, receives "student_vision" (P^S of the samples with an image) and, with
     a V term on, "vision_target" (what the V MSE holds them to), for the diagnostics.
     `teacher_slice` (a recompute cache's, alignkd.recompute) rebuilds the teacher's attention,
-    P^T and focus from the student's own tower features before any term reads them."""
+    P^T and focus before any term reads them: from the student's own tower features where the
+    tower is shared, else with the teacher's tower from the slice."""
     if teacher is not None:  # quantised signals become float32 here, on the device the batch was moved to
         teacher = teacher.dequantised()
     tap = (loss.attn_layer,) if loss.attn > 0 or loss.ground > 0 else ()
     recompute = teacher_slice is not None and (loss.attn > 0 or loss.v_all > 0 or loss.v_focus > 0)
-    with projector_inputs(student) if recompute else nullcontext() as seen:
+    hook = recompute and teacher_slice.reads_student_features
+    with projector_inputs(student) if hook else nullcontext() as seen:
         out = student(batch, tap_layers=tap)
     if recompute:
         teacher = teacher_slice.complete(teacher, batch, seen)
@@ -444,10 +446,14 @@ def _train(args: TrainArgs, procs: Procs, *, echo: Callable[[str], None], progre
                 {"path": where, "teacher": to_dict(cache.meta.teacher),
                  "tokenizer_hash": cache.meta.tokenizer_hash, "created": cache.meta.created,
                  "codecs": to_dict(cache.meta.codecs), "signals": cache.meta.signals,
+                 # recompute: whose tower P^T's input came from (alignkd.recompute's two paths)
+                 "recompute_tower": None if teacher_slice is None else
+                 "shared" if teacher_slice.reads_student_features else "teacher's, from the slice",
                  "fingerprint": cache.fingerprint()}, indent=2))
     dataset = DistillDataset(shards=args.data.shards, cache=cache, processor=StudentProcessor.of(student),
                              template=args.data.template, max_length=args.data.max_length,
-                             keep_in_memory=args.run.keep_in_memory)
+                             keep_in_memory=args.run.keep_in_memory,
+                             teacher_images=teacher_slice.images if teacher_slice is not None else None)
     if cache is not None:
         dataset.check_sample()
     per_step = args.data.batch_size * args.optim.grad_accum  # the global batch, shared out among processes

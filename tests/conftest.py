@@ -54,10 +54,11 @@ def build_cache(tiny_models, demo_data, root, attention_heads="per_head", family
                               template=CHAT_TEMPLATE[family], batch_size=8, attention_heads=attention_heads)
 
 
-def extract_in_process(teacher, shards, root, *, template, batch_size, attention_heads="per_head", signals="cached"):
+def extract_in_process(teacher, shards, root, *, template, batch_size, attention_heads="per_head", signals="cached",
+                       slice_tower=True):
     """The extraction stage in-process (no Ray): the same worker code, in this process,
     lossless codecs, layers [0], top-8, max_length 256; `signals` "recompute" writes the
-    teacher slice first, as `extract` does."""
+    teacher slice first, as `extract` does (with the teacher's tower unless `slice_tower` is False)."""
     from alignkd.cache.store import init_cache
     from alignkd.cache_schemas import CodecSpec
     from alignkd.data import DataArgs
@@ -68,7 +69,7 @@ def extract_in_process(teacher, shards, root, *, template, batch_size, attention
         teacher=ModelArgs(path=str(teacher), device="cpu"),
         data=DataArgs(shards=str(shards), template=template, max_length=256, batch_size=batch_size),
         cache=CacheArgs(path=str(root), layers=[0], topk=8, attention_heads=attention_heads, signals=signals,
-                        codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
+                        slice_tower=slice_tower, codecs=CodecSpec(attention="fp32", features="fp32", logprobs="fp32")),
         ray=RayArgs(cpus_per_worker=2),
     )
     worker = TeacherWorker(args)

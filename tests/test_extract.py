@@ -4,7 +4,10 @@ refusal to mix caches, and the dry-run estimate against the real size."""
 
 import dataclasses
 import io
+import os
 import shutil
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +256,39 @@ def test_ray_forward_threads_sets_the_teachers_torch_threads_apart_from_the_cpus
             assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_a_worker_reads_ahead_and_writes_behind_at_a_lower_priority_than_its_forward(tiny_models, demo_data,
+                                                                                   tmp_path, monkeypatch):
+    import alignkd.cache.writer
+    import alignkd.data.batching
+    from alignkd.cache.store import init_cache
+    from alignkd.extract import TeacherWorker, _cache_meta, plan_shards
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+    write_shard, make_batch = alignkd.cache.writer.write_shard, alignkd.data.batching.make_batch
+
+    def spy(name, f):
+        def wrapped(*a, **kw):
+            seen[name] = nice()
+            return f(*a, **kw)
+        return wrapped
+
+    monkeypatch.setattr(alignkd.cache.writer, "write_shard", spy("write", write_shard))
+    monkeypatch.setattr(alignkd.data.batching, "make_batch", spy("prefetch", make_batch))
+    threads = torch.get_num_threads()
+    try:
+        args = _args(tiny_models, demo_data, tmp_path / "cache")
+        worker = TeacherWorker(args)
+        meta = _cache_meta(args, worker.describe())
+        init_cache(args.cache.path, meta)
+        shard, name = plan_shards(args.data.shards)[0]
+        worker.process_shard(shard, name, meta)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["write"] > nice() and seen["prefetch"] > nice()
+    assert name in list_complete_shards(tmp_path / "cache")

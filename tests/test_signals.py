@@ -22,8 +22,9 @@ from alignkd.signals import teacher_signals
 
 @pytest.mark.parametrize("heads", ["per_head", "mean"])
 @pytest.mark.parametrize("codecs", [CodecSpec(attention="uint8", features="int8", logprobs="fp16"),
-                                    CodecSpec(attention="uint4", features="int4", logprobs="fp16")],
-                         ids=["8bit", "4bit"])
+                                    CodecSpec(attention="uint4", features="int4", logprobs="fp16"),
+                                    CodecSpec(attention="uint4b", features="int8l44", logprobs="fp16")],
+                         ids=["8bit", "4bit", "bf16-scales"])
 def test_signals_quantised_on_the_device_write_the_numpy_quantisers_shard_file_for_file(
         tiny_models, demo_data, tmp_path, codecs, heads):
     """One input shard through the tiny teacher in batches of 8 (9 vision tokens: 4-bit rows

@@ -7,14 +7,29 @@ writer and reader, and exact torch counterparts for the training step's device.
     error_stats(x, y)                    # {"max": ..., "mean": ...} absolute error
 
 A "row" is the last axis: one attention row over the N_v vision keys, or one vision token's D
-features. Scaled codecs keep one float32 scale per row, so the error bound of every element
-depends only on its own row:
+features. Scaled codecs keep one scale per row (float32; uint4b's rounded to bfloat16), so the
+error bound of every element depends only on its own row:
 
-    uint8  (attention, x >= 0)  scale = max(row) / 255   q = round(x / scale) in 0..255    |x - q*scale| <= scale/2
-    uint4  (attention, x >= 0)  scale = max(row) / 15    q = round(x / scale) in 0..15     |x - q*scale| <= scale/2
-    int8   (features)           scale = max|row| / 127   q = round(x / scale) in -127..127 |x - q*scale| <= scale/2
-    int4   (features)           scale = max|row| / 7     q = round(x / scale) in -7..7     |x - q*scale| <= scale/2
-    fp16 / fp32                 plain casts (fp32 is exact)
+    uint8   (attention, x >= 0)  scale = max(row) / 255   q = round(x / scale) in 0..255    |x - q*scale| <= scale/2
+    uint4   (attention, x >= 0)  scale = max(row) / 15    q = round(x / scale) in 0..15     |x - q*scale| <= scale/2
+    uint4b  (attention, x >= 0)  scale = bf16(max(row) / 15), then as uint4                 |x - q*scale| <= scale/2
+    int8    (features)           scale = max|row| / 127   q = round(x / scale) in -127..127 |x - q*scale| <= scale/2
+    int8l44 (features)           scale = max|row| / 44    q = round(x / scale) in -44..44   |x - q*scale| <= scale/2
+    int4    (features)           scale = max|row| / 7     q = round(x / scale) in -7..7     |x - q*scale| <= scale/2
+    fp16 / fp32                  plain casts (fp32 is exact)
+
+uint4b is uint4 with its row scales rounded to the nearest bfloat16 (ties to even) and stored
+as those 16 bits (a uint16 scale array): half the scale bytes, which at the paper's 144-key
+rows are 5% of the attention. bf16 keeps float32's range, so rows whose vision mass is tiny
+(fp16's subnormals) keep their scale; its 8-bit mantissa moves a row's scale by at most 0.2%,
+a tenth of uint4's own rounding step. The values are quantised with the rounded scale, so the
+bound above holds for the stored scale. `encode` and `decode` (and the torch twins) carry
+scales as float32 either way; `stored_scale` / `loaded_scale` turn them into the scale array's
+stored dtype and back (the writer and reader call them). int8l44 stores int8 bytes holding 89 codes: its step
+is 127/44 = 2.9 times int8's, and zstd, not the container, takes out the unused bits (its
+codes compress to about 0.68 of int8's bytes on the demo, int8's to 0.90). Why 44 and not
+another count: docs/codecs.md (the smallest cache whose every Align-KD gradient stays at
+cosine >= 0.99 on the demo).
 
 `round` is numpy's round-half-to-even; the decoded value is q * scale in float32 (so the bounds
 hold up to float32 rounding, about 1e-7 relative). A row of zeros has scale 0 and decodes to
@@ -56,7 +71,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Codec", "CODECS", "Quantised", "get_codec", "error_stats", "stored_bytes", "dequantise", "quantise",
-           "quantised_error", "zero_code"]
+           "quantised_error", "zero_code", "float_to_bf16", "bf16_to_float"]
 
 Parts = dict[str, np.ndarray]
 
@@ -64,13 +79,15 @@ Parts = dict[str, np.ndarray]
 @dataclass(frozen=True)
 class Codec:
     """One codec. `levels` is 0 for the float casts; `signed` picks the symmetric quantiser;
-    `packed` stores two 4-bit values per byte."""
+    `packed` stores two 4-bit values per byte; `bf16_scale` rounds each row scale to bfloat16
+    (stored as its 16 bits) before the values are quantised with it."""
 
     name: str
     dtype: str  # of the stored "values"
     levels: int = 0
     signed: bool = False
     packed: bool = False
+    bf16_scale: bool = False  # row scales rounded to bfloat16 and stored as its 16 bits (uint16)
 
     @property
     def lossy(self) -> bool:
@@ -102,6 +119,8 @@ class Codec:
         else:
             top = np.abs(x).max(axis=-1) if self.signed else x.max(axis=-1)
         scale = (top / np.float32(self.levels)).astype(np.float32)
+        if self.bf16_scale:
+            scale = bf16_to_float(float_to_bf16(scale))
         # Zero rows: divide by 1 instead of 0; their q is 0 and they decode to exact zeros.
         safe = np.where(scale > 0, scale, np.float32(1))
         lo = -self.levels if self.signed else 0
@@ -139,7 +158,16 @@ class Codec:
         rows = math.prod(shape[:-1])
         width = (shape[-1] + 1) // 2 if self.packed else shape[-1]
         values = rows * width * np.dtype(self.dtype).itemsize
-        return values + (4 * rows if self.scaled else 0)
+        return values + ((2 if self.bf16_scale else 4) * rows if self.scaled else 0)
+
+    def stored_scale(self, scale: np.ndarray) -> np.ndarray:
+        """float32 row scales (as `encode` gives them) -> the scale array as stored."""
+        scale = np.asarray(scale, dtype=np.float32)
+        return float_to_bf16(scale) if self.bf16_scale else scale
+
+    def loaded_scale(self, stored: np.ndarray) -> np.ndarray:
+        """The scale array as stored -> float32 row scales, as `decode` takes them."""
+        return bf16_to_float(stored) if self.bf16_scale else np.asarray(stored, dtype=np.float32)
 
 
 CODECS: dict[str, Codec] = {
@@ -147,8 +175,10 @@ CODECS: dict[str, Codec] = {
     "fp16": Codec("fp16", "float16"),
     "uint8": Codec("uint8", "uint8", levels=255),
     "uint4": Codec("uint4", "uint8", levels=15, packed=True),
+    "uint4b": Codec("uint4b", "uint8", levels=15, packed=True, bf16_scale=True),
     "int8": Codec("int8", "int8", levels=127, signed=True),
     "int4": Codec("int4", "uint8", levels=7, signed=True, packed=True),
+    "int8l44": Codec("int8l44", "int8", levels=44, signed=True),
 }
 """By CodecSpec value. Names are unique across signals, so one table serves all of them."""
 
@@ -177,6 +207,17 @@ def error_stats(x: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
     with np.errstate(invalid="ignore"):
         err = np.where(a == b, 0.0, np.abs(a - b))
     return {"max": float(err.max()), "mean": float(err.mean())}
+
+
+def float_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 (finite) -> the upper 16 bits of the nearest bfloat16, ties to even, as uint16."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_to_float(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits -> float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def _pack4(nibbles: np.ndarray) -> np.ndarray:
@@ -277,6 +318,8 @@ def quantise(name: str, x) -> Quantised:
     # A true float32 division, as numpy's top / float32(levels): a divisor tensor, not a Python
     # number (CUDA turns division by a host scalar into a multiplication by its reciprocal).
     scale = top / torch.full_like(top, codec.levels)
+    if codec.bf16_scale:
+        scale = _bf16_round_torch(scale)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     lo = -codec.levels if codec.signed else 0
     q = torch.round(x / safe.unsqueeze(-1)).clamp(lo, codec.levels)  # round: half to even, as np.rint
@@ -299,3 +342,14 @@ def quantised_error(x, q: Quantised) -> tuple[float, float]:
         return 0.0, 0.0
     err = (x.to(torch.float64) - dequantise(q).to(torch.float64)).abs()
     return float(err.max()), float(err.sum())
+
+
+def _bf16_round_torch(x):
+    """float32 scales (>= 0, finite) -> the float32 value of their nearest bfloat16, ties to
+    even: `float_to_bf16` then `bf16_to_float`, in integer ops on the bits (the same on every
+    device; non-negative, so the int32 view has no sign to carry)."""
+    import torch
+
+    bits = x.contiguous().view(torch.int32).to(torch.int64)
+    top = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return (top << 16).to(torch.int32).view(torch.float32)

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from alignkd.cache.reader import CacheReader
-from alignkd.cache.teacher_slice import slice_nbytes
+from alignkd.cache.teacher_slice import read_slice_meta, slice_nbytes
 from alignkd.cache_schemas import sample_nbytes, shard_arrays
 
 __all__ = ["inspect_cache", "format_table"]
@@ -101,6 +101,8 @@ def _modes(reader: CacheReader, shards: list[Any], samples: int) -> dict[str, di
         cached_how = "stored arrays measured, attention, P^T and focus as the schema sizes them before compression"
         cached = shared + _cached_only_bytes(reader, cached_meta, both)
         slice_bytes, slice_how = slice_nbytes(reader.path), "measured"
+        if slice_bytes is not None:  # whether students with another tower can use it (SliceMeta.tower)
+            slice_how += ", with the teacher's vision tower" if read_slice_meta(reader.path).tower else ", no vision tower"
     return {
         "cached": {"bytes_per_sample": cached, "how": cached_how},
         "recompute": {"bytes_per_sample": shared, "how": "measured: the arrays both modes store",
@@ -129,7 +131,8 @@ def _cached_only_bytes(reader: CacheReader, cached_meta: Any, both: set[str]) ->
 
 
 def _slice_estimate(meta: Any) -> int | None:
-    """The teacher slice a recompute cache of this teacher would hold, if its folder is readable."""
+    """The teacher slice a recompute cache of this teacher would hold (with its tower, the
+    default, unless the job left it out), if its folder is readable."""
     from alignkd.extract import _slice_bytes
     from alignkd.models import describe_checkpoint
 
@@ -137,7 +140,8 @@ def _slice_estimate(meta: Any) -> int | None:
         ckpt = describe_checkpoint(meta.teacher.path)
     except (OSError, ValueError):
         return None
-    return _slice_bytes(ckpt, meta.job.get("teacher", {}).get("dtype", "float32"))
+    return _slice_bytes(ckpt, meta.job.get("teacher", {}).get("dtype", "float32"),
+                        meta.job.get("cache", {}).get("slice_tower", True))
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -196,8 +196,9 @@ class CacheReader:
         """The sample's signals, dequantised to float32 (ids int32); KeyError if absent.
 
         `dequantise=False`: attention blocks and vision_features of a scaled codec (uint8,
-        uint4, int8, int4) come back as stored, `Quantised` codes and row scales in the float
-        block's orientation ((H, Lq, P) and (H, Lq); (N_v, P) and (N_v,)), for the training
+        uint4, uint4b, int8, int8l44, int4) come back as stored, `Quantised` codes and row
+        scales (float32, uint4b's bfloat16 bits widened) in the float block's orientation
+        ((H, Lq, P) and (H, Lq); (N_v, P) and (N_v,)), for the training
         step to dequantise on its device (alignkd.data.distill); float codecs, and caches of
         shard layout 1, are decoded as always."""
         try:
@@ -411,7 +412,7 @@ class _OpenShard:
         shape = (lq, heads, packed_width(codec_name, length)) if heads else (lq, packed_width(codec_name, length))
         parts = {"values": self.read(name, slice(*values)).reshape(shape)}
         if codec.scaled:
-            parts["scale"] = self.read(name + SCALE_SUFFIX, slice(*rows))
+            parts["scale"] = codec.loaded_scale(self.read(name + SCALE_SUFFIX, slice(*rows)))
             if not dequantise:
                 return Quantised(codec_name, parts["values"], parts["scale"], length)
         return codec.decode(parts, length)
@@ -421,7 +422,7 @@ class _OpenShard:
         codec = get_codec(codec_name)
         parts = {"values": self.read(name, where)}
         if codec.scaled:
-            parts["scale"] = self.read(name + SCALE_SUFFIX, where)
+            parts["scale"] = codec.loaded_scale(self.read(name + SCALE_SUFFIX, where))
             if not dequantise:
                 return Quantised(codec_name, parts["values"], parts["scale"], length)
         return codec.decode(parts, length)

@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors
 from alignkd.cache import remote
 from alignkd.cache.integrity import fsync_dir, fsync_tree
 from alignkd.cache.store import TMP_MARK
-from alignkd.cache_schemas import SLICE_META, SLICE_TENSORS, TEACHER_SLICE, CacheSchemaError, FileDigest, SliceMeta
+from alignkd.cache_schemas import SLICE_META, SLICE_TENSORS, TEACHER_SLICE, CacheSchemaError, SliceMeta
 
 __all__ = ["write_teacher_slice", "read_teacher_slice", "read_slice_meta", "check_teacher_slice", "slice_nbytes"]
 
@@ -40,8 +40,8 @@ def write_teacher_slice(cache_root: str | os.PathLike, tensors: dict[str, torch.
                         fields: dict[str, Any]) -> SliceMeta:
     """Write the slice (replacing one that is there) and return its SliceMeta."""
     data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    meta = SliceMeta(**fields, tensors=FileDigest(len(data), hashlib.sha256(data).hexdigest()))
-    meta.validate()
+    # As JSON data, so nested fields (the tower's) are parsed and checked as slice.json will be
+    meta = SliceMeta.from_dict({**fields, "tensors": {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}})
     text = json.dumps(meta.to_dict(), indent=2, sort_keys=True).encode()
     if remote.is_url(cache_root):
         fs, root = remote.filesystem(str(cache_root))
@@ -75,7 +75,10 @@ def read_slice_meta(cache_root: str | os.PathLike) -> SliceMeta:
         raw = json.loads(_read(cache_root, SLICE_META))
     except json.JSONDecodeError as e:
         raise CacheSchemaError(f"{where}: not valid JSON ({e})") from None
-    return SliceMeta.from_dict(raw, source=where)
+    try:
+        return SliceMeta.from_dict(raw, source=where)
+    except CacheSchemaError as e:  # e.g. a slice written before SliceMeta.tower existed
+        raise CacheSchemaError(f"{e} (run the same extract-teacher job again to rewrite the slice)") from None
 
 
 def read_teacher_slice(cache_root: str | os.PathLike) -> tuple[dict[str, torch.Tensor], SliceMeta]:

@@ -139,18 +139,13 @@ def write_shard(
     try:
         group = zarr.open_group(str(tmp), mode="w-", zarr_format=3)
         accounting = _Accounting()
-        written = []
-        offsets = {}  # each offsets array comes before the arrays it indexes
+        offsets = {}  # each offsets array comes before the arrays it indexes (the schema's order)
         for name, data in _shard_arrays(samples, meta, specs, accounting):
-            _check_layout(specs[name], data)
             if specs[name].shape == ("N+1",):
                 offsets[name] = data
             _write_array(group, name, data, meta.codecs, _chunk_rows(specs[name], offsets, data))
-            written.append(name)
             if after_array is not None:
                 after_array(name)
-        if written != list(specs):  # the generator below and the schema must agree exactly
-            raise RuntimeError(f"writer bug: wrote {written}, the schema lists {list(specs)}")
         shard = ShardMeta(
             name=shard_name,
             input_shard=str(input_shard),
@@ -314,89 +309,96 @@ def _rows(s: SampleSignals) -> int:
 def _shard_arrays(
     samples: Sequence[SampleSignals], meta: CacheMeta, specs: dict[str, ArraySpec], acc: _Accounting
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, data) for every array of the shard, in schema order, built one signal at a time
-    so that only one signal's encoded form is in memory beyond the samples themselves."""
+    """(name, data) for every array of `specs` (the schema's shard_arrays), in its order, with
+    its dtype and shape, built one signal at a time so that only one signal's encoded form is
+    in memory beyond the samples themselves. Which arrays a shard has, their order, dtypes and
+    shapes are the schema's; what this adds is where each comes from in a sample."""
     n = len(samples)
     per_head = meta.attention_heads == "per_head"
     heads = meta.teacher.num_heads if per_head else 1
-    c = meta.codecs
-    offsets = {
-        "ids_offsets": _offsets([len(s.input_ids) for s in samples]),
-        "resp_offsets": _offsets([len(s.response_positions) for s in samples]),
-        "rows_offsets": _offsets([_rows(s) for s in samples]),
-        "attn_offsets": _offsets([_rows(s) * heads * packed_width(c.attention, s.vision_length) for s in samples]),
-        "vision_offsets": _offsets([s.vision_length for s in samples]),
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    # The rows each sample has in the arrays an offsets array indexes.
+    lengths = {
+        "ids_offsets": lambda s: len(s.input_ids),
+        "resp_offsets": lambda s: len(s.response_positions),
+        "rows_offsets": _rows,
+        "attn_offsets": lambda s: _rows(s) * heads * packed_width(meta.codecs.attention, s.vision_length),
+        "vision_offsets": lambda s: s.vision_length,
     }
-    rows_of = {"T": "ids_offsets", "R": "resp_offsets", "L": "rows_offsets", "A": "attn_offsets", "V": "vision_offsets"}
-    counts = {"N": n, "N+1": n + 1, **{sym: int(offsets[name][-1]) for sym, name in rows_of.items()}}
+    offsets = {name: _offsets([lengths[name](s) for s in samples]) for name in specs if name in lengths}
+    counts = {"N": n, "N+1": n + 1}
+    for spec in specs.values():
+        if spec.offsets is not None:
+            counts[spec.shape[0]] = int(offsets[spec.offsets][-1])
+    # An array of one value (or row) per sample.
+    per_sample = {"vision_start": lambda s: s.vision_start, "vision_length": lambda s: s.vision_length,
+                  "vision_grid": vision_grid}
+    # An array of each sample's rows, stored as they are.
+    exact = {"input_ids": _stored_ids, "response_positions": lambda s: s.response_positions,
+             "topk_ids": lambda s: s.topk_ids}
+    # A float signal of each sample's rows, through its codec.
+    floats = {
+        "topk_logprobs": lambda s: f32(s.topk_logprobs),
+        "tail_logmass": lambda s: f32(s.tail_logmass),
+        # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so that they line up with the row scales.
+        **{attention_array(layer): (lambda s, layer=layer: _rows_first(s.attention[layer], s.vision_length, per_head))
+           for layer in meta.layers},
+        "vision_features": lambda s: (s.vision_features if isinstance(s.vision_features, Quantised)
+                                      else f32(s.vision_features)[: s.vision_length]),
+        "focus": lambda s: f32(s.focus)[: s.vision_length],
+    }
 
-    def flat(name: str, get) -> np.ndarray:
-        dtype = specs[name].dtype
-        parts = [np.asarray(get(s)).astype(dtype) for s in samples]
-        return np.concatenate(parts) if parts else np.zeros((0, *specs[name].shape[1:]), dtype)
-
-    def coded(name: str, codec_name: str, pieces: Iterator[np.ndarray]) -> Iterator[tuple[str, np.ndarray]]:
+    def coded(name: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Encode one float signal sample by sample into preallocated value (+ scale) arrays;
         a sample's values and scales land in the rows its offsets give, flattened to the
         arrays' trailing shape."""
-        spec, codec = specs[name], get_codec(codec_name)
+        spec = specs[name]
+        codec_name = spec.codec
+        codec = get_codec(codec_name)
         scale_spec = specs[name + SCALE_SUFFIX] if codec.scaled else None
         values = np.zeros(_shape(spec, counts), spec.dtype)
-        scale = np.zeros(_shape(scale_spec, counts), np.float32) if scale_spec else None
-        for i, x in enumerate(pieces):
+        scale = np.zeros(_shape(scale_spec, counts), scale_spec.dtype) if scale_spec else None
+        for i, s in enumerate(samples):
+            x = floats[name](s)
             if isinstance(x, Quantised):  # encoded on the teacher's device
                 if x.codec != codec_name or x.error is None:
-                    raise CacheSchemaError(f"sample {samples[i].key}: {name}: codes of codec {x.codec}"
+                    raise CacheSchemaError(f"sample {s.key}: {name}: codes of codec {x.codec}"
                                            f"{'' if x.error is not None else ' without their error'}, "
                                            f"the cache stores {codec_name}")
                 _put(values, spec, offsets, i, x.values)
-                _put(scale, scale_spec, offsets, i, x.scale)
+                _put(scale, scale_spec, offsets, i, codec.stored_scale(x.scale))
                 acc.add_error(name, math.prod(x.shape), *x.error)
                 continue
             try:
                 parts = codec.encode(x)
             except ValueError as e:  # e.g. a log-prob beyond fp16's range: name the sample
-                raise CacheSchemaError(f"sample {samples[i].key}: {name}: {e}") from None
+                raise CacheSchemaError(f"sample {s.key}: {name}: {e}") from None
             _put(values, spec, offsets, i, parts["values"])
             if scale is not None:
-                _put(scale, scale_spec, offsets, i, parts["scale"])
+                _put(scale, scale_spec, offsets, i, codec.stored_scale(parts["scale"]))
             decoded = codec.decode(parts, x.shape[-1] if x.ndim else None) if codec.lossy else None
             acc.add(name, codec, x, decoded)
-        yield name, values
-        if scale is not None:
-            yield name + SCALE_SUFFIX, scale
+        return values, scale
 
-    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
-    yield "ids_offsets", offsets["ids_offsets"]
-    yield "input_ids", flat("input_ids", _stored_ids)
-    yield "resp_offsets", offsets["resp_offsets"]
-    yield "response_positions", flat("response_positions", lambda s: s.response_positions)
-    yield "topk_ids", flat("topk_ids", lambda s: np.asarray(s.topk_ids).reshape(-1, meta.topk))
-    yield from coded("topk_logprobs", c.logprobs, (f32(s.topk_logprobs) for s in samples))
-    yield from coded("tail_logmass", c.logprobs, (f32(s.tail_logmass) for s in samples))
-    cached = meta.signals == "cached"  # a recompute cache stores no attention, P^T or focus (the slice rebuilds them)
-    if cached:
-        yield "rows_offsets", offsets["rows_offsets"]
-        yield "attn_offsets", offsets["attn_offsets"]
-    for layer in meta.layers if cached else ():
-        # (H, Lq, N_v) -> (Lq, H, N_v): rows first, so that they line up with the row scales.
-        blocks = (_rows_first(s.attention[layer], s.vision_length, per_head) for s in samples)
-        yield from coded(attention_array(layer), c.attention, blocks)
-    yield "vision_start", np.array([s.vision_start for s in samples], dtype=np.int32)
-    yield "vision_length", np.array([s.vision_length for s in samples], dtype=np.int32)
-    yield "vision_grid", np.array([vision_grid(s) for s in samples], dtype=np.int32).reshape(n, 2)
-    if not cached:
-        return
-    yield "vision_offsets", offsets["vision_offsets"]
-    yield from coded("vision_features", c.features, (s.vision_features if isinstance(s.vision_features, Quantised)
-                                                     else f32(s.vision_features)[: s.vision_length] for s in samples))
-    focus = np.zeros(counts["V"], np.float32)
-    fp32 = get_codec("fp32")
-    for i, s in enumerate(samples):
-        piece = f32(s.focus)[: s.vision_length]
-        _put(focus, specs["focus"], offsets, i, piece)
-        acc.add("focus", fp32, piece, None)
-    yield "focus", focus
+    scales: dict[str, np.ndarray] = {}  # made with their values, written after them
+    for name, spec in specs.items():
+        shape = _shape(spec, counts)
+        if name in scales:
+            yield name, scales.pop(name)
+        elif name in offsets:
+            yield name, offsets[name].astype(spec.dtype)
+        elif name in per_sample:
+            yield name, np.array([per_sample[name](s) for s in samples], dtype=spec.dtype).reshape(shape)
+        elif name in exact:
+            parts = [np.asarray(exact[name](s)).astype(spec.dtype).reshape(-1) for s in samples]
+            yield name, (np.concatenate(parts) if parts else np.zeros(0, spec.dtype)).reshape(shape)
+        elif name in floats:
+            values, scale = coded(name)
+            if scale is not None:
+                scales[name + SCALE_SUFFIX] = scale
+            yield name, values
+        else:
+            raise CacheSchemaError(f"the schema lists an array {name!r} this writer cannot fill")
 
 
 def _rows_first(block: np.ndarray | Quantised, vision_length: int, per_head: bool) -> np.ndarray | Quantised:
@@ -428,13 +430,3 @@ def _stored_ids(s: SampleSignals) -> np.ndarray:
 
 def _shape(spec: ArraySpec, counts: dict[str, int]) -> tuple[int, ...]:
     return tuple(counts[d] if isinstance(d, str) else d for d in spec.shape)
-
-
-def _check_layout(spec: ArraySpec, data: np.ndarray) -> None:
-    """The data about to be written has the schema's dtype and trailing shape."""
-    if data.dtype != np.dtype(spec.dtype) or tuple(data.shape[1:]) != tuple(spec.shape[1:]):
-        raise RuntimeError(
-            f"writer bug: {spec.name} is {data.dtype}{data.shape}, the schema says {spec.dtype}{spec.shape}"
-        )
-
-

@@ -6,8 +6,8 @@
     for batch, teacher in loader: ...
 
 Lazy on both sides: a sample's image and text are read from its tar by offset, its signals
-from its cache shard, only when the sample is asked for. Quantised signals (uint8 / uint4
-attention, int8 / int4 features) stay as stored through the DataLoader and collate, codes and
+from its cache shard, only when the sample is asked for. Quantised signals (uint8 / uint4 / uint4b
+attention, int8 / int8l44 / int4 features) stay as stored through the DataLoader and collate, codes and
 row scales, a quarter of float32's bytes; `TeacherBatch.dequantised()` turns them into float32
 wherever the batch is, so after `teacher.to(device)` on the student's device (compute_losses
 does it), with the bits the cache reader's numpy decode gives. Samples the extraction skipped are
@@ -74,6 +74,9 @@ class TeacherBatch:
         response positions (batch-major, then position).
     attention and vision_features are float32 tensors, or, from a cache with a scaled codec,
         `Quantised` codes and row scales of those shapes until `dequantised()`.
+    pixel_values: the teacher's own view of the batch's images (B_img, 3, S_T, S_T), only for a
+        recompute cache whose slice runs the teacher's tower on pixels the student's are not
+        (`DistillDataset(teacher_images=...)`); None otherwise.
     """
 
     attention: dict[int, torch.Tensor | Quantised]
@@ -85,6 +88,7 @@ class TeacherBatch:
     topk_logprobs: torch.Tensor
     tail_logmass: torch.Tensor
     vision_mask: torch.Tensor
+    pixel_values: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TeacherBatch:
         """Moved as it is: quantised signals travel as their codes and scales."""
@@ -92,6 +96,7 @@ class TeacherBatch:
             attention={k: v.to(device) for k, v in self.attention.items()},
             **{f: getattr(self, f).to(device) for f in ("query_mask", "vision_features", "focus", "image_mask",
                                                          "topk_ids", "topk_logprobs", "tail_logmass", "vision_mask")},
+            pixel_values=None if self.pixel_values is None else self.pixel_values.to(device),
         )
 
     def dequantised(self) -> TeacherBatch:
@@ -112,13 +117,17 @@ class DistillDataset(Dataset):
                     preprocessing and the cache: for data sets that fit in RAM (the demo's
                     4000 images alone are 110 MB as float32). Only useful in the main
                     process: DataLoader workers are restarted each epoch and lose their copies.
+    teacher_images  the teacher's image preparation, where a recompute cache's slice runs the
+                    teacher's tower on pixels the student's are not (`teacher_slice.images`):
+                    each image is prepared both ways, the teacher's in `TeacherBatch.pixel_values`.
     """
 
     def __init__(self, *, shards: str, cache: Any, processor: StudentProcessor, template: str, max_length: int,
-                 keep_in_memory: bool = False):
+                 keep_in_memory: bool = False, teacher_images: ImagePreprocessor | None = None):
         self.reader = ShardReader(expand_shards(shards))
         self.cache = cache
         self.processor = processor
+        self.teacher_images = teacher_images
         self.template = choose_template(processor.templates, template, processor.family)
         self.max_length = max_length
         self.kept: dict[int, dict[str, Any]] | None = {} if keep_in_memory else None
@@ -156,6 +165,8 @@ class DistillDataset(Dataset):
         item = {"encoded": enc, "pixels": pixels, "signals": None, "meta": sample.meta}
         if self.cache is None:
             return item
+        if self.teacher_images is not None and sample.image:
+            item["teacher_pixels"] = self.teacher_images([sample.image]).pixel_values
         signals: SampleSignals = self.cache.get(key, dequantise=False)  # on the student's device, after collate
         if sample_fingerprint(sample) != signals.fingerprint:
             raise CacheMismatch(f"sample {key}: content differs from the cached teacher's input (data changed)")
@@ -184,8 +195,11 @@ class DistillDataset(Dataset):
         )
         if self.cache is None:
             return batch, None
-        return batch, _teacher_batch([it["signals"] for it in items], seq_len=batch.input_ids.shape[1],
-                                     num_vision=self.processor.num_vision_tokens)
+        teacher = _teacher_batch([it["signals"] for it in items], seq_len=batch.input_ids.shape[1],
+                                 num_vision=self.processor.num_vision_tokens)
+        if self.teacher_images is not None and images is not None:
+            teacher.pixel_values = torch.cat([it["teacher_pixels"] for it in items if it["pixels"] is not None])
+        return batch, teacher
 
 
 def _teacher_batch(signals: list[SampleSignals], seq_len: int, num_vision: int | None = None) -> TeacherBatch:

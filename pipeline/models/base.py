@@ -85,6 +85,7 @@ class CheckpointSummary:
     tokenizer: Any
     projector_spec: dict[str, Any] | None = None  # VLM.projector_spec, where the family has one
     text_config: Any = None  # the decoder's config, where the family can be sliced (alignkd.recompute)
+    vision_config: Any = None  # its CLIP tower's config, where the config files give it (the slice's tower)
     images: ImagePreprocessor | None = None  # where num_vision_tokens is None: each image's count
 
 

@@ -101,7 +101,7 @@ class LlavaVLM(TransformersVLM):
         nv = (vc.image_size // vc.patch_size) ** 2 + (llava.vision_feature_select_strategy != "default")
         return CheckpointSummary(cls.family, nv, text.hidden_size, text.num_attention_heads, text.num_hidden_layers,
                                  text.vocab_size, AutoTokenizer.from_pretrained(path), projector_spec=_projector_spec(llava),
-                                 text_config=text)
+                                 text_config=text, vision_config=vc)
 
     @classmethod
     def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,

@@ -378,9 +378,14 @@ class MobileVLM(VLM):
         text = _llama_config(config, config_file)
         tokenizer = AutoTokenizer.from_pretrained(path, config=text)  # see from_pretrained
         grid = projector_grid(config, config_file)
+        try:  # the CLIP tower's shape, where a local folder has it (a hub name alone does not)
+            vision = _clip_vision_config(_resolve_vision_tower(path, config, None, config_file))
+        except ModelError:
+            vision = None
         return CheckpointSummary(cls.family, grid**2, text.hidden_size, text.num_attention_heads,
                                  text.num_hidden_layers, text.vocab_size, tokenizer,
-                                 projector_spec=_projector_spec(config, config_file), text_config=text)
+                                 projector_spec=_projector_spec(config, config_file), text_config=text,
+                                 vision_config=vision)
 
     @classmethod
     def build_tiny(cls, role: str, *, text: dict[str, Any], vision: dict[str, Any], tokenizer: Any,

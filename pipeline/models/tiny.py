@@ -29,7 +29,8 @@ from alignkd.data.templates import template_words
 from alignkd.data.tokenizers import build_sentencepiece_tokenizer, build_word_tokenizer
 from alignkd.models import family_class
 
-__all__ = ["TINY_TEXT", "TINY_VISION", "write_tiny_tokenizer", "write_tiny_models", "tiny_image_processor"]
+__all__ = ["TINY_TEXT", "TINY_VISION", "write_tiny_tokenizer", "write_tiny_models", "write_tiny_student",
+           "tiny_image_processor"]
 
 TINY_TEXT = {
     "teacher": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=8),
@@ -43,8 +44,7 @@ TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 # either way, measured with a linear probe).
 
 
-def tiny_image_processor() -> CLIPImageProcessorPil:
-    size = TINY_VISION["image_size"]
+def tiny_image_processor(size: int = TINY_VISION["image_size"]) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
@@ -95,3 +95,17 @@ def write_tiny_models(
         vlm.save_pretrained(out / role)
         paths[role] = out / role
     return paths
+
+
+def write_tiny_student(out_dir: str | Path, tokenizer_dir: str | Path, *, family: str = "mobilevlm",
+                       image_size: int = 32, seed: int = 7) -> Path:
+    """A tiny student with a vision tower of its own: other random weights than the teacher's
+    and, by default, another resolution (32 px against 48; the same 3 x 3 vision tokens after
+    MobileVLM's pooling), i.e. a pair that does not share one tower. `tokenizer_dir`: the
+    pair's tokenizer (write_tiny_models' "tokenizer")."""
+    cls = family_class(family)
+    vlm = cls.build_tiny("student", text=_text_shape("student", len(cls.tiny_tokenizer(tokenizer_dir))),
+                         vision={**TINY_VISION, "image_size": image_size}, tokenizer=cls.tiny_tokenizer(tokenizer_dir),
+                         image_processor=tiny_image_processor(image_size), seed=seed)
+    vlm.save_pretrained(out_dir)
+    return Path(out_dir)

@@ -50,7 +50,7 @@ def test_attention_quantisers_stay_within_half_a_step_of_each_row(name, levels, 
     np.testing.assert_allclose(y.max(axis=-1), x.max(axis=-1), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,levels", [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("name,levels", [("int8", 127), ("int8l44", 44), ("int4", 7)])
 @pytest.mark.parametrize("width", [24, 25])
 def test_feature_quantisers_stay_within_half_a_step_of_each_token(name, levels, width):
     rng = np.random.default_rng(width)
@@ -70,6 +70,62 @@ def test_int8_uses_the_full_symmetric_range():
     parts = get_codec("int8").encode(x)
     np.testing.assert_array_equal(parts["values"], [[-127, -32, 0, 76, 127]])  # -31.75, 76.2 rounded
     np.testing.assert_allclose(parts["scale"], [2 / 127])
+
+
+def test_int8l44_maps_each_token_absmax_to_44_in_int8_bytes():
+    x = np.array([[-2.0, -0.5, 0.0, 1.2, 2.0]], dtype=np.float32)
+    parts = get_codec("int8l44").encode(x)
+    assert parts["values"].dtype == np.int8
+    np.testing.assert_array_equal(parts["values"], [[-44, -11, 0, 26, 44]])  # 26.4 rounded
+    np.testing.assert_allclose(parts["scale"], [2 / 44])
+
+
+def naive_bf16(x: float) -> np.float32:
+    """The bfloat16 nearest to float32 x (ties to even), found by trying both neighbours in
+    float64: the two bfloat16 values around x are its float32 bits with the low 16 cleared,
+    and that plus one bfloat16 step."""
+    bits = int(np.float32(x).view(np.uint32))
+    lo, hi = (bits >> 16) << 16, ((bits >> 16) + 1) << 16
+    below, above = (float(np.array(b, np.uint32).view(np.float32)) for b in (lo, hi))
+    d_lo, d_hi = float(np.float32(x)) - below, above - float(np.float32(x))
+    pick = lo if d_lo < d_hi or (d_lo == d_hi and not (lo >> 16) & 1) else hi
+    return np.array(pick, np.uint32).view(np.float32)
+
+
+def test_bf16_scales_are_the_nearest_bfloat16_ties_to_even():
+    import torch
+
+    from alignkd.cache.codecs import bf16_to_float, float_to_bf16
+
+    rng = np.random.default_rng(4)
+    x = (rng.uniform(0, 1, 300) * 10.0 ** rng.integers(-30, 5, 300)).astype(np.float32)
+    ties = (np.arange(1, 6, dtype=np.uint32) * np.uint32(1 << 16) + np.uint32(0x3F800000 + 0x8000)).view(np.float32)
+    x = np.concatenate([x, ties, [0.0, 1.0]]).astype(np.float32)
+    bits = float_to_bf16(x)
+    assert bits.dtype == np.uint16
+    want = np.array([naive_bf16(v) for v in x], np.float32)
+    np.testing.assert_array_equal(bf16_to_float(bits), want)
+    np.testing.assert_array_equal(want, torch.from_numpy(x).to(torch.bfloat16).float().numpy())  # and torch's cast
+
+
+def test_uint4b_quantises_each_row_with_its_bfloat16_rounded_scale():
+    """Codes from a per-element loop with the scale rounded first; the stored scale array holds
+    its 16 bits; every value within half of that (stored) step."""
+    rng = np.random.default_rng(6)
+    x = attention_rows(rng, (6, 3, 9))
+    codec = get_codec("uint4b")
+    parts = codec.encode(x)
+    rows, got_rows = x.reshape(-1, 9), parts["values"].reshape(-1, 5)
+    for r, row in enumerate(rows):
+        scale = naive_bf16(np.float32(row.max()) / np.float32(15)) if row.max() > 0 else np.float32(0)
+        assert parts["scale"].reshape(-1)[r] == scale
+        q = [min(15, int(np.rint(v / scale))) if scale > 0 else 0 for v in row]
+        np.testing.assert_array_equal(got_rows[r], naive_pack(np.array([q], np.uint8))[0])
+    stored = codec.stored_scale(parts["scale"])
+    assert stored.dtype == np.uint16 and stored.shape == parts["scale"].shape
+    np.testing.assert_array_equal(codec.loaded_scale(stored), parts["scale"])
+    y = codec.decode(parts, length=9)
+    assert (np.abs(y.astype(np.float64) - x) <= parts["scale"][..., None].astype(np.float64) / 2 * (1 + 1e-6)).all()
 
 
 def test_uint8_maps_each_row_max_to_255():
@@ -177,8 +233,10 @@ def test_error_stats_matches_a_plain_loop():
 @pytest.mark.parametrize("name", sorted(CODECS))
 def test_stored_bytes_is_the_size_of_the_encoded_parts(name):
     x = attention_rows(np.random.default_rng(2), (3, 2, 9))
-    parts = get_codec(name).encode(x)
-    assert stored_bytes(name, x.shape) == sum(p.nbytes for p in parts.values())
+    codec = get_codec(name)
+    parts = codec.encode(x)
+    scale = codec.stored_scale(parts["scale"]).nbytes if codec.scaled else 0
+    assert stored_bytes(name, x.shape) == parts["values"].nbytes + scale
 
 
 @pytest.mark.parametrize("name", sorted(CODECS))
@@ -187,6 +245,8 @@ def test_the_schema_describes_what_each_codec_stores(name):
     parts = get_codec(name).encode(np.ones((2, 5), np.float32))
     assert parts["values"].dtype == np.dtype(store.dtype)
     assert ("scale" in parts) == store.scaled and parts.get("scale", np.zeros(0, np.float32)).dtype == np.float32
+    if store.scaled:  # encode's scales are float32; the array holds them as the schema says
+        assert get_codec(name).stored_scale(parts["scale"]).dtype == np.dtype(store.scale_dtype)
     assert (parts["values"].shape[-1] == 3) == store.packed
     assert get_codec(name).lossy == store.lossy
 
