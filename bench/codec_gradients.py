@@ -184,8 +184,45 @@ def cache_sizes(root: Path) -> dict[str, Any]:
             a["raw_bytes"] += zarr.open_array(str(folder / name), mode="r").nbytes
     n = len(reader)
     total = {k: sum(a[k] for a in arrays.values()) for k in ("nbytes", "chunk_bytes", "raw_bytes")}
-    return {"samples": n, "arrays": arrays, "total": total,
+    return {"samples": n, "arrays": arrays, "total": total, "root": str(root),
             "per_sample": {k: v / n for k, v in total.items()}}
+
+
+def compression_ratio(sizes: dict[str, Any], array: str, block_bytes: int, codecs: Any) -> float:
+    """Compressed / raw bytes of a demo cache's array when its stored values are compressed in
+    blocks of about `block_bytes` (whole rows), as the writer would chunk a paper-scale
+    sample's part of it, with the cache's compressor and level; each block also pays its
+    checksums and its entry in a packed file's index (PACKED_CHUNK_OVERHEAD).
+
+    The demo's own chunk files are no stand-in for that: the writer chunks each array at
+    about one sample's part, a few hundred bytes at the demo's shapes (9 vision tokens,
+    D_T 128) against 16-590 KB at the paper's, and zstd gains far less on such small blocks."""
+    import numpy as np
+    import zarr
+    from alignkd.cache_schemas import SHARDS_GROUP
+
+    root = Path(sizes["root"])
+    parts = [zarr.open_array(str(root / SHARDS_GROUP / shard / array), mode="r")[...]
+             for shard in sorted(p.name for p in (root / SHARDS_GROUP).iterdir() if p.is_dir() and not p.name.startswith("."))]
+    data = np.concatenate(parts) if parts else np.zeros(0)
+    if not data.size or codecs.compressor == "none":
+        return 1.0
+    row = max(1, data[0].nbytes)
+    rows = max(1, block_bytes // row)
+    if codecs.compressor == "zstd":
+        from numcodecs import Zstd
+        codec = Zstd(level=codecs.level)
+    else:
+        from numcodecs import Blosc
+        codec = Blosc(cname="zstd", clevel=codecs.level, shuffle=Blosc.SHUFFLE)
+    stored = sum(len(codec.encode(np.ascontiguousarray(data[i:i + rows]).tobytes())) + PACKED_CHUNK_OVERHEAD
+                 for i in range(0, len(data), rows))
+    return stored / data.nbytes
+
+
+PACKED_CHUNK_OVERHEAD = 4 + 4 + 16
+"""Bytes per chunk besides its compressed codes: zstd's frame checksum, the crc32c after it,
+and its (offset, length) in the packed file's index."""
 
 
 def paper_meta(demo_meta: Any, name: str) -> Any:
@@ -244,9 +281,12 @@ def np_itemsize(dtype: str) -> int:
 
 def paper_projection(demo_meta: Any, name: str, sizes: dict[str, Any]) -> dict[str, Any]:
     """Bytes of one paper-shape sample under codec set `name`: `sample_nbytes` per array
-    (uncompressed), times that array's compression ratio measured on the demo cache
-    (chunk bytes / raw bytes) for the float signals and their scales; ids, positions and
-    the index stay uncompressed (UNCOMPRESSED_IN_PROJECTION)."""
+    (uncompressed), times that array's compression ratio measured on the demo cache's
+    values compressed in blocks of the chunk a paper-scale shard gives that array
+    (compression_ratio: one sample's part where every sample's is the same size, the vision-
+    token arrays; else that part, at most the writer's CHUNK_BYTES) for the float signals and
+    their scales; ids, positions and the index stay uncompressed (UNCOMPRESSED_IN_PROJECTION)."""
+    from alignkd.cache.writer import CHUNK_BYTES
     from alignkd.cache_schemas import sample_nbytes, shard_arrays
 
     meta = paper_meta(demo_meta, name)
@@ -257,7 +297,9 @@ def paper_projection(demo_meta: Any, name: str, sizes: dict[str, Any]) -> dict[s
         spec = specs[array]
         measured = sizes["arrays"][array]
         keep = spec.signal in UNCOMPRESSED_IN_PROJECTION or array in UNCOMPRESSED_IN_PROJECTION
-        ratios[array] = 1.0 if keep or not measured["raw_bytes"] else measured["chunk_bytes"] / measured["raw_bytes"]
+        block = b if spec.offsets == "vision_offsets" else min(b, CHUNK_BYTES)
+        ratios[array] = (1.0 if keep or not measured["raw_bytes"]
+                         else compression_ratio(sizes, array, block, meta.codecs))
         projected[array] = b * ratios[array]
     raw = raw_fp16_bytes(demo_meta)
     # Not available today: P^T recomputed at training time from the teacher's projector on the
@@ -549,7 +591,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"tokens, vocabulary 32000, per-head layer-0 attention, top-64; assumed ShareGPT4V-PT-like lengths: "
         f"{PAPER['prefix']} BOS + 144 vision + {PAPER['text_rows']} text tokens after the image = "
         f"{paper_shape()['tokens']} tokens, {PAPER['text_rows']} attention rows, {PAPER['responses']} response "
-        "positions), uncompressed, then times each float array's compression ratio measured on the demo cache "
+        "positions), uncompressed, then times each float array's compression ratio measured on the demo cache's "
+        "values compressed in blocks of the chunk a paper-scale shard gives that array (one sample's part for "
+        "the vision-token arrays, else that part up to 128 KiB; the demo's own chunks are a few hundred bytes) "
         "(ids, positions and index arrays kept uncompressed). Raw fp16 = every float signal (attention, features, "
         "log-probs, tail, focus) in fp16, ids and positions int32, index arrays as stored, no compression: "
         f"{proj[DEFAULT]['raw_fp16_bytes'] / 1e6:.3f} MB per sample at paper shapes, "

@@ -9,7 +9,7 @@ same recompute cache serves with the teacher's tower from its slice.
 
   1. caches    three extractions with `alignkd.extract.extract` (Ray, one worker), i.e.
                `alignkd extract-teacher`: lossless cached (fp32 / fp32 / fp32, the reference),
-               the default cached codecs (uint8 / int8 / fp16), and recompute mode with the
+               the default cached codecs (codec_gradients.DEFAULT), and recompute mode with the
                default codecs (its stored log-probs are fp16 like the default's);
   2. sizes     per sample on the demo, measured (chunk files, compressed) and against raw fp16
                (every float signal fp16, ids int32; the definition of docs/codecs.md); at paper
@@ -320,7 +320,7 @@ def markdown(result: dict[str, Any]) -> str:
              "", "1.00x"],
             ["cached, fp32 (lossless)", kib(demo["lossless"]["bytes_per_sample"]),
              f"{demo['lossless']['smaller_than_raw_fp16']:.2f}x", "", "", ""],
-            ["cached, default (uint8 / int8 / fp16)", kib(demo["default"]["bytes_per_sample"]),
+            [f"cached, default ({G.DEFAULT.replace('/', ' / ')})", kib(demo["default"]["bytes_per_sample"]),
              f"{demo['default']['smaller_than_raw_fp16']:.2f}x", mb(paper["cached_default"]["uncompressed"]),
              mb(paper["cached_default"]["projected"]), f"{paper['cached_default']['smaller_than_raw_fp16']:.2f}x"],
             ["**recompute** (fp16 log-probs)", kib(demo["recompute"]["bytes_per_sample"]),
