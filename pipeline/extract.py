@@ -652,18 +652,18 @@ def estimate_size(args: ExtractArgs) -> dict[str, Any]:
     # Each array of each shard also has a zarr.json (writer.ARRAY_METADATA_BYTES).
     from alignkd.cache.writer import ARRAY_METADATA_BYTES
 
-    metadata = len(plan) * len(signal_of) * ARRAY_METADATA_BYTES
     usable = total_samples * seen / tried  # skipped samples store nothing
     modes: dict[str, dict[str, Any]] = {}
     for mode, per_sample in per_mode.items():
         once = 0 if mode == "cached" else _slice_bytes(ckpt, args.teacher.dtype, args.cache.slice_tower)
         per = float(np.mean(per_sample))
         arrays_meta = len(plan) * len(shard_arrays(mode_metas[mode])) * ARRAY_METADATA_BYTES
-        modes[mode] = {"bytes_per_sample": per, "once_bytes": once,
+        modes[mode] = {"bytes_per_sample": per, "once_bytes": once, "metadata_bytes": arrays_meta,
                        "total": None if once is None else per * usable + once + arrays_meta}
         if mode == "recompute":  # whether once_bytes holds the teacher's tower (cache.slice_tower)
             modes[mode]["slice_tower"] = ("left out" if not args.cache.slice_tower else "included"
                                           if ckpt.vision_config is not None else "not counted (its config is not local)")
+    metadata = modes[meta.signals]["metadata_bytes"]  # mode_metas holds the job's own meta under its mode
     return {
         "samples": total_samples,
         "sampled": seen,
