@@ -14,6 +14,11 @@ vision tokens from a 336 px CLIP tower; see bench/_common.py), the same samples,
             fixed start-up (Ray, the actor, loading the teacher), so
             (N_all - N_one) / (t_all - t_one) is the steady-state samples/s of a long job.
 
+The steady state is a difference of two walls, each carrying the start-up's jitter (here about
++-1 s of 8-15 s: Ray, the actor, the teacher load), so its error is that jitter over
+t_all - t_one. 64 samples in 16-sample shards leave 48 marginal samples (~10 s on 2 CPU cores,
+a +-10% spread between repeats); the default, 256 samples, leaves 240 (~50 s, about +-2%).
+
 Threads: the Ray actor reserves `--threads` CPUs; the teacher's forward runs on
 `--forward-threads` torch threads (default: all of them), in the worker (`ray.forward_threads`)
 and in the bare forward alike, so the ratio always compares the same forward. With
@@ -29,7 +34,8 @@ the rest of the time goes; writing an empty shard gives the part of `write` that
 (array creation, fsyncs) rather than per sample. Benchmark 6's cost model reads this profile.
 
     python bench/extract_efficiency.py                          # bench/results/extract_efficiency.{json,md}
-    python bench/extract_efficiency.py --repeats 5 --samples 96
+    python bench/extract_efficiency.py --repeats 5
+    python bench/extract_efficiency.py --samples 2000 --samples-per-shard 1000 --repeats 2 --tag shard1000
     python bench/extract_efficiency.py --samples 128 --samples-per-shard 64 --tag shard64   # bigger shards
     python bench/extract_efficiency.py --forward-threads 1 --tag fwd1     # a core left to the pipeline
     python bench/extract_efficiency.py --smoke                  # seconds; checks the script only
@@ -177,7 +183,8 @@ def stage_profile(vlm, work: C.Workdir, meta_cache: Path, out_cache: Path, devic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", choices=sorted(C.PRESETS))
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=256,
+                    help="samples extracted (the first shard's are subtracted: see the start-up jitter above)")
     ap.add_argument("--samples-per-shard", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2,
