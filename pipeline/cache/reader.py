@@ -23,7 +23,7 @@ What is read when:
     checks each the first time it enters the chunk cache. A shard written by this version
     packs its chunks into a few files (zarr's sharding codec): the reader reads a chunk's
     bytes from the local file itself and decodes them with the array's own zarr codecs
-    (_PackedChunks), checking the chunk's crc32c and the file index's; that skips zarr's
+    (alignkd.cache.packed), checking the chunk's crc32c and the file index's; that skips zarr's
     event-loop and thread-pool round trips, which cost more than the decompression for a
     dozen small arrays a sample. Older shards (a file per chunk) are read through zarr as
     before, each chunk file checked against its sha256 as zarr reads it (remote.
@@ -62,6 +62,7 @@ from alignkd.cache import remote
 from alignkd.cache.codecs import Quantised, get_codec
 from alignkd.cache.records import SampleSignals, vision_grid
 from alignkd.cache.integrity import check_shard_files
+from alignkd.cache.packed import PackedChunks, PackedLayout, chunk_file
 from alignkd.cache.store import list_complete_shards, read_cache_meta, read_shard_meta
 from alignkd.cache_schemas import (
     IMAGE_TOKEN,
@@ -351,10 +352,10 @@ class _OpenShard:
         # Rows per chunk, looked up once: zarr derives `chunks` from its metadata on every access.
         self.chunk_rows = {name: array.chunks[0] for name, array in self.arrays.items()}
         # Chunks packed into files (zarr's sharding codec, as the writer packs them now) are read
-        # straight from a local file, not through zarr's event loop (see _PackedChunks).
+        # straight from a local file, not through zarr's event loop (see alignkd.cache.packed).
         self.packed = {} if self.remote else {
-            name: packed for name, array in self.arrays.items()
-            if (packed := _PackedChunks.of(array, Path(path), name, shard.files)) is not None}
+            name: PackedChunks(layout, Path(path), name, shard.files) for name, array in self.arrays.items()
+            if (layout := PackedLayout.of(array)) is not None}
         self.offsets = {name: self.arrays[name][:] for name, spec in specs.items() if spec.shape == ("N+1",)}
         for name, spec in specs.items():
             if spec.offsets:
@@ -396,7 +397,7 @@ class _OpenShard:
             try:  # the store checks a chunk file as zarr reads it; a packed chunk its crc32c
                 return self.arrays[name][index * size : (index + 1) * size]
             except ValueError as e:  # zarr's checksum error for a packed chunk read at a URL
-                raise CacheSchemaError(f"shard {self.path} is damaged: file {_chunk_file(self.arrays[name], name, index)}"
+                raise CacheSchemaError(f"shard {self.path} is damaged: file {chunk_file(self.arrays[name], name, index)}"
                                        f" has changed (a chunk fails its check: {e}); `alignkd verify-cache` lists "
                                        "every damaged shard") from None
 
@@ -426,119 +427,3 @@ class _OpenShard:
             if not dequantise:
                 return Quantised(codec_name, parts["values"], parts["scale"], length)
         return codec.decode(parts, length)
-
-
-class _PackedChunks:
-    """The chunks of one array whose files each pack many chunks (zarr's sharding codec: chunks
-    back to back, then an index of (offset, length) per chunk with its crc32c), read from a
-    local file with plain reads and decoded with the array's own zarr codecs, synchronously.
-
-    Through zarr, every chunk read is a round trip to its event-loop thread and a thread-pool
-    decompression, which cost more than the decompression itself for a paper-sized sample (a
-    dozen arrays, a few chunks each). A file's index is read once per open shard. A chunk is
-    checked by its crc32c (written with it) before it is decoded, so each byte is read once;
-    the file's sha256 in the shard's list is for `verify-cache`, which reads whole files."""
-
-    def __init__(self, array: zarr.Array, directory: Path, name: str, files: dict, codec, shard_spec) -> None:
-        self.array, self.directory, self.name, self.files = array, str(directory), name, files
-        self.file_of = {}  # file number -> its path relative to the shard (_chunk_file)
-        self.per_file = shard_spec.shape[0] // codec.chunk_shape[0]
-        self.codecs = codec.codecs
-        self.spec = codec._get_chunk_spec(shard_spec)
-        self.index_codecs = codec.index_codecs
-        self.index_spec = codec._get_index_chunk_spec((self.per_file,))
-        self.index_bytes = codec._shard_index_size((self.per_file,))
-        self.index_at_end = codec.index_location.value == "end"
-        self.indexes: dict[int, np.ndarray | None] = {}
-
-    @classmethod
-    def of(cls, array: zarr.Array, directory: Path, name: str, files: dict) -> _PackedChunks | None:
-        """The direct reader of a local array, or None where zarr must read it: chunks one per
-        file (caches written before), chunks or files split along another axis than the first
-        (not as alignkd writes them), or a codec without a synchronous decode. It uses zarr's
-        codec objects' synchronous decode and sharding helpers (zarr 3.1, as pinned); should
-        those change, zarr reads the array instead."""
-        from zarr.abc.codec import ArrayArrayCodec, SupportsSyncCodec
-        from zarr.codecs import ShardingCodec
-        from zarr.core.buffer import default_buffer_prototype
-
-        codecs = array.metadata.codecs
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec) or len(array.shape) == 0:
-            return None
-        if tuple(codecs[0].chunk_shape[1:]) != array.shape[1:] or tuple(array.shards[1:]) != array.shape[1:]:
-            return None
-        inner = (*codecs[0].codecs, *codecs[0].index_codecs)
-        if not all(isinstance(c, SupportsSyncCodec) and not isinstance(c, ArrayArrayCodec) for c in inner):
-            return None
-        try:
-            a = array._async_array
-            spec = a.metadata.get_chunk_spec((0,) * len(array.shape), a.config, default_buffer_prototype())
-            return cls(array, directory, name, files, codecs[0], spec)
-        except AttributeError:
-            return None
-
-    def chunk(self, index: int) -> np.ndarray:
-        """Chunk `index` of the array, decoded (fill values where zarr wrote none)."""
-        number, within = divmod(index, self.per_file)
-        rel = self.file_of.get(number) or self.file_of.setdefault(number, _chunk_file(self.array, self.name, index))
-        if number not in self.indexes:
-            self.indexes[number] = self._index(rel) if rel in self.files else None  # None: not written, all fill
-        index_table = self.indexes[number]
-        start, length = (None, None) if index_table is None else (int(x) for x in index_table[within])
-        if index_table is None or start == _EMPTY:
-            return np.full(self.spec.shape, self.spec.fill_value, dtype=self.spec.dtype.to_native_dtype())
-        data = self._bytes(rel, start, length)
-        try:
-            return _decode(self.codecs, data, self.spec).as_numpy_array()
-        except Exception as e:  # noqa: BLE001 - a checksum or decoder error: the bytes are not the written ones
-            raise self._damaged(rel, f"has changed (chunk {within} fails its check: {e})") from None
-
-    def _index(self, rel: str) -> np.ndarray:
-        size = self.files[rel].size
-        if size < self.index_bytes:
-            raise self._damaged(rel, f"is {size} bytes, too short for its chunk index")
-        data = self._bytes(rel, size - self.index_bytes if self.index_at_end else 0, self.index_bytes)
-        try:
-            table = _decode(self.index_codecs, data, self.index_spec).as_numpy_array()
-        except Exception as e:  # noqa: BLE001 - the index's own crc32c
-            raise self._damaged(rel, f"has changed (its chunk index fails its check: {e})") from None
-        used = table[table[:, 0] != _EMPTY]
-        if (used[:, 0] + used[:, 1] > size).any():
-            raise self._damaged(rel, "has changed (its chunk index points past its end)")
-        return table
-
-    def _bytes(self, rel: str, start: int, length: int) -> bytes:
-        try:
-            fd = os.open(os.path.join(self.directory, rel), os.O_RDONLY)
-        except FileNotFoundError:
-            raise self._damaged(rel, "is missing") from None
-        try:
-            data = os.pread(fd, length, start)
-        finally:
-            os.close(fd)
-        if len(data) != length:
-            raise self._damaged(rel, "is shorter than its chunk index says (truncated)")
-        return data
-
-    def _damaged(self, rel: str, what: str) -> CacheSchemaError:
-        return CacheSchemaError(f"shard {self.directory} is damaged: file {rel} {what}; "
-                                "`alignkd verify-cache` lists every damaged shard")
-
-
-def _chunk_file(array: zarr.Array, name: str, index: int) -> str:
-    """The file, relative to the shard, that holds chunk `index` (along axis 0) of an array:
-    "{name}/c/{n}" ("c/{n}/0" in two dimensions: zarr's chunk key encoding), n = index // chunks
-    per file (1 where each chunk is a file)."""
-    per_file = array.shards[0] // array.chunks[0] if array.shards else 1
-    return f"{name}/{array.metadata.encode_chunk_key((index // per_file,) + (0,) * (array.ndim - 1))}"
-
-
-_EMPTY = 2**64 - 1  # the sharding index's (offset, length) of a chunk that was not written
-
-
-def _decode(codecs, data: bytes, spec):
-    """Bytes of one chunk through a zarr codec chain, last codec first, synchronously."""
-    value = spec.prototype.buffer.from_bytes(data)
-    for codec in reversed(codecs):
-        value = codec._decode_sync(value, spec)
-    return value

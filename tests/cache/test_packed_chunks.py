@@ -96,6 +96,39 @@ def test_every_sample_reads_back_as_from_the_layout_before(tmp_path, monkeypatch
     assert read_shard_meta(tmp_path / "again", "s").files == read_shard_meta(tmp_path / "after", "s").files
 
 
+@pytest.mark.parametrize("knobs", [{}, TINY], ids=["as shipped", "tiny chunks and files"])
+@pytest.mark.parametrize("heads,codecs,fixed", [
+    ("per_head", CodecSpec(), True),
+    ("mean", CodecSpec(attention="uint4", features="int4", compressor="blosc"), True),
+    ("per_head", CodecSpec(attention="fp16", features="fp16", logprobs="fp32", compressor="none"), False),
+    ("per_head", CodecSpec(attention="uint8", features="int8l44"), False),
+])
+def test_packed_files_are_written_byte_for_byte_as_zarr_writes_them(tmp_path, monkeypatch, knobs, heads, codecs,
+                                                                   fixed):
+    """The direct writer (alignkd.cache.packed.write_packed) against zarr's own `array[...] =`:
+    every file of the shard equal, with all-zero chunks (left out of the index) and arrays
+    ending mid-chunk and mid-file."""
+    from test_writer_reader import tree_digest
+
+    meta = make_meta(heads=heads, codecs=codecs, **({} if fixed else {"num_vision_tokens": None}))
+    samples = _samples(meta, n=13)
+    zeroed = samples[1]  # an image sample whose features and focus are all 0: chunks zarr leaves out
+    samples[1] = dataclasses.replace(zeroed, vision_features=np.zeros_like(zeroed.vision_features),
+                                     focus=np.zeros_like(zeroed.focus))
+    real, direct_writes = writer.write_packed, []
+    monkeypatch.setattr(writer, "write_packed", lambda array, data: direct_writes.append(real(array, data)) or
+                        direct_writes[-1])
+    _write(tmp_path / "direct", meta, samples, monkeypatch, knobs)
+    assert any(direct_writes), "the direct writer wrote nothing"
+    calls = []
+    monkeypatch.setattr(writer, "write_packed", lambda array, data: calls.append(array.path) or False)
+    _write(tmp_path / "zarr", meta, samples, monkeypatch, knobs)
+    assert calls, "no array was packed"
+    direct, by_zarr = tree_digest(tmp_path / "direct" / "shards"), tree_digest(tmp_path / "zarr" / "shards")
+    assert direct.keys() == by_zarr.keys()
+    assert [name for name in direct if direct[name] != by_zarr[name]] == []
+
+
 def test_a_fixed_vision_token_count_puts_each_samples_features_in_a_chunk_of_its_own(tmp_path, monkeypatch):
     meta = make_meta(codecs=CodecSpec())
     samples = _samples(meta)
