@@ -48,9 +48,9 @@ files (and too long a file list in ShardMeta), so zarr's sharding codec packs th
 FILE_BYTES to a file, with an index of where each chunk is; each chunk is compressed and then
 carries its crc32c, which lets the reader check the bytes it reads without hashing a whole
 file (the file's sha256 stays in the list for verify-cache). Any Zarr v3 client reads it.
-The packed files are written by alignkd.cache.packed with zarr's codecs run synchronously, the
-bytes zarr's own write gives at under a third of its cost per chunk (zarr sends every chunk
-through its event loop and a thread pool).
+The packed files are written by alignkd.cache.packed with zarr's codecs run synchronously: the
+bytes zarr's own write gives, without its event-loop and thread-pool round trip per chunk (a
+256-sample shard of the bench's cpu preset: 6.0 against 8.5 ms a sample, quantising included).
 """
 
 from __future__ import annotations
