@@ -160,9 +160,10 @@ class TeacherWorker:
         self.index = worker_index
         self.vlm = load_model(args.teacher)
         self._forward = threading.Lock()  # one shard at a time runs the teacher (process_shard)
-        # Shards are encoded and written here, at a lower priority than the forward (two: the
-        # actor runs two process_shard calls at once).
-        self._writer = ThreadPoolExecutor(2, thread_name_prefix="alignkd-write", initializer=_behind_forward)
+        # Shards are encoded and written here, at a lower priority than the forward, one thread
+        # per process_shard call the actor runs at once.
+        self._writer = ThreadPoolExecutor(SHARDS_IN_FLIGHT, thread_name_prefix="alignkd-write",
+                                          initializer=_behind_forward)
 
     def describe(self) -> dict[str, Any]:
         """The teacher-dependent part of the cache's root metadata."""
@@ -205,7 +206,7 @@ class TeacherWorker:
         batches (at most `_PREFETCH` ahead), this thread runs the teacher on each batch as soon
         as it is ready, and the shard's encoding, compression and write run after the forward
         phase has let go of the teacher (`_forward`), so that in a Ray actor running two calls at
-        once (`max_concurrency=2`, see _spawn_workers) the next shard's forward runs meanwhile.
+        once (`SHARDS_IN_FLIGHT`, see _spawn_workers) the next shard's forward runs meanwhile.
         The prefetch and write threads run at a lower priority than the forward
         (`_behind_forward`): where they share cores with it, the forward goes first.
         Batches, their order and every record are those of the sequential loop: the cache bytes
@@ -284,6 +285,10 @@ class TeacherWorker:
 
 _PREFETCH = 2
 """Batches read and preprocessed ahead of the teacher's forward, per shard being worked on."""
+
+SHARDS_IN_FLIGHT = 2
+"""process_shard calls an actor runs at once: one in the forward, the one before it writing (a
+slow write holds up the next shard's start once this many are in flight: back-pressure)."""
 
 BEHIND_FORWARD_NICE = 10
 """How much lower (in nice steps) the prefetch and write threads run than the forward's."""
@@ -419,7 +424,7 @@ def _spawn_workers(args: ExtractArgs, echo: Callable[[str], None] = print) -> li
     actor = ray.remote(
         num_cpus=cpus,
         num_gpus=gpus,
-        max_concurrency=2,  # one shard's write overlaps the next one's forward (TeacherWorker.process_shard)
+        max_concurrency=SHARDS_IN_FLIGHT,  # a shard's write overlaps the next one's forward (process_shard)
         max_restarts=args.ray.max_restarts,
         max_task_retries=args.ray.max_restarts,
         runtime_env=faults.worker_env(),  # None in real runs
