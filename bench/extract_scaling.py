@@ -141,8 +141,8 @@ def cost_model(args: argparse.Namespace, work: C.Workdir) -> dict[str, Any]:
             "bytes_per_sample": bytes_per_sample, "bytes_source": bytes_source,
             "tb_written": bytes_per_sample * c["samples"] / 1e12,
         }
-    return {"assumptions": assumptions, "writer_threads": WRITERS, "forward_flops_per_s": gpu_flops, "forward_flops_source": flops_source,
-            "cpu_stages": cpu_stage, "rows": rows}
+    return {"assumptions": assumptions, "writer_threads": WRITERS, "forward_flops_per_s": gpu_flops,
+            "forward_flops_source": flops_source, "cpu_stages": cpu_stage, "rows": rows}
 
 
 def _bytes(size: dict | None, case: str, lq: float, r: float, tokens: float) -> tuple[float, str]:

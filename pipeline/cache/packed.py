@@ -157,12 +157,12 @@ def write_packed(array: zarr.Array, data: np.ndarray) -> bool:
         return False
     rows, per_file = layout.chunk_rows, layout.per_file
     data = np.ascontiguousarray(data, dtype=array.dtype)
-    n = data.shape[0]
+    chunks = -(-data.shape[0] // rows)
     directory = Path(array.store.root) / array.path
-    for first in range(0, -(-n // rows), per_file):  # chunk numbers starting each file
+    for first in range(0, chunks, per_file):  # chunk numbers starting each file
         table = np.full((per_file, 2), EMPTY, dtype=np.uint64)
         parts, at = [], 0
-        for within in range(min(per_file, -(-n // rows) - first)):
+        for within in range(min(per_file, chunks - first)):
             lo = (first + within) * rows
             block = data[lo : lo + rows]
             if block.shape[0] < rows:  # the array's last chunk: padded, as zarr stores edge chunks
