@@ -481,6 +481,21 @@ def paper_tokens(data: dict[str, int]) -> int:
     return data["prefix_tokens"] + PAPER_NV + data["text_tokens"]
 
 
+def paper_meta(compressor: str = "zstd", level: int = 3, bench: str = "projection"):
+    """A cache's metadata at the paper's teacher and cache shapes (per-head layer-0 attention,
+    144 vision tokens, top-64) with the default codecs: for projections and paper-shaped caches."""
+    from alignkd.cache_schemas import CacheMeta, CodecSpec, TeacherInfo
+
+    t = PAPER_TEACHER
+    teacher = TeacherInfo(family="mobilevlm", path="-", config_hash="0" * 64, weights_fingerprint="0" * 64,
+                          vision_tower=None, num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
+                          hidden_size=t["hidden_size"], vocab_size=PAPER_VOCAB)
+    return CacheMeta(teacher=teacher, tokenizer_hash="0" * 64, template="plain", max_length=PAPER_MAX_LENGTH,
+                     num_vision_tokens=PAPER_NV, image_preprocessing={}, layers=(0,), attention_heads="per_head",
+                     topk=PAPER_TOPK, codecs=CodecSpec(compressor=compressor, level=level), job={"bench": bench},
+                     alignkd_version="bench", created="2026-12-03T00:00:00+00:00")
+
+
 def paper_cases() -> dict[str, dict[str, float]]:
     """"{data}/typical" and "{data}/max_length" for both data sets: samples, tokens per sample,
     text rows after the image (Lq) and response rows (R). The worst case fills max_length and

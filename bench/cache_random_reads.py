@@ -56,19 +56,6 @@ H100_BF16_FLOPS = 989e12
 MFU = 0.40
 
 
-def paper_meta(compressor: str = "zstd", level: int = 3):
-    from alignkd.cache_schemas import CacheMeta, CodecSpec, TeacherInfo
-
-    t = C.PAPER_TEACHER
-    teacher = TeacherInfo(family="mobilevlm", path="-", config_hash="0" * 64, weights_fingerprint="0" * 64,
-                          vision_tower=None, num_layers=t["num_hidden_layers"], num_heads=t["num_attention_heads"],
-                          hidden_size=t["hidden_size"], vocab_size=C.PAPER_VOCAB)
-    return CacheMeta(teacher=teacher, tokenizer_hash="0" * 64, template="plain", max_length=C.PAPER_MAX_LENGTH,
-                     num_vision_tokens=C.PAPER_NV, image_preprocessing={}, layers=(0,), attention_heads="per_head",
-                     topk=C.PAPER_TOPK, codecs=CodecSpec(compressor=compressor, level=level), job={"bench": "cache_random_reads"},
-                     alignkd_version="bench", created="2026-12-03T00:00:00+00:00")
-
-
 def paper_sample(rng: np.random.Generator, key: str, meta, text_rows: int, response_rows: int):
     from alignkd.cache.records import SampleSignals
     from alignkd.cache_schemas import IMAGE_TOKEN
@@ -112,7 +99,7 @@ def write_cache(root: Path, samples: int, per_shard: int, text_rows: int, respon
     from alignkd.cache.writer import write_shard
 
     shutil.rmtree(root, ignore_errors=True)
-    meta = paper_meta(compressor, level)
+    meta = C.paper_meta(compressor, level, bench="cache_random_reads")
     init_cache(root, meta)
     rng = np.random.default_rng(seed)
     t = time.perf_counter()
@@ -255,7 +242,7 @@ def main() -> None:
         "samples": len(keys), "samples_per_shard": args.samples_per_shard, "chunk_bytes": writer.CHUNK_BYTES,
         "file_bytes": writer.FILE_BYTES,
         "text_rows": text_rows,
-        "response_rows": response_rows, "codecs": paper_meta(args.compressor, args.level).codecs.to_dict(),
+        "response_rows": response_rows, "codecs": C.paper_meta(args.compressor, args.level).codecs.to_dict(),
         "stored_bytes_per_sample": stored / len(keys), "write_s": write_s,
         "cold_ms_per_sample": {what: {"median": cold_ms[what], "mean": 1000 * statistics.fmean(v),
                                       "p90": 1000 * float(np.percentile(v, 90))} for what, v in times.items()},
@@ -271,7 +258,7 @@ def main() -> None:
                        "target_met": share <= 0.05},
         "machine": C.machine("cpu", 1),
     }
-    codecs = paper_meta(args.compressor, args.level).codecs
+    codecs = C.paper_meta(args.compressor, args.level).codecs
     md = [
         "# Random reads of a paper-shaped cache (issue 16, item 3)",
         "",
@@ -315,7 +302,7 @@ def main() -> None:
         "",
         C.machine_line(result["machine"]),
     ]
-    C.write_results(C.RESULTS, "cache_random_reads" + (f"_{args.tag}" if args.tag else "") + ("_smoke" if args.smoke else ""), result, "\n".join(md))
+    C.write_results(C.results_dir(args), "cache_random_reads" + (f"_{args.tag}" if args.tag else ""), result, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ over ShareGPT4V-PT (1.246M samples) and the 2M-sample fine-tuning set. The model
                         Not modelled: the GIL the forward's kernel launches share with those
                         threads (zstd, numpy and PIL release it for their heavy parts). Beside
                         it, the stages one after another (the worker before issue 16);
-  bytes                 per sample from benchmark 5's projection if its JSON is there, else the
-                        codecs' uncompressed size (an upper bound).
+  bytes                 per sample with the default codecs at each case's lengths, each array
+                        compressed by the ratio benchmark 4 (codec_gradients) measured for it if
+                        its JSON is there, else uncompressed (an upper bound).
 
     python bench/extract_scaling.py                       # bench/results/extract_scaling.{json,md}
     python bench/extract_scaling.py --repeats 5 --samples 96
@@ -95,7 +96,7 @@ def cost_model(args: argparse.Namespace, work: C.Workdir) -> dict[str, Any]:
     from alignkd.extract import SHARDS_IN_FLIGHT as WRITERS  # the actor's write threads
 
     eff = C.read_result(C.results_dir(args), "extract_efficiency")
-    size = C.read_result(C.results_dir(args), "cache_size_fidelity")
+    codec_study = C.read_result(C.results_dir(args), "codec_gradients")
     assumptions = {"h100_bf16_dense_tflops": args.h100_tflops, "mfu": args.mfu, "data": C.PAPER_DATA,
                    "paper_teacher": C.PAPER_TEACHER, "vision_tokens": C.PAPER_NV, "topk": C.PAPER_TOPK}
     gpu_flops = args.h100_tflops * 1e12 * args.mfu
@@ -129,7 +130,7 @@ def cost_model(args: argparse.Namespace, work: C.Workdir) -> dict[str, Any]:
             write_s = (cpu_stage["write_ms"] * values / cpu_stage["signal_values"]
                        + cpu_stage["shard_fixed_ms"] / args.shard_samples) / 1000
         cpu_s = input_s + write_s
-        bytes_per_sample, bytes_source = _bytes(size, case, lq, r, c["tokens"])
+        bytes_per_sample, bytes_source = _bytes(codec_study, c)
         seq = 1 / (gpu_s + cpu_s)
         overlap = 1 / max(gpu_s, input_s, write_s / WRITERS) if cpu_stage else 1 / gpu_s
         rows[case] = {
@@ -145,16 +146,25 @@ def cost_model(args: argparse.Namespace, work: C.Workdir) -> dict[str, Any]:
             "forward_flops_source": flops_source, "cpu_stages": cpu_stage, "rows": rows}
 
 
-def _bytes(size: dict | None, case: str, lq: float, r: float, tokens: float) -> tuple[float, str]:
-    if size and case in size.get("projection", {}):
-        return size["projection"][case]["default_estimate_bytes"], "benchmark 5 (measured compression)"
-    from alignkd.cache.codecs import stored_bytes
+def _bytes(codec_study: dict | None, c: dict[str, float]) -> tuple[float, str]:
+    """Bytes of one sample of paper case `c` with the default codecs: each array's stored size
+    (`sample_nbytes` at the case's lengths) times the compression ratio benchmark 4
+    (codec_gradients) measured for that array under the same codecs, or uncompressed where that
+    benchmark has not run (an upper bound)."""
+    from alignkd.cache_schemas import sample_nbytes
 
-    heads, d, nv, k = C.PAPER_TEACHER["num_attention_heads"], C.PAPER_TEACHER["hidden_size"], C.PAPER_NV, C.PAPER_TOPK
-    total = (stored_bytes("uint8", (int(lq), heads, nv)) + stored_bytes("int8", (nv, d))
-             + stored_bytes("fp16", (int(r), k))
-             + 2 * r + 4 * r * k + 4 * r + 4 * tokens + 4 * nv + 32)
-    return float(total), "default codecs, uncompressed (upper bound)"
+    meta = C.paper_meta()
+    codecs = meta.codecs
+    plain = sample_nbytes(meta, tokens=int(c["tokens"]), responses=round(c["response_rows"]),
+                          rows=round(c["text_rows"]), vision=C.PAPER_NV)
+    name = f"{codecs.attention}/{codecs.features}/{codecs.logprobs}"
+    measured = ((codec_study or {}).get("projection") or {}).get(name)
+    if not measured:
+        return float(sum(plain.values())), f"default codecs ({name}), uncompressed (upper bound)"
+    ratios = {a: v["ratio"] for a, v in measured["per_array"].items()}
+    return (float(sum(b * ratios.get(a, 1.0) for a, b in plain.items())),
+            f"default codecs ({name}) with benchmark 4's measured compression per array "
+            f"(codec_gradients, commit {codec_study['machine']['git_commit']})")
 
 
 def main() -> None:
