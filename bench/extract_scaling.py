@@ -132,7 +132,7 @@ def cost_model(args: argparse.Namespace, work: C.Workdir) -> dict[str, Any]:
         cpu_s = input_s + write_s
         bytes_per_sample, bytes_source = _bytes(codec_study, c)
         seq = 1 / (gpu_s + cpu_s)
-        overlap = 1 / max(gpu_s, input_s, write_s / WRITERS) if cpu_stage else 1 / gpu_s
+        overlap = 1 / max(gpu_s, input_s, write_s / WRITERS)  # input and write are 0 without a profile
         rows[case] = {
             **c, "teacher_tflop_per_sample": flops / 1e12, "gpu_ms_per_sample": 1000 * gpu_s,
             "cpu_ms_per_sample": 1000 * cpu_s, "input_ms_per_sample": 1000 * input_s,
